@@ -1,0 +1,1208 @@
+"""Scoped, short-lived, revocable tokens for AI agents.
+
+A user grants an agent a narrow set of scopes; agentauth mints a signed
+token (an RFC 9068 JWT access token, HS256) from that grant; the API or MCP
+server the agent calls enforces it with one call::
+
+    auth = AgentAuth(secret=os.environ["AGENTAUTH_SECRET"],
+                     issuer="my-app", audience="my-api")
+    issued = auth.issue(subject="user_123", agent="agent_research_bot",
+                        scopes=["email:read", "calendar:read"], ttl_seconds=600)
+    claims = auth.verify(issued.token, required_scopes=["email:read"])
+    auth.revoke(agent="agent_research_bot")   # "disconnect this agent"
+
+Copy this one file; standard library only; Python >= 3.9.
+"""
+
+import binascii
+import hashlib
+import heapq
+import hmac
+import json
+import math
+import os
+import re
+import secrets
+import sys
+import threading
+import time
+import types
+import typing
+from typing import Any, Callable, Dict, Iterable, List, Mapping, NamedTuple, Optional, Tuple, Union
+
+if typing.TYPE_CHECKING:  # names used only in annotations
+    import sqlite3
+
+__version__ = "0.1.0"
+
+__all__ = [
+    # Errors
+    "AgentAuthError",
+    "TokenInvalidError",
+    "TokenExpiredError",
+    "RevokedError",
+    "MissingScopeError",
+    "InvalidGrantError",
+    "InvalidConfigError",
+    "StoreUnavailableError",
+    # JWS layer
+    "jws_sign",
+    "jws_verify",
+    # Scopes
+    "scope_satisfies",
+    # Claims and events
+    "AgentClaims",
+    "IssuedToken",
+    "AgentEvent",
+    "RevocationEntry",
+    # Revocation stores
+    "RevocationStore",
+    "MemoryStore",
+    "SqliteStore",
+    # The facade
+    "AgentAuth",
+    # Command line
+    "main",
+]
+
+# ---------------------------------------------------------------------------
+# Constants
+# ---------------------------------------------------------------------------
+
+ALGORITHM = "HS256"
+TOKEN_TYPE = "at+jwt"  # RFC 9068 §2.1
+_ACCEPTED_TYPES = frozenset(("at+jwt", "application/at+jwt"))  # compared lower-cased
+MIN_SECRET_BYTES = 32  # RFC 7518 §3.2: an HS256 key is at least the hash size
+DEFAULT_TTL_SECONDS = 900
+DEFAULT_MAX_TTL_SECONDS = 86400
+DEFAULT_CLOCK_TOLERANCE_SECONDS = 30
+DEFAULT_MAX_TOKEN_BYTES = 8192
+MAX_NAME_CHARS = 256  # subject and agent identifiers
+_JTI_BYTES = 16  # 128 bits of randomness (RFC 7519 §4.1.7: collision-resistant)
+_HEADER_CACHE_SIZE = 16  # distinct valid header segments remembered per instance
+_REVOCATION_KINDS = ("jti", "agent", "subject")
+
+# ---------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------
+
+
+class AgentAuthError(Exception):
+    """Base class of every error agentauth raises on purpose.
+
+    ``code`` is stable and safe to show to a client; the message is for
+    server logs and never contains a token, a key or a signature.
+    """
+
+    code = "agentauth_error"
+
+
+class TokenInvalidError(AgentAuthError):
+    """The token is malformed, forged, or its claims do not hold."""
+
+    code = "token_invalid"
+
+
+class TokenExpiredError(TokenInvalidError):
+    """The token's ``exp`` has passed (beyond the clock tolerance).
+
+    ``expired_at`` is the token's ``exp``.
+    """
+
+    code = "token_expired"
+
+    def __init__(self, message: str, *, expired_at: float) -> None:
+        super().__init__(message)
+        self.expired_at = expired_at
+
+
+class RevokedError(TokenInvalidError):
+    """The token was revoked, by itself, by its jti, or by agent/subject.
+
+    ``jti`` names the refused token.
+    """
+
+    code = "token_revoked"
+
+    def __init__(self, message: str, *, jti: str) -> None:
+        super().__init__(message)
+        self.jti = jti
+
+
+class MissingScopeError(AgentAuthError):
+    """The token is valid but its grant does not cover a required scope.
+
+    ``missing`` lists the required scopes the grant does not satisfy, for
+    server logs. The message names no scope, so an agent cannot read off
+    what to ask for.
+    """
+
+    code = "insufficient_scope"
+
+    def __init__(self, *, missing: Tuple[str, ...]) -> None:
+        super().__init__("the token's grant does not cover the required scopes")
+        self.missing = missing
+
+
+class InvalidGrantError(AgentAuthError):
+    """``issue()`` was asked for a grant it must not mint."""
+
+    code = "invalid_grant"
+
+
+class InvalidConfigError(AgentAuthError):
+    """An ``AgentAuth`` or store was configured wrongly."""
+
+    code = "invalid_config"
+
+
+class StoreUnavailableError(AgentAuthError):
+    """The revocation store could not answer; verify fails closed."""
+
+    code = "store_unavailable"
+
+
+# ---------------------------------------------------------------------------
+# Encoding helpers
+# ---------------------------------------------------------------------------
+
+# The whole compact JWS checked in one C-level match: three non-empty
+# base64url segments, no padding, no stray character (RFC 7515 §2, §7.1).
+_COMPACT_JWS = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
+# The last character of a segment whose length is 2 or 3 mod 4 carries unused
+# bits, which RFC 4648 §3.5 requires to be zero: only these characters do.
+_CANONICAL_LAST = {2: frozenset("AQgw"), 3: frozenset("AEIMQUYcgkosw048")}
+_FROM_URLSAFE = bytes.maketrans(b"-_", b"+/")
+_TO_URLSAFE = bytes.maketrans(b"+/", b"-_")
+_RFC6749_SCOPE = r"[\x21\x23-\x5b\x5d-\x7e]+"  # RFC 6749 §3.3 scope-token
+_SCOPE_TOKEN = re.compile(_RFC6749_SCOPE)
+_SCOPE_STRING = re.compile(rf"{_RFC6749_SCOPE}(?: {_RFC6749_SCOPE})*")
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def _b64encode(data: bytes) -> str:
+    """Encode base64url without padding (RFC 7515 §2)."""
+    return binascii.b2a_base64(data, newline=False).translate(_TO_URLSAFE).rstrip(b"=").decode("ascii")
+
+
+def _b64decode(segment: str) -> bytes:
+    """Decode one base64url segment already known to hold only its alphabet.
+
+    Raises:
+        ValueError: the length or the unused trailing bits are not canonical.
+    """
+    rest = len(segment) % 4
+    if rest:
+        if rest == 1 or segment[-1] not in _CANONICAL_LAST[rest]:
+            raise ValueError("segment is not canonical base64url")
+        segment += "=" * (4 - rest)
+    return binascii.a2b_base64(segment.encode("ascii").translate(_FROM_URLSAFE))
+
+
+def _reject_duplicates(pairs: List[Tuple[str, Any]]) -> Dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        raise ValueError("duplicate key in JSON object")
+    return obj
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+# One decoder and one encoder for the whole module: json.loads/dumps with
+# keyword arguments would build a new one per call on the hot path.
+_JSON_DECODER = json.JSONDecoder(object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant)
+_JSON_SCAN = _JSON_DECODER.scan_once
+_JSON_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+
+
+def _json_object(data: bytes, what: str) -> Dict[str, Any]:
+    """Parse strict JSON (no duplicate keys, no NaN/Infinity) into a dict.
+
+    Raises:
+        TokenInvalidError: anything but one JSON object.
+    """
+    try:
+        text = data.decode("utf-8")
+        try:
+            obj, end = _JSON_SCAN(text, 0)  # the C scanner, without decode()'s Python layers
+        except StopIteration:
+            end = -1
+        if end != len(text):  # surrounding white space, trailing data, or an error
+            obj = _JSON_DECODER.decode(text)
+    except (ValueError, RecursionError) as exc:
+        raise TokenInvalidError(f"token {what} is not valid JSON") from exc
+    if type(obj) is not dict:
+        raise TokenInvalidError(f"token {what} is not a JSON object")
+    return obj
+
+
+def _as_key(secret: Union[str, bytes], what: str) -> bytes:
+    """Return the key bytes of a str (UTF-8) or bytes secret, at least 32 bytes."""
+    if isinstance(secret, str):
+        secret = secret.encode("utf-8")
+    if not isinstance(secret, bytes):
+        raise InvalidConfigError(f"{what} must be str or bytes")
+    if len(secret) < MIN_SECRET_BYTES:
+        raise InvalidConfigError(f"{what} must be at least {MIN_SECRET_BYTES} bytes")
+    return secret
+
+
+# ---------------------------------------------------------------------------
+# JWS layer
+# ---------------------------------------------------------------------------
+
+
+def _split(token: Any, max_bytes: int) -> Tuple[str, str, str]:
+    """Split a compact JWS into its three segments, refusing anything else."""
+    if type(token) is not str:
+        raise TokenInvalidError("token must be a string")
+    if len(token) > max_bytes:  # before any parsing
+        raise TokenInvalidError("token is longer than the size limit")
+    if _COMPACT_JWS.fullmatch(token) is None:
+        raise TokenInvalidError("token is not three base64url segments")
+    head, body, sig = token.split(".")
+    return head, body, sig
+
+
+def _parse_header(head: str) -> Dict[str, Any]:
+    """Decode and check a protected header: the signature layer's rules."""
+    try:
+        raw = _b64decode(head)
+    except ValueError as exc:
+        raise TokenInvalidError("token header is not canonical base64url") from exc
+    header = _json_object(raw, "header")
+    # RFC 8725 §3.1: the algorithm is pinned by the key, never chosen by the
+    # token; anything but exactly "HS256" ("none", "hs256", RS256...) is refused.
+    if header.get("alg") != ALGORITHM:
+        raise TokenInvalidError("token algorithm is not allowed")
+    # RFC 7515 §4.1.11: we understand no extension, so any "crit" is refused.
+    if "crit" in header:
+        raise TokenInvalidError("token header has a critical extension")
+    return header
+
+
+def _decode_payload(body: str) -> bytes:
+    try:
+        return _b64decode(body)
+    except ValueError as exc:
+        raise TokenInvalidError("token payload is not canonical base64url") from exc
+
+
+def _check_key(key: bytes) -> None:
+    if not isinstance(key, bytes) or len(key) < MIN_SECRET_BYTES:
+        raise ValueError(f"key must be bytes of at least {MIN_SECRET_BYTES} bytes (RFC 7518 §3.2)")
+
+
+def jws_sign(payload: bytes, key: bytes, header: Mapping[str, Any]) -> str:
+    """Sign ``payload`` as a compact JWS with HS256 (RFC 7515 §7.1).
+
+    ``header`` is merged into ``{"alg": "HS256"}``; it may not name another
+    algorithm.
+
+    Raises:
+        ValueError: the key is shorter than 32 bytes or the header names
+            another algorithm.
+    """
+    _check_key(key)
+    if header.get("alg", ALGORITHM) != ALGORITHM:
+        raise ValueError("jws_sign signs HS256 only")
+    head = _b64encode(_JSON_ENCODER.encode({"alg": ALGORITHM, **header}).encode("utf-8"))
+    signing_input = f"{head}.{_b64encode(payload)}"
+    mac = hmac.new(key, signing_input.encode("ascii"), hashlib.sha256).digest()
+    return f"{signing_input}.{_b64encode(mac)}"
+
+
+def jws_verify(token: str, key: bytes) -> Tuple[Dict[str, Any], bytes]:
+    """Check a compact HS256 JWS and return its ``(header, payload)``.
+
+    The structure, the header (``alg`` exactly "HS256", no ``crit``) and the
+    signature are checked; the payload is returned as bytes, unread.
+
+    Raises:
+        TokenInvalidError: for any malformed or forged input.
+        ValueError: the key is shorter than 32 bytes.
+
+    Security: this is the signature layer only. It checks no claim: use
+    ``AgentAuth.verify`` for tokens.
+    """
+    _check_key(key)
+    head, body, sig = _split(token, DEFAULT_MAX_TOKEN_BYTES)
+    header = _parse_header(head)
+    signing_input = token[: len(head) + 1 + len(body)].encode("ascii")
+    expected = _b64encode(hmac.new(key, signing_input, hashlib.sha256).digest())
+    if not hmac.compare_digest(expected, sig):
+        raise TokenInvalidError("token signature does not match")
+    return header, _decode_payload(body)
+
+
+# ---------------------------------------------------------------------------
+# Keys
+# ---------------------------------------------------------------------------
+
+
+class _HmacKey:
+    """One HS256 key, prepared once: ``hmac.copy()`` skips the key schedule."""
+
+    __slots__ = ("kid", "alg", "_mac")
+
+    def __init__(self, secret: bytes, kid: Optional[str]) -> None:
+        self.kid = kid
+        self.alg = ALGORITHM  # the key is bound to its algorithm
+        self._mac = hmac.new(secret, digestmod=hashlib.sha256)
+
+    def sign(self, signing_input: bytes) -> str:
+        mac = self._mac.copy()
+        mac.update(signing_input)
+        return _b64encode(mac.digest())
+
+    def __repr__(self) -> str:
+        return f"<_HmacKey kid={self.kid!r}>"
+
+
+# ---------------------------------------------------------------------------
+# Scopes
+# ---------------------------------------------------------------------------
+
+
+def scope_satisfies(granted: Iterable[str], required: str) -> bool:
+    """Tell whether a grant covers one required scope.
+
+    Granted ``*`` covers anything; granted ``email:*`` covers any scope that
+    starts with ``email:`` and names something after it; otherwise the
+    scopes must be equal.
+    """
+    for scope in granted:
+        if scope == required or scope == "*":
+            return True
+        if scope[-1] == "*" and len(required) >= len(scope) and required.startswith(scope[:-1]):
+            return True
+    return False
+
+
+def _check_wildcard(scope: str) -> bool:
+    """A ``*`` may stand alone or as the whole last part after a ``:``."""
+    star = scope.find("*")
+    return star < 0 or scope == "*" or (star == len(scope) - 1 and scope.endswith(":*"))
+
+
+def _grant_scopes(scopes: Any) -> Tuple[str, ...]:
+    """Validate the scopes of a grant; return them deduplicated, in order."""
+    if isinstance(scopes, (str, bytes)) or not isinstance(scopes, Iterable):
+        raise InvalidGrantError("scopes must be a list of strings")
+    result: Dict[str, None] = {}
+    for scope in scopes:
+        if type(scope) is not str:
+            raise InvalidGrantError("every scope must be a string")
+        if _SCOPE_TOKEN.fullmatch(scope) is None:
+            raise InvalidGrantError(
+                "a scope is blank or malformed (printable ASCII, no space, quote or backslash)"
+            )
+        if not _check_wildcard(scope):
+            raise InvalidGrantError("'*' may only be a whole scope or end one after ':'")
+        result[scope] = None
+    if not result:
+        raise InvalidGrantError("a grant needs at least one scope")
+    return tuple(result)
+
+
+def _required_scopes(required: Iterable[str]) -> Tuple[str, ...]:
+    if isinstance(required, str):
+        raise TypeError("required_scopes must be a list of scopes, not a string")
+    result = tuple(required)
+    for scope in result:
+        if type(scope) is not str or _SCOPE_TOKEN.fullmatch(scope) is None:
+            raise ValueError("required scopes must be valid scope strings")
+    return result
+
+
+# ---------------------------------------------------------------------------
+# Claims and events
+# ---------------------------------------------------------------------------
+
+
+class AgentClaims(NamedTuple):
+    """The verified claims of a token.
+
+    ``agent`` is the wire claim ``client_id`` (RFC 9068 §2.2); ``scopes`` is
+    the grant, in grant order; ``aud`` is as sent, a str or a tuple; ``raw``
+    is every claim of the payload, read-only.
+    """
+
+    sub: str
+    agent: str
+    scopes: Tuple[str, ...]
+    jti: str
+    iat: float
+    exp: float
+    iss: str
+    aud: Union[str, Tuple[str, ...]]
+    raw: Mapping[str, Any]
+
+    def has_scope(self, scope: str) -> bool:
+        """Tell whether this grant covers ``scope`` (wildcard-aware)."""
+        return scope_satisfies(self.scopes, scope)
+
+
+class IssuedToken(NamedTuple):
+    """A freshly minted token, its ``jti`` and its ``expires_at`` (unix seconds)."""
+
+    token: str
+    jti: str
+    expires_at: int
+
+    def __repr__(self) -> str:  # a token is a bearer credential: keep it out of logs
+        return f"IssuedToken(token='<redacted>', jti={self.jti!r}, expires_at={self.expires_at!r})"
+
+
+class AgentEvent(NamedTuple):
+    """What ``on_event`` receives: 'issued', 'verified', 'denied' or 'revoked'.
+
+    ``error`` is the error code of a 'denied' verify, else None; fields the
+    event cannot know (the jti of a forged token) are None.
+    """
+
+    type: str
+    time: float
+    jti: Optional[str]
+    subject: Optional[str]
+    agent: Optional[str]
+    scopes: Tuple[str, ...]
+    error: Optional[str] = None
+
+
+class RevocationEntry(NamedTuple):
+    """One revocation: the criteria it matches and how long it is kept.
+
+    Exactly one of the forms: ``jti`` alone, or ``agent`` and/or ``subject``.
+    """
+
+    jti: Optional[str]
+    agent: Optional[str]
+    subject: Optional[str]
+    revoked_at: int
+    expires_at: int
+
+
+_REQUIRED_CLAIMS = ("sub", "client_id", "jti", "scope", "exp", "iat")
+
+
+def _number(claims: Mapping[str, Any], name: str, required: bool = True) -> Optional[float]:
+    value = claims.get(name)
+    if value is None and not required and name not in claims:
+        return None
+    # type() rather than isinstance(): a JSON true is not a number of seconds.
+    if type(value) is int or (type(value) is float and math.isfinite(value)):
+        return value
+    raise TokenInvalidError(f"token claim {name!r} is missing or not a finite number")
+
+
+def _string(claims: Mapping[str, Any], name: str) -> str:
+    value = claims.get(name)
+    if type(value) is not str or not value:
+        raise TokenInvalidError(f"token claim {name!r} is missing or not a non-empty string")
+    return value
+
+
+# ---------------------------------------------------------------------------
+# Revocation stores
+# ---------------------------------------------------------------------------
+
+
+class RevocationStore(typing.Protocol):
+    """Where revocations live. Implement these two methods for your own store.
+
+    ``criteria`` maps one or more of "jti", "agent", "subject" to a string:
+    ``{"jti": j}`` alone, or ``agent`` and/or ``subject`` (ANDed). A jti entry
+    refuses that token whatever its ``iat``; an agent/subject entry refuses
+    tokens whose ``iat`` (whole seconds) is at or before ``revoked_at``.
+    Entries may be dropped once ``expires_at`` has passed: ``revoke``
+    purges then, taking ``revoked_at`` as the current time; a store needs no
+    clock of its own. A store that cannot answer raises
+    ``StoreUnavailableError`` (any other exception is treated the same).
+    """
+
+    def revoke(self, criteria: Mapping[str, str], *, revoked_at: int, expires_at: int) -> None:
+        """Record a revocation durably before returning."""
+
+    def is_revoked(self, claims: AgentClaims) -> bool:
+        """Tell whether any entry refuses the token with these claims."""
+
+
+def _entry_key(criteria: Mapping[str, str]) -> Tuple[str, RevocationEntry]:
+    """Return the lookup key of one criteria mapping, and its entry's criteria.
+
+    Every built-in store uses these keys: a fixed prefix per form, and the
+    pair form length-prefixed, so no two criteria share a key.
+
+    Raises:
+        ValueError: no criteria, an unknown or empty one, or jti mixed with others.
+    """
+    if not criteria or any(k not in _REVOCATION_KINDS for k in criteria):
+        raise ValueError("criteria must name jti, agent and/or subject")
+    for value in criteria.values():
+        if type(value) is not str or not value:
+            raise ValueError("every criterion must be a non-empty string")
+    jti, agent, subject = (criteria.get(k) for k in _REVOCATION_KINDS)
+    if jti is not None:
+        if len(criteria) != 1:
+            raise ValueError("a jti revocation takes no other criterion")
+        key = "jti:" + jti
+    elif agent is not None and subject is not None:
+        key = _pair_key(agent, subject)
+    elif agent is not None:
+        key = "agent:" + agent
+    else:
+        key = "subject:" + typing.cast(str, subject)
+    return key, RevocationEntry(jti, agent, subject, 0, 0)
+
+
+def _pair_key(agent: str, subject: str) -> str:
+    return f"agent+subject:{len(agent)}:{agent}{subject}"
+
+
+_CriteriaKey = Tuple[Optional[str], Optional[str], Optional[str]]  # (jti, agent, subject)
+
+
+class _EntryIndex:
+    """Entries by their criteria, and a heap of expiries: what the in-process stores hold.
+
+    The key is the entry's own ``(jti, agent, subject)``, None where absent,
+    so a lookup builds no string. Not locked: the owning store serialises
+    writes; reads are single dict lookups, which are atomic.
+    """
+
+    def __init__(self) -> None:
+        self.entries: Dict[_CriteriaKey, RevocationEntry] = {}
+        self._expiries: List[Tuple[int, _CriteriaKey]] = []  # a heap of (expires_at, key)
+
+    def put(self, entry: RevocationEntry) -> None:
+        """Add an entry, merged with an older one of the same criteria (the later times win)."""
+        key = (entry.jti, entry.agent, entry.subject)
+        old = self.entries.get(key)
+        if old is not None:
+            entry = entry._replace(
+                revoked_at=max(entry.revoked_at, old.revoked_at),
+                expires_at=max(entry.expires_at, old.expires_at),
+            )
+        self.entries[key] = entry
+        heapq.heappush(self._expiries, (entry.expires_at, key))
+
+    def purge(self, now: int) -> None:
+        """Drop entries whose ``expires_at`` is at or before ``now``."""
+        expiries, entries = self._expiries, self.entries
+        while expiries and expiries[0][0] <= now:
+            expiry, key = heapq.heappop(expiries)
+            entry = entries.get(key)
+            if entry is not None and entry.expires_at <= expiry:
+                del entries[key]
+
+    def matches(self, claims: AgentClaims) -> bool:
+        entries = self.entries
+        if (claims.jti, None, None) in entries:
+            return True
+        agent, subject = claims.agent, claims.sub
+        # Whole seconds, rounded down: a token minted in the second of a
+        # revocation is refused (fail closed).
+        iat = math.floor(claims.iat)
+        for key in ((None, agent, None), (None, None, subject), (None, agent, subject)):
+            entry = entries.get(key)
+            if entry is not None and entry.revoked_at >= iat:
+                return True
+        return False
+
+    def sorted(self, now: Optional[float]) -> List[RevocationEntry]:
+        found = [e for e in list(self.entries.values()) if now is None or e.expires_at > now]
+        return sorted(found, key=lambda e: e.revoked_at, reverse=True)
+
+
+class MemoryStore:
+    """Revocations in this process's memory: for one process and for tests.
+
+    Thread-safe; lookups are O(1) however many entries; expired entries are
+    purged on every ``revoke`` so memory stays bounded by live revocations.
+    """
+
+    def __init__(self) -> None:
+        self._index = _EntryIndex()
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"<MemoryStore entries={len(self._index.entries)}>"
+
+    def revoke(self, criteria: Mapping[str, str], *, revoked_at: int, expires_at: int) -> None:
+        """Record a revocation; purge entries expired at ``revoked_at``."""
+        _key, entry = _entry_key(criteria)
+        with self._lock:
+            self._index.purge(revoked_at)
+            self._index.put(entry._replace(revoked_at=revoked_at, expires_at=expires_at))
+
+    def is_revoked(self, claims: AgentClaims) -> bool:
+        """Tell whether an entry refuses these claims."""
+        return self._index.matches(claims)
+
+    def entries(self, *, now: Optional[float] = None) -> List[RevocationEntry]:
+        """List entries, newest first; with ``now``, only those still live."""
+        with self._lock:
+            return self._index.sorted(now)
+
+
+_SQLITE_SCHEMA_VERSION = 1
+_SQLITE_SCHEMA = (
+    # seq grows with every write and is never reused (AUTOINCREMENT), so a
+    # reader can load just the rows written since it last looked.
+    """CREATE TABLE IF NOT EXISTS agentauth_revocations (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        key TEXT NOT NULL UNIQUE,
+        jti TEXT,
+        agent TEXT,
+        subject TEXT,
+        revoked_at INTEGER NOT NULL,
+        expires_at INTEGER NOT NULL
+    )""",
+    """CREATE INDEX IF NOT EXISTS agentauth_revocations_expires
+        ON agentauth_revocations (expires_at)""",
+)
+_SQLITE_COLUMNS = "seq, key, jti, agent, subject, revoked_at, expires_at"
+
+
+class SqliteStore:
+    """Revocations in a SQLite file: survives restarts, shared by the processes of one host.
+
+    The file is in WAL mode with a busy timeout, and every revocation is a
+    durable commit (``synchronous=FULL``) before ``revoke`` returns. Each
+    thread (and each process, after a fork) has its own connection.
+
+    Lookups do not query the table: the store keeps the live entries in
+    memory, and each ``is_revoked`` asks SQLite only whether any other
+    connection has committed since (``PRAGMA data_version``, answered from
+    the WAL index without reading the table); if so, it loads just the new
+    rows first. So a revocation made in one process is seen by the next
+    verify in every other, at the cost of one cheap statement per verify.
+
+    Use a file of its own: the schema version lives in ``PRAGMA user_version``.
+
+    Raises:
+        StoreUnavailableError: the file cannot be opened or read.
+        InvalidConfigError: the file holds a newer schema than this version knows.
+    """
+
+    def __init__(self, path: Union[str, "os.PathLike[str]"], *, timeout_seconds: float = 5.0) -> None:
+        if type(timeout_seconds) not in (int, float) or not timeout_seconds > 0:
+            raise InvalidConfigError("timeout_seconds must be a positive number")
+        self.path = os.fspath(path)
+        self._timeout = float(timeout_seconds)
+        self._local = threading.local()
+        self._lock = threading.Lock()  # guards the index and _last_seq
+        self._index = _EntryIndex()
+        self._last_seq = 0
+        self._connection()  # fail at construction, not at the first request
+
+    def __repr__(self) -> str:
+        return f"SqliteStore({self.path!r})"
+
+    def _connection(self) -> "sqlite3.Cursor":
+        """Return this thread's cursor, connecting first if needed."""
+        local = self._local
+        pid = os.getpid()
+        try:
+            if local.pid == pid:  # a connection must not cross a fork
+                return local.cursor
+        except AttributeError:  # this thread's first call
+            pass
+        import sqlite3
+
+        try:
+            conn = sqlite3.connect(self.path, timeout=self._timeout, isolation_level=None)
+            try:
+                conn.execute(f"PRAGMA busy_timeout = {int(self._timeout * 1000)}")
+                conn.execute("PRAGMA journal_mode = WAL")
+                conn.execute("PRAGMA synchronous = FULL")
+                self._ensure_schema(conn)
+            except BaseException:
+                conn.close()
+                raise
+        except sqlite3.Error as exc:
+            raise StoreUnavailableError(f"cannot open the revocation database: {exc}") from exc
+        local.pid, local.cursor, local.version = pid, conn.cursor(), None
+        return local.cursor
+
+    @staticmethod
+    def _ensure_schema(conn: "sqlite3.Connection") -> None:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version == _SQLITE_SCHEMA_VERSION:
+            return
+        if version > _SQLITE_SCHEMA_VERSION:
+            raise InvalidConfigError(
+                f"the revocation database has schema version {version}; "
+                f"this agentauth knows {_SQLITE_SCHEMA_VERSION}"
+            )
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in _SQLITE_SCHEMA:
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {_SQLITE_SCHEMA_VERSION}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    def _load_new_rows(self, cursor: "sqlite3.Cursor") -> None:
+        """Merge the rows written since the last load into the index."""
+        with self._lock:
+            rows = cursor.execute(
+                f"SELECT {_SQLITE_COLUMNS} FROM agentauth_revocations WHERE seq > ? ORDER BY seq",
+                (self._last_seq,),
+            ).fetchall()
+            if not rows:
+                return
+            for row in rows:
+                self._index.put(RevocationEntry(*row[2:]))
+            self._last_seq = rows[-1][0]
+            # A revocation's time is a lower bound of the host's clock now.
+            self._index.purge(max(row[5] for row in rows))
+
+    def revoke(self, criteria: Mapping[str, str], *, revoked_at: int, expires_at: int) -> None:
+        """Record a revocation in one durable transaction; purge expired rows."""
+        import sqlite3
+
+        key, entry = _entry_key(criteria)
+        cursor = self._connection()
+        try:
+            cursor.execute("BEGIN IMMEDIATE")
+            try:
+                cursor.execute("DELETE FROM agentauth_revocations WHERE expires_at <= ?", (revoked_at,))
+                old = cursor.execute(
+                    "SELECT revoked_at, expires_at FROM agentauth_revocations WHERE key = ?", (key,)
+                ).fetchone()
+                if old is not None:
+                    revoked_at, expires_at = max(revoked_at, old[0]), max(expires_at, old[1])
+                    cursor.execute("DELETE FROM agentauth_revocations WHERE key = ?", (key,))
+                # A fresh row, so that its new seq tells every reader to load it.
+                cursor.execute(
+                    "INSERT INTO agentauth_revocations (key, jti, agent, subject, revoked_at, expires_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    (key, entry.jti, entry.agent, entry.subject, revoked_at, expires_at),
+                )
+                cursor.execute("COMMIT")
+            except BaseException:
+                cursor.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            raise StoreUnavailableError(f"the revocation was not recorded: {exc}") from exc
+        # Our own commit does not change this connection's data_version, so
+        # the index takes the entry directly; other threads load it.
+        with self._lock:
+            self._index.purge(revoked_at)
+            self._index.put(entry._replace(revoked_at=revoked_at, expires_at=expires_at))
+
+    def is_revoked(self, claims: AgentClaims) -> bool:
+        """Tell whether an entry refuses these claims, after loading what others committed."""
+        cursor = self._connection()
+        local = self._local
+        try:
+            version = cursor.execute("PRAGMA data_version").fetchone()[0]
+            if version != local.version:
+                self._load_new_rows(cursor)
+                local.version = version
+        except Exception as exc:  # sqlite3.Error, without importing sqlite3 per call
+            raise StoreUnavailableError(f"the revocation database did not answer: {exc}") from exc
+        return self._index.matches(claims)
+
+    def entries(self, *, now: Optional[float] = None) -> List[RevocationEntry]:
+        """List the file's entries, newest first; with ``now``, only those still live."""
+        import sqlite3
+
+        query = "SELECT jti, agent, subject, revoked_at, expires_at FROM agentauth_revocations"
+        params: Tuple[Any, ...] = ()
+        if now is not None:
+            query += " WHERE expires_at > ?"
+            params = (now,)
+        try:
+            rows = self._connection().execute(query + " ORDER BY revoked_at DESC, seq DESC", params).fetchall()
+        except sqlite3.Error as exc:
+            raise StoreUnavailableError(f"the revocation database did not answer: {exc}") from exc
+        return [RevocationEntry(*row) for row in rows]
+
+    def close(self) -> None:
+        """Close this thread's connection."""
+        cursor = getattr(self._local, "cursor", None)
+        if cursor is not None:
+            cursor.connection.close()
+            self._local.pid = self._local.cursor = None
+
+
+# ---------------------------------------------------------------------------
+# AgentAuth
+# ---------------------------------------------------------------------------
+
+
+def _positive_int(value: Any, name: str) -> int:
+    if type(value) is not int or value <= 0:
+        raise InvalidConfigError(f"{name} must be a positive whole number")
+    return value
+
+
+def _name(value: Any, what: str) -> str:
+    if type(value) is not str:
+        raise InvalidGrantError(f"{what} must be a string")
+    if not value or len(value) > MAX_NAME_CHARS:
+        raise InvalidGrantError(f"{what} must be 1 to {MAX_NAME_CHARS} characters")
+    if _CONTROL_CHARS.search(value):
+        raise InvalidGrantError(f"{what} must not contain control characters")
+    return value
+
+
+class AgentAuth:
+    """Issue, verify and revoke scoped agent tokens (HS256, RFC 9068 claims).
+
+    Every argument is keyword-only and checked here, so a misconfiguration
+    fails at startup, never per request.
+
+    Raises:
+        InvalidConfigError: a secret shorter than 32 bytes, an empty issuer or
+            audience, a non-positive or inconsistent duration, a rotation
+            secret without a kid.
+
+    Security: the secret both mints and verifies; give it only to services
+    that may mint. Keep old secrets in ``previous_secrets`` (by kid) while
+    tokens signed with them may still be alive.
+    """
+
+    def __init__(
+        self,
+        *,
+        secret: Union[str, bytes],
+        issuer: str,
+        audience: str,
+        default_ttl_seconds: int = DEFAULT_TTL_SECONDS,
+        max_ttl_seconds: int = DEFAULT_MAX_TTL_SECONDS,
+        kid: Optional[str] = None,
+        previous_secrets: Optional[Mapping[str, Union[str, bytes]]] = None,
+        clock_tolerance_seconds: int = DEFAULT_CLOCK_TOLERANCE_SECONDS,
+        max_token_bytes: int = DEFAULT_MAX_TOKEN_BYTES,
+        check_revocation: bool = True,
+        store: Optional[RevocationStore] = None,
+        on_event: Optional[Callable[[AgentEvent], Any]] = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        for value, name in ((issuer, "issuer"), (audience, "audience")):
+            if type(value) is not str or not value:
+                raise InvalidConfigError(f"{name} must be a non-empty string")
+        self.issuer = issuer
+        self.audience = audience
+        self.default_ttl_seconds = _positive_int(default_ttl_seconds, "default_ttl_seconds")
+        self.max_ttl_seconds = _positive_int(max_ttl_seconds, "max_ttl_seconds")
+        if default_ttl_seconds > max_ttl_seconds:
+            raise InvalidConfigError("default_ttl_seconds must not exceed max_ttl_seconds")
+        if type(clock_tolerance_seconds) is not int or clock_tolerance_seconds < 0:
+            raise InvalidConfigError("clock_tolerance_seconds must be a whole number >= 0")
+        self.clock_tolerance_seconds = clock_tolerance_seconds
+        self.max_token_bytes = _positive_int(max_token_bytes, "max_token_bytes")
+        if type(check_revocation) is not bool:
+            raise InvalidConfigError("check_revocation must be True or False")
+        self.check_revocation = check_revocation
+        if not callable(clock):
+            raise InvalidConfigError("clock must be callable")
+        if on_event is not None and not callable(on_event):
+            raise InvalidConfigError("on_event must be callable")
+        self._clock = clock
+        self._on_event = on_event
+        self.store: RevocationStore = MemoryStore() if store is None else store
+        for method in ("revoke", "is_revoked"):
+            if not callable(getattr(self.store, method, None)):
+                raise InvalidConfigError(f"store must have a {method}() method")
+
+        if kid is not None and (type(kid) is not str or not kid):
+            raise InvalidConfigError("kid must be a non-empty string")
+        self.kid = kid
+        self._signing_key = _HmacKey(_as_key(secret, "secret"), kid)
+        self._keys: Dict[str, _HmacKey] = {} if kid is None else {kid: self._signing_key}
+        for old_kid, old_secret in (previous_secrets or {}).items():
+            if kid is None:
+                raise InvalidConfigError("previous_secrets needs kid to be set, so tokens name their key")
+            if type(old_kid) is not str or not old_kid or old_kid == kid:
+                raise InvalidConfigError("previous_secrets keys must be non-empty kids other than kid")
+            self._keys[old_kid] = _HmacKey(_as_key(old_secret, f"previous secret {old_kid!r}"), old_kid)
+        header = {"alg": ALGORITHM, "typ": TOKEN_TYPE}
+        if kid is not None:
+            header["kid"] = kid
+        self._header_segment = _b64encode(_JSON_ENCODER.encode(header).encode("ascii"))
+        self._header_cache: Dict[str, _HmacKey] = {}
+
+    def __repr__(self) -> str:
+        return f"AgentAuth(issuer={self.issuer!r}, audience={self.audience!r}, kid={self.kid!r})"
+
+    # -- issue ---------------------------------------------------------------
+
+    def issue(
+        self,
+        *,
+        subject: str,
+        agent: str,
+        scopes: Iterable[str],
+        ttl_seconds: Optional[int] = None,
+    ) -> IssuedToken:
+        """Mint a token granting ``agent`` the ``scopes``, acting for ``subject``.
+
+        Raises:
+            InvalidGrantError: an empty or malformed scope list, a subject or
+                agent that is empty, longer than 256 characters or holds
+                control characters, a ttl <= 0 or above ``max_ttl_seconds``,
+                or a token that would exceed ``max_token_bytes``.
+        """
+        _name(subject, "subject")
+        _name(agent, "agent")
+        granted = _grant_scopes(scopes)
+        if ttl_seconds is None:
+            ttl_seconds = self.default_ttl_seconds
+        if type(ttl_seconds) is not int:
+            raise InvalidGrantError("ttl_seconds must be a whole number of seconds")
+        if not 0 < ttl_seconds <= self.max_ttl_seconds:
+            raise InvalidGrantError(f"ttl_seconds must be between 1 and max_ttl_seconds ({self.max_ttl_seconds})")
+        now = math.floor(self._clock())
+        jti = secrets.token_urlsafe(_JTI_BYTES)
+        exp = now + ttl_seconds
+        claims = {
+            "iss": self.issuer,
+            "aud": self.audience,
+            "sub": subject,
+            "client_id": agent,  # RFC 9068 §2.2: the agent is the OAuth client
+            "scope": " ".join(granted),  # RFC 9068 §2.2.3: space-delimited
+            "jti": jti,
+            "iat": now,
+            "exp": exp,
+        }
+        signing_input = f"{self._header_segment}.{_b64encode(_JSON_ENCODER.encode(claims).encode('ascii'))}"
+        token = f"{signing_input}.{self._signing_key.sign(signing_input.encode('ascii'))}"
+        if len(token) > self.max_token_bytes:
+            raise InvalidGrantError("the token would be longer than max_token_bytes")
+        if self._on_event is not None:
+            self._emit(AgentEvent("issued", now, jti, subject, agent, granted))
+        return IssuedToken(token, jti, exp)
+
+    # -- verify --------------------------------------------------------------
+
+    def verify(
+        self,
+        token: str,
+        required_scopes: Iterable[str] = (),
+        *,
+        check_revocation: Optional[bool] = None,
+    ) -> AgentClaims:
+        """Verify ``token`` and return its claims; refuse with a typed error.
+
+        Checks, in order: size, structure, header (alg, crit, typ, kid), the
+        signature, then the claims (types, iss, aud, exp, iat, nbf, lifetime,
+        scope syntax), then the revocation store, then ``required_scopes``.
+
+        Raises:
+            TokenInvalidError: malformed, forged, or with claims that do not hold.
+            TokenExpiredError: expired beyond the clock tolerance.
+            RevokedError: revoked.
+            MissingScopeError: valid, but the grant does not cover a required scope.
+            StoreUnavailableError: the store could not answer (fail closed).
+            TypeError, ValueError: ``required_scopes`` is not a list of scopes.
+
+        Security: the signature is checked before anything in the payload is
+        read; the key is chosen by ``kid`` among this instance's keys only.
+        """
+        claims = None
+        try:
+            claims = self._check(token, self._clock())
+            if check_revocation if check_revocation is not None else self.check_revocation:
+                self._check_revocation(claims)
+            if required_scopes:
+                missing = tuple(s for s in _required_scopes(required_scopes) if not scope_satisfies(claims.scopes, s))
+                if missing:
+                    raise MissingScopeError(missing=missing)
+        except AgentAuthError as exc:
+            if self._on_event is not None:
+                self._emit_denied(claims, exc)
+            raise
+        if self._on_event is not None:
+            self._emit(AgentEvent("verified", self._clock(), claims.jti, claims.sub, claims.agent, claims.scopes))
+        return claims
+
+    def _key_for(self, head: str) -> _HmacKey:
+        """Check a header segment and choose its key; remember the answer."""
+        header = _parse_header(head)
+        typ = header.get("typ")
+        # RFC 9068 §2.1 / RFC 8725 §3.11: only access tokens, never an ID token.
+        if type(typ) is not str or typ.lower() not in _ACCEPTED_TYPES:
+            raise TokenInvalidError("token type is not at+jwt")
+        if "kid" not in header:
+            key = self._signing_key  # no kid: the current key only
+        else:
+            key = self._keys.get(header["kid"]) if type(header["kid"]) is str else None
+            if key is None:
+                raise TokenInvalidError("token key id is unknown")
+        if len(self._header_cache) < _HEADER_CACHE_SIZE:
+            self._header_cache[head] = key
+        return key
+
+    def _check(self, token: Any, now: float) -> AgentClaims:
+        """Signature and claims: everything but revocation and scopes."""
+        head, body, sig = _split(token, self.max_token_bytes)
+        key = self._header_cache.get(head) or self._key_for(head)
+        if not hmac.compare_digest(key.sign(token[: len(head) + 1 + len(body)].encode("ascii")), sig):
+            raise TokenInvalidError("token signature does not match")
+        claims = _json_object(_decode_payload(body), "payload")
+
+        if claims.get("iss") != self.issuer:
+            raise TokenInvalidError("token issuer is not accepted")
+        aud = claims.get("aud")
+        if type(aud) is list and aud and all(type(a) is str for a in aud):
+            aud = tuple(aud)
+            if self.audience not in aud:
+                raise TokenInvalidError("token audience is not accepted")
+        elif aud != self.audience or type(aud) is not str:
+            raise TokenInvalidError("token audience is not accepted")
+        sub, agent, jti, scope, exp, iat = map(claims.get, _REQUIRED_CLAIMS)
+        # One combined test for the common case; the slow path names the culprit.
+        if not (sub and agent and jti and scope and type(sub) is type(agent) is type(jti) is type(scope) is str):
+            for name in _REQUIRED_CLAIMS[:4]:
+                _string(claims, name)
+        if type(exp) is not int or type(iat) is not int:
+            exp, iat = _number(claims, "exp"), _number(claims, "iat")
+        nbf = _number(claims, "nbf", required=False) if "nbf" in claims else None
+
+        tolerance = self.clock_tolerance_seconds
+        if exp <= now - tolerance:
+            raise TokenExpiredError("token has expired", expired_at=exp)
+        if iat > now + tolerance:
+            raise TokenInvalidError("token is issued in the future")
+        if nbf is not None and nbf > now + tolerance:
+            raise TokenInvalidError("token is not valid yet")
+        # A token may not outlive what this instance could mint, so that
+        # revocation entries kept max_ttl_seconds always outlive it.
+        if exp - iat > self.max_ttl_seconds:
+            raise TokenInvalidError("token lifetime exceeds max_ttl_seconds")
+        if _SCOPE_STRING.fullmatch(scope) is None:
+            raise TokenInvalidError("token scope is malformed")
+        scopes = tuple(scope.split(" "))
+        if "*" in scope and not all(_check_wildcard(s) for s in scopes):
+            raise TokenInvalidError("token scope has a malformed wildcard")
+        return AgentClaims(sub, agent, scopes, jti, iat, exp, self.issuer, aud, types.MappingProxyType(claims))
+
+    def _check_revocation(self, claims: AgentClaims) -> None:
+        try:
+            revoked = self.store.is_revoked(claims)
+        except StoreUnavailableError:
+            raise
+        except Exception as exc:  # any failure of a custom store fails closed
+            raise StoreUnavailableError("the revocation store failed") from exc
+        if revoked is not False:
+            if revoked is True:
+                raise RevokedError("token has been revoked", jti=claims.jti)
+            raise StoreUnavailableError("the revocation store did not answer True or False")
+
+    # -- revoke --------------------------------------------------------------
+
+    def revoke(
+        self,
+        token_or_jti: Optional[str] = None,
+        *,
+        agent: Optional[str] = None,
+        subject: Optional[str] = None,
+    ) -> Optional[RevocationEntry]:
+        """Revoke one token (by the token or its jti), or every token of an agent and/or subject.
+
+        A token is checked first (a forged string must not revoke someone
+        else's jti); its entry is kept until its own ``exp`` plus the clock
+        tolerance, and an already expired token is a no-op (returns None).
+        A bare jti, and agent/subject criteria (ANDed), are kept
+        ``max_ttl_seconds`` plus the tolerance, so they outlive every token
+        this configuration can mint. Criteria refuse tokens issued at or
+        before this second; tokens minted from the next second on work.
+
+        Returns the recorded entry, or None for an expired token.
+
+        Raises:
+            TokenInvalidError: the token is malformed, forged or not ours.
+            ValueError: no criteria, an empty one, or a token mixed with criteria.
+            TypeError: a criterion that is not a string.
+            StoreUnavailableError: nothing was recorded.
+        """
+        now = self._clock()
+        revoked_at = math.floor(now)
+        keep = self.max_ttl_seconds + self.clock_tolerance_seconds
+        if token_or_jti is not None:
+            if agent is not None or subject is not None:
+                raise ValueError("pass a token or jti, or agent/subject criteria, not both")
+            if type(token_or_jti) is not str:
+                raise TokenInvalidError("token must be a string")
+            if not token_or_jti:
+                raise ValueError("the jti must not be empty")
+            if "." in token_or_jti:
+                try:
+                    claims = self._check(token_or_jti, now)
+                except TokenExpiredError:
+                    return None  # it is refused anyway
+                criteria = {"jti": claims.jti}
+                expires_at = math.ceil(claims.exp) + self.clock_tolerance_seconds
+            else:
+                criteria = {"jti": token_or_jti}
+                expires_at = revoked_at + keep
+        else:
+            criteria = {}
+            for value, kind in ((agent, "agent"), (subject, "subject")):
+                if value is None:
+                    continue
+                if type(value) is not str:
+                    raise TypeError(f"{kind} must be a string")
+                if not value:
+                    raise ValueError(f"{kind} must not be empty")
+                criteria[kind] = value
+            if not criteria:
+                raise ValueError("revoke() needs a token, a jti, an agent or a subject")
+            expires_at = revoked_at + keep
+        try:
+            self.store.revoke(criteria, revoked_at=revoked_at, expires_at=expires_at)
+        except StoreUnavailableError:
+            raise
+        except Exception as exc:
+            raise StoreUnavailableError("the revocation store failed; nothing was recorded") from exc
+        entry = RevocationEntry(criteria.get("jti"), criteria.get("agent"), criteria.get("subject"), revoked_at, expires_at)
+        if self._on_event is not None:
+            self._emit(AgentEvent("revoked", now, entry.jti, entry.subject, entry.agent, ()))
+        return entry
+
+    # -- events --------------------------------------------------------------
+
+    def _emit(self, event: AgentEvent) -> None:
+        try:
+            typing.cast(Callable[[AgentEvent], Any], self._on_event)(event)
+        except Exception:  # a hook never changes the outcome
+            import logging
+
+            logging.getLogger("agentauth").exception("on_event hook raised on a %r event", event.type)
+
+    def _emit_denied(self, claims: Optional[AgentClaims], exc: AgentAuthError) -> None:
+        """Emit 'denied'; the token's names only once its signature and claims held."""
+        if claims is None:
+            event = AgentEvent("denied", self._clock(), None, None, None, (), exc.code)
+        else:
+            event = AgentEvent("denied", self._clock(), claims.jti, claims.sub, claims.agent, claims.scopes, exc.code)
+        self._emit(event)
+
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Run the ``python -m agentauth`` command line; return the exit code."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="agentauth", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"agentauth {__version__}")
+    parser.parse_args(argv)
+    print(f"agentauth {__version__}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
