@@ -31,6 +31,7 @@ import typing
 from typing import Any, Callable, Dict, Iterable, List, Mapping, NamedTuple, Optional, Tuple, Union
 
 if typing.TYPE_CHECKING:  # names used only in annotations
+    import argparse
     import sqlite3
 
 __version__ = "0.1.0"
@@ -1192,16 +1193,370 @@ class AgentAuth:
 # Command line
 # ---------------------------------------------------------------------------
 
+# Exit codes of ``python -m agentauth``; stable, documented in the README.
+EXIT_OK = 0
+EXIT_REFUSED = 1  # the token was refused; its error code is on stderr
+EXIT_USAGE = 2  # usage or configuration error, or a refused grant
+EXIT_STORE = 3  # the revocation store is unavailable: nothing is reported valid
 
-def main(argv: Optional[List[str]] = None) -> int:
-    """Run the ``python -m agentauth`` command line; return the exit code."""
+CLI_DEFAULT_ISSUER = "agentauth"
+CLI_DEFAULT_AUDIENCE = "agentauth"
+
+_CLI_EXAMPLES = {
+    "demo": "python -m agentauth demo",
+    "keygen": "export AGENTAUTH_SECRET=$(python -m agentauth keygen)",
+    "issue": "python -m agentauth issue --subject user_123 --agent bot --scope email:read --ttl 600",
+    "verify": "python -m agentauth verify \"$TOKEN\" --require email:read --db revocations.db",
+    "decode": "python -m agentauth decode \"$TOKEN\"",
+    "revoke": "python -m agentauth revoke --db revocations.db --agent bot --subject user_123",
+    "revocations": "python -m agentauth revocations --db revocations.db",
+    "bench": "python -m agentauth bench --seconds 2",
+}
+
+
+class _CliError(Exception):
+    """An expected command-line failure: one line on stderr and an exit code."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def _exit_code(exc: AgentAuthError) -> int:
+    if isinstance(exc, StoreUnavailableError):
+        return EXIT_STORE
+    if isinstance(exc, (InvalidGrantError, InvalidConfigError)):
+        return EXIT_USAGE
+    return EXIT_REFUSED
+
+
+def _duration(seconds: float) -> str:
+    """Format seconds as '9m12s', '2h05m', '3d04h'."""
+    seconds = int(abs(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    if seconds < 86400:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"
+
+
+def _utc(timestamp: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(timestamp))
+
+
+def _relative(timestamp: float, now: float) -> str:
+    delta = timestamp - now
+    return f"in {_duration(delta)}" if delta >= 0 else f"{_duration(delta)} ago"
+
+
+def _read_token(value: str) -> str:
+    """Return the token argument, or stdin's first line when it is '-'."""
+    if value == "-":
+        value = sys.stdin.readline()
+    return value.strip()
+
+
+def _open_store(path: Optional[str], *, create: bool) -> Optional[SqliteStore]:
+    if path is None:
+        return None
+    if not create and not os.path.exists(path):
+        # A mistyped path must not silently become an empty revocation list.
+        raise _CliError(f"no revocation database at {path!r}", EXIT_STORE)
+    return SqliteStore(path)
+
+
+def _cli_auth(args: Any, store: Optional[SqliteStore] = None) -> AgentAuth:
+    """Build the AgentAuth the subcommands share, from the environment and flags."""
+    secret = os.environ.get("AGENTAUTH_SECRET")
+    if not secret:
+        raise _CliError(
+            "AGENTAUTH_SECRET is not set; make one with: export AGENTAUTH_SECRET=$(python -m agentauth keygen)",
+            EXIT_USAGE,
+        )
+    return AgentAuth(
+        secret=secret,
+        issuer=args.issuer,
+        audience=args.audience,
+        kid=args.kid or None,
+        max_ttl_seconds=args.max_ttl,
+        store=store,
+        check_revocation=store is not None,
+    )
+
+
+def _cmd_keygen(args: Any, out: Any, err: Any) -> int:
+    print(secrets.token_urlsafe(32), file=out)  # 256 bits; its 43 ASCII bytes are the key
+    return EXIT_OK
+
+
+def _cmd_issue(args: Any, out: Any, err: Any) -> int:
+    auth = _cli_auth(args)
+    issued = auth.issue(subject=args.subject, agent=args.agent, scopes=args.scope, ttl_seconds=args.ttl)
+    if args.json:
+        print(json.dumps({"token": issued.token, "jti": issued.jti, "expires_at": issued.expires_at}), file=out)
+    else:
+        print(issued.token, file=out)
+    return EXIT_OK
+
+
+def _cmd_verify(args: Any, out: Any, err: Any) -> int:
+    store = _open_store(args.db, create=False)
+    auth = _cli_auth(args, store)
+    claims = auth.verify(_read_token(args.token), required_scopes=args.require or ())
+    print(json.dumps(dict(claims.raw), indent=2), file=out)
+    print(f"valid for {_duration(claims.exp - time.time())}", file=err)
+    if store is None:
+        print("note: no revocation list was consulted (pass --db to check one)", file=err)
+    return EXIT_OK
+
+
+def _cmd_decode(args: Any, out: Any, err: Any) -> int:
+    token = _read_token(args.token)
+    head, body, _sig = _split(token, DEFAULT_MAX_TOKEN_BYTES)
+    try:
+        header = _json_object(_b64decode(head), "header")
+        claims = _json_object(_b64decode(body), "payload")
+    except ValueError as exc:  # non-canonical base64
+        raise TokenInvalidError("token segment is not canonical base64url") from exc
+    now = time.time()
+    print("UNVERIFIED: the signature and claims were NOT checked; do not trust this output", file=out)
+    print("header: " + json.dumps(header, indent=2), file=out)
+    print("claims: " + json.dumps(claims, indent=2), file=out)
+    for name in ("iat", "nbf", "exp"):
+        value = claims.get(name)
+        if type(value) in (int, float) and math.isfinite(value):
+            when = _relative(value, now)
+            if name == "exp" and value <= now:
+                when = f"expired {_duration(now - value)} ago"
+            print(f"{name}: {_utc(value)} ({when})", file=out)
+    return EXIT_OK
+
+
+def _cmd_revoke(args: Any, out: Any, err: Any) -> int:
+    given = [x for x in (args.token, args.jti) if x is not None]
+    if len(given) > 1 or (given and (args.agent or args.subject)) or not (given or args.agent or args.subject):
+        raise _CliError("give exactly one of: TOKEN, --jti, or --agent/--subject", EXIT_USAGE)
+    auth = _cli_auth(args, _open_store(args.db, create=True))
+    try:
+        if given:
+            entry = auth.revoke(_read_token(given[0]) if args.token else given[0])
+        else:
+            entry = auth.revoke(agent=args.agent, subject=args.subject)
+    except ValueError as exc:
+        raise _CliError(str(exc), EXIT_USAGE) from exc
+    if entry is None:
+        print("the token has already expired; nothing to revoke", file=out)
+    else:
+        print(f"revoked {_describe(entry)}; kept until {_utc(entry.expires_at)}", file=out)
+    return EXIT_OK
+
+
+def _describe(entry: RevocationEntry) -> str:
+    if entry.jti is not None:
+        return f"jti={entry.jti}"
+    parts = [f"agent={entry.agent}"] if entry.agent is not None else []
+    if entry.subject is not None:
+        parts.append(f"subject={entry.subject}")
+    return " ".join(parts) + " (tokens issued up to then)"
+
+
+def _cmd_revocations(args: Any, out: Any, err: Any) -> int:
+    store = _open_store(args.db, create=False)
+    entries = typing.cast(SqliteStore, store).entries(now=time.time())
+    if args.json:
+        print(json.dumps([e._asdict() for e in entries], indent=2), file=out)
+        return EXIT_OK
+    if not entries:
+        print("no live revocations", file=out)
+    for entry in entries:
+        print(f"{_utc(entry.revoked_at)}  {_describe(entry)}  (kept until {_utc(entry.expires_at)})", file=out)
+    return EXIT_OK
+
+
+def _cmd_demo(args: Any, out: Any, err: Any) -> int:
+    import tempfile
+
+    color = out.isatty() and "NO_COLOR" not in os.environ
+
+    def paint(text: str, code: str) -> str:
+        return f"\033[{code}m{text}\033[0m" if color else text
+
+    ok, refused = paint("ok", "32"), paint("refused", "31")
+    start = time.time()
+    offset = [0]
+
+    def clock() -> float:  # real time, which the demo can skip ahead
+        return start + offset[0]
+
+    with tempfile.TemporaryDirectory() as folder:
+        store = SqliteStore(os.path.join(folder, "revocations.db"))
+        auth = AgentAuth(
+            secret=secrets.token_bytes(32), issuer="demo-app", audience="demo-api", store=store, clock=clock
+        )
+        subject, agent = "user_123", "agent_research_bot"
+        grant = ["email:read", "calendar:read"]
+
+        def call(step: int, route: str, token: str, scope: str) -> None:
+            try:
+                claims = auth.verify(token, required_scopes=[scope])
+            except AgentAuthError as exc:
+                print(f"{step}. API      {route} needs {scope}: {refused} ({exc.code})", file=out)
+            else:
+                print(f"{step}. API      {route} needs {scope}: {ok} (sub={claims.sub}, agent={claims.agent})", file=out)
+
+        print("agentauth demo: a user grants an agent scopes, the API enforces them", file=out)
+        print(f"1. grant    {subject} grants {agent}: {' '.join(grant)} for 10m", file=out)
+        issued = auth.issue(subject=subject, agent=agent, scopes=grant, ttl_seconds=600)
+        print(f"2. issue    token minted: jti={issued.jti}, expires in 10m ({len(issued.token)} bytes, HS256)", file=out)
+        call(3, "GET /email", issued.token, "email:read")
+        call(4, "POST /email/send", issued.token, "email:send")
+        auth.revoke(agent=agent, subject=subject)
+        print(f"5. revoke   {subject} disconnects {agent}", file=out)
+        call(6, "GET /email", issued.token, "email:read")
+        offset[0] += 1  # a grant made from the next second on is not covered
+        again = auth.issue(subject=subject, agent=agent, scopes=grant, ttl_seconds=600)
+        print(f"7. grant    one second later {subject} grants {agent} again: new jti={again.jti}", file=out)
+        call(8, "GET /email", again.token, "email:read")
+        store.close()
+    return EXIT_OK
+
+
+def _cmd_bench(args: Any, out: Any, err: Any) -> int:
+    import tempfile
+
+    now = math.floor(time.time())
+    seconds = max(args.seconds, 0.01)
+    with tempfile.TemporaryDirectory() as folder:
+        sqlite_store = SqliteStore(os.path.join(folder, "bench.db"))
+        memory_store = MemoryStore()
+        print(f"preparing {args.revocations} revocations in each store...", file=err)
+        for i in range(args.revocations):
+            criteria = {"jti": f"bench-{i}"}
+            sqlite_store.revoke(criteria, revoked_at=now, expires_at=now + 3600)
+            memory_store.revoke(criteria, revoked_at=now, expires_at=now + 3600)
+        secret = secrets.token_bytes(32)
+
+        def make(store: Optional[RevocationStore]) -> AgentAuth:
+            return AgentAuth(
+                secret=secret, issuer="bench", audience="bench", kid="k1", store=store, check_revocation=store is not None
+            )
+
+        stateless = make(None)
+        token = stateless.issue(subject="user_123", agent="agent_research_bot", scopes=["email:read", "calendar:read"]).token
+        rows: List[Tuple[str, Callable[[], Any]]] = [
+            ("issue", lambda: stateless.issue(subject="user_123", agent="agent_research_bot", scopes=["email:read"])),
+            ("verify, stateless", lambda: stateless.verify(token, ["email:read"])),
+            ("verify + MemoryStore", lambda: make_memory.verify(token, ["email:read"])),
+            ("verify + SqliteStore", lambda: make_sqlite.verify(token, ["email:read"])),
+        ]
+        make_memory, make_sqlite = make(memory_store), make(sqlite_store)
+        results = []
+        for name, op in rows:
+            print(f"measuring {name}...", file=err)
+            results.append((name, _measure(op, seconds / len(rows))))
+        sqlite_store.close()
+    print(f"agentauth {__version__}, Python {sys.version.split()[0]}, {args.revocations} revocations in each store", file=out)
+    print(f"{'operation':<22} {'ops/s':>10} {'us/op':>8}", file=out)
+    for name, per_op in results:
+        print(f"{name:<22} {1 / per_op:>10,.0f} {per_op * 1e6:>8.2f}", file=out)
+    return EXIT_OK
+
+
+def _measure(op: Callable[[], Any], seconds: float) -> float:
+    """Return the best seconds per call over batches run for about ``seconds``."""
+    batch, best = 100, float("inf")
+    deadline = time.perf_counter() + seconds
+    while True:
+        started = time.perf_counter()
+        for _ in range(batch):
+            op()
+        best = min(best, (time.perf_counter() - started) / batch)
+        if started >= deadline:
+            return best
+
+
+_COMMANDS = {
+    "demo": (_cmd_demo, "run the whole story on a throwaway secret and database"),
+    "keygen": (_cmd_keygen, "print a fresh random secret for AGENTAUTH_SECRET"),
+    "issue": (_cmd_issue, "mint a token (secret from AGENTAUTH_SECRET)"),
+    "verify": (_cmd_verify, "verify a token and print its claims"),
+    "decode": (_cmd_decode, "show a token's header and claims WITHOUT checking them"),
+    "revoke": (_cmd_revoke, "revoke a token, a jti, or an agent's and/or subject's tokens"),
+    "revocations": (_cmd_revocations, "list the live revocations, newest first"),
+    "bench": (_cmd_bench, "measure issue and verify on this host"),
+}
+
+
+def _parser() -> "argparse.ArgumentParser":
     import argparse
 
-    parser = argparse.ArgumentParser(prog="agentauth", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="agentauth",
+        description="Scoped, short-lived, revocable tokens for AI agents.",
+        epilog="exit codes: 0 ok, 1 token refused, 2 usage or configuration error, 3 revocation store unavailable",
+    )
     parser.add_argument("--version", action="version", version=f"agentauth {__version__}")
-    parser.parse_args(argv)
-    print(f"agentauth {__version__}")
-    return 0
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = {}
+    for name, (_func, summary) in _COMMANDS.items():
+        sub[name] = commands.add_parser(
+            name, help=summary, description=summary, epilog=f"example: {_CLI_EXAMPLES[name]}"
+        )
+    for name in ("issue", "verify", "revoke"):
+        group = sub[name].add_argument_group("configuration (the secret comes from AGENTAUTH_SECRET only)")
+        group.add_argument("--issuer", default=os.environ.get("AGENTAUTH_ISSUER", CLI_DEFAULT_ISSUER),
+                           help=f"iss claim (env AGENTAUTH_ISSUER, default {CLI_DEFAULT_ISSUER!r})")
+        group.add_argument("--audience", default=os.environ.get("AGENTAUTH_AUDIENCE", CLI_DEFAULT_AUDIENCE),
+                           help=f"aud claim (env AGENTAUTH_AUDIENCE, default {CLI_DEFAULT_AUDIENCE!r})")
+        group.add_argument("--kid", default=os.environ.get("AGENTAUTH_KID"), help="key id (env AGENTAUTH_KID)")
+        group.add_argument("--max-ttl", type=int, default=DEFAULT_MAX_TTL_SECONDS, metavar="SECONDS",
+                           help="the server's max_ttl_seconds (default %(default)s)")
+    sub["issue"].add_argument("--subject", required=True, help="the user the agent acts for (sub)")
+    sub["issue"].add_argument("--agent", required=True, help="the agent's id (client_id)")
+    sub["issue"].add_argument("--scope", action="append", required=True, help="a granted scope; repeat for more")
+    sub["issue"].add_argument("--ttl", type=int, default=DEFAULT_TTL_SECONDS, metavar="SECONDS",
+                              help="lifetime (default %(default)s)")
+    sub["issue"].add_argument("--json", action="store_true", help="print {token, jti, expires_at}")
+    sub["verify"].add_argument("token", metavar="TOKEN", help="the token, or - to read it from stdin")
+    sub["verify"].add_argument("--require", action="append", metavar="SCOPE", help="a required scope; repeatable")
+    sub["verify"].add_argument("--db", help="SQLite revocation database to consult")
+    sub["decode"].add_argument("token", metavar="TOKEN", help="the token, or - to read it from stdin")
+    sub["revoke"].add_argument("token", metavar="TOKEN", nargs="?", help="a token to revoke, or - for stdin")
+    sub["revoke"].add_argument("--jti", help="revoke the token with this jti")
+    sub["revoke"].add_argument("--agent", help="revoke this agent's tokens issued up to now")
+    sub["revoke"].add_argument("--subject", help="revoke this subject's tokens issued up to now (ANDed with --agent)")
+    sub["revoke"].add_argument("--db", required=True, help="SQLite revocation database (created if missing)")
+    sub["revocations"].add_argument("--db", required=True, help="SQLite revocation database")
+    sub["revocations"].add_argument("--json", action="store_true", help="print the entries as JSON")
+    sub["bench"].add_argument("--seconds", type=float, default=2.0, help="total measuring time (default %(default)s)")
+    sub["bench"].add_argument("--revocations", type=int, default=10000, metavar="N",
+                              help="entries preloaded in each store (default %(default)s)")
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Run the ``python -m agentauth`` command line and return its exit code.
+
+    No traceback reaches the user for an expected failure: each prints one
+    line on stderr and returns a documented exit code.
+    """
+    out, err = sys.stdout, sys.stderr
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a usage error (already printed)
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    try:
+        return _COMMANDS[args.command][0](args, out, err)
+    except _CliError as exc:
+        print(f"agentauth: {exc}", file=err)
+        return exc.exit_code
+    except AgentAuthError as exc:
+        print(f"agentauth: {exc.code}: {exc}", file=err)
+        return _exit_code(exc)
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":
