@@ -15,6 +15,7 @@ Copy this one file; standard library only; Python >= 3.9.
 """
 
 import binascii
+import contextvars
 import hashlib
 import heapq
 import hmac
@@ -60,8 +61,11 @@ __all__ = [
     "RevocationStore",
     "MemoryStore",
     "SqliteStore",
+    "RedisStore",
     # The facade
     "AgentAuth",
+    # Web middleware
+    "current_claims",
     # Command line
     "main",
 ]
@@ -82,6 +86,7 @@ MAX_NAME_CHARS = 256  # subject and agent identifiers
 _JTI_BYTES = 16  # 128 bits of randomness (RFC 7519 §4.1.7: collision-resistant)
 _HEADER_CACHE_SIZE = 16  # distinct valid header segments remembered per instance
 _REVOCATION_KINDS = ("jti", "agent", "subject")
+_Refusal = Tuple[int, List[Tuple[str, str]], bytes]  # an HTTP refusal: status, headers, body
 
 # ---------------------------------------------------------------------------
 # Errors
@@ -167,11 +172,11 @@ class StoreUnavailableError(AgentAuthError):
 # Encoding helpers
 # ---------------------------------------------------------------------------
 
-# The whole compact JWS checked in one C-level match: three non-empty
-# base64url segments, no padding, no stray character (RFC 7515 §2, §7.1).
+#: The whole compact JWS checked in one C-level match: three non-empty
+#: base64url segments, no padding, no stray character (RFC 7515 §2, §7.1).
 _COMPACT_JWS = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
-# The last character of a segment whose length is 2 or 3 mod 4 carries unused
-# bits, which RFC 4648 §3.5 requires to be zero: only these characters do.
+#: The last character of a segment whose length is 2 or 3 mod 4 carries unused
+#: bits, which RFC 4648 §3.5 requires to be zero: only these characters do.
 _CANONICAL_LAST = {2: frozenset("AQgw"), 3: frozenset("AEIMQUYcgkosw048")}
 _FROM_URLSAFE = bytes.maketrans(b"-_", b"+/")
 _TO_URLSAFE = bytes.maketrans(b"+/", b"-_")
@@ -211,8 +216,8 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
-# One decoder and one encoder for the whole module: json.loads/dumps with
-# keyword arguments would build a new one per call on the hot path.
+#: One decoder and one encoder for the whole module: json.loads/dumps with
+#: keyword arguments would build a new one per call on the hot path.
 _JSON_DECODER = json.JSONDecoder(object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant)
 _JSON_SCAN = _JSON_DECODER.scan_once
 _JSON_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
@@ -416,6 +421,14 @@ def _required_scopes(required: Iterable[str]) -> Tuple[str, ...]:
         if type(scope) is not str or _SCOPE_TOKEN.fullmatch(scope) is None:
             raise ValueError("required scopes must be valid scope strings")
     return result
+
+
+def _configured_scopes(scopes: Iterable[str], what: str) -> Tuple[str, ...]:
+    """Scopes given by the server's own configuration: errors are InvalidConfigError."""
+    try:
+        return _required_scopes(scopes)
+    except (TypeError, ValueError) as exc:
+        raise InvalidConfigError(f"{what}: {exc}") from exc
 
 
 # ---------------------------------------------------------------------------
@@ -834,6 +847,75 @@ class SqliteStore:
             self._local.pid = self._local.cursor = None
 
 
+#: Atomic merge of one revocation: the later revoked_at and the later expiry
+#: win, whatever order concurrent writers arrive in (EXPIRETIME: Redis >= 7.0).
+_REDIS_REVOKE = """
+local revoked_at, expires_at = tonumber(ARGV[1]), tonumber(ARGV[2])
+local old = tonumber(redis.call('GET', KEYS[1]) or '')
+if old and old > revoked_at then revoked_at = old end
+local old_expiry = redis.call('EXPIRETIME', KEYS[1])
+if old_expiry > expires_at then expires_at = old_expiry end
+redis.call('SET', KEYS[1], revoked_at, 'EXAT', expires_at)
+return 1
+"""
+
+
+class RedisStore:
+    """Revocations in Redis: the store for more than one host.
+
+    ``client`` is a redis-py client (or anything with its ``mget`` and
+    ``eval`` methods); agentauth imports nothing. Each entry is one key,
+    ``prefix`` + criteria, holding ``revoked_at`` and expiring at
+    ``expires_at`` (``EXAT``), so Redis purges it. ``revoke`` is one atomic
+    script; ``is_revoked`` is one ``MGET`` round trip. Needs Redis >= 7.0.
+
+    Give the client a socket timeout (``redis.Redis(socket_timeout=0.5)``):
+    a Redis that is down or slow makes verify raise ``StoreUnavailableError``
+    once the client gives up, never treat a token as unrevoked.
+
+    Raises:
+        InvalidConfigError: the client lacks ``mget``/``eval``, or the prefix is not a string.
+    """
+
+    def __init__(self, client: Any, *, prefix: str = "agentauth:") -> None:
+        for method in ("mget", "eval"):
+            if not callable(getattr(client, method, None)):
+                raise InvalidConfigError(f"client must have a {method}() method (a redis-py client)")
+        if type(prefix) is not str:
+            raise InvalidConfigError("prefix must be a string")
+        self._client = client
+        self.prefix = prefix
+
+    def __repr__(self) -> str:
+        return f"RedisStore(prefix={self.prefix!r})"
+
+    def revoke(self, criteria: Mapping[str, str], *, revoked_at: int, expires_at: int) -> None:
+        """Record a revocation atomically; Redis expires it at ``expires_at``."""
+        key, _entry = _entry_key(criteria)
+        try:
+            self._client.eval(_REDIS_REVOKE, 1, self.prefix + key, revoked_at, expires_at)
+        except Exception as exc:  # the client's own error classes, unknown here
+            raise StoreUnavailableError(f"the revocation was not recorded: {type(exc).__name__}") from exc
+
+    def is_revoked(self, claims: AgentClaims) -> bool:
+        """Tell whether a key refuses these claims: one MGET."""
+        prefix, agent, subject = self.prefix, claims.agent, claims.sub
+        keys = [
+            f"{prefix}jti:{claims.jti}",
+            f"{prefix}agent:{agent}",
+            f"{prefix}subject:{subject}",
+            prefix + _pair_key(agent, subject),
+        ]
+        try:
+            jti_hit, *revoked_ats = self._client.mget(keys)
+        except Exception as exc:
+            raise StoreUnavailableError(f"redis did not answer: {type(exc).__name__}") from exc
+        if jti_hit is not None:
+            return True
+        iat = math.floor(claims.iat)
+        return any(value is not None and int(value) >= iat for value in revoked_ats)
+
+
 # ---------------------------------------------------------------------------
 # AgentAuth
 # ---------------------------------------------------------------------------
@@ -1170,6 +1252,154 @@ class AgentAuth:
             self._emit(AgentEvent("revoked", now, entry.jti, entry.subject, entry.agent, ()))
         return entry
 
+    # -- web -----------------------------------------------------------------
+
+    def wsgi(
+        self,
+        app: Callable[..., Iterable[bytes]],
+        required_scopes: Iterable[str] = (),
+        resource_metadata_url: Optional[str] = None,
+        resource_metadata: Optional[Mapping[str, Any]] = None,
+        *,
+        realm: Optional[str] = None,
+        expose_errors: bool = False,
+    ) -> Callable[..., Iterable[bytes]]:
+        """Wrap a WSGI app: every request needs a valid bearer token.
+
+        The token comes from exactly one ``Authorization: Bearer`` header
+        (never the query string). The app sees the claims in
+        ``environ["agentauth.claims"]`` and through ``current_claims()``.
+        _Refusals follow RFC 6750 §3 (see ``error_response``). With
+        ``resource_metadata`` (from ``protected_resource_metadata()``), the
+        middleware serves that document without a token at the path of
+        ``resource_metadata_url``, by default the RFC 9728 well-known path of
+        the resource, and every challenge points to it.
+
+        Raises:
+            InvalidConfigError: a malformed scope, realm, URL or metadata.
+
+        Security: ``expose_errors=True`` tells clients which check failed and
+        which scopes were missing; leave it off in production.
+        """
+        protection = _Protection(self, required_scopes, resource_metadata_url, resource_metadata, realm, expose_errors)
+        return _WsgiMiddleware(protection, app)
+
+    def asgi(
+        self,
+        app: Callable[..., Any],
+        required_scopes: Iterable[str] = (),
+        resource_metadata_url: Optional[str] = None,
+        resource_metadata: Optional[Mapping[str, Any]] = None,
+        *,
+        realm: Optional[str] = None,
+        expose_errors: bool = False,
+    ) -> Callable[..., Any]:
+        """Wrap an ASGI 3 app (HTTP and WebSocket); the same rules as ``wsgi``.
+
+        The app sees the claims in ``scope["state"]["agentauth.claims"]``
+        (Starlette: ``request.state``) and through ``current_claims()``. A
+        refused WebSocket is closed before it is accepted. Verify runs on the
+        event loop only when it cannot block (``MemoryStore`` or
+        ``check_revocation=False``: pure CPU, about 10 µs); with any other
+        store it runs in the loop's default thread pool.
+        """
+        protection = _Protection(self, required_scopes, resource_metadata_url, resource_metadata, realm, expose_errors)
+        return _AsgiMiddleware(protection, app)
+
+    def require(self, *scopes: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        """Decorate a route or MCP tool (sync or async) so it runs only if the token grants ``scopes``.
+
+        The scopes are checked, wildcard-aware, against ``current_claims()``:
+        the request's claims under the middleware, the MCP SDK's access token
+        inside a tool. The wrapped function keeps its signature (frameworks and
+        the MCP SDK read it).
+
+        Raises:
+            InvalidConfigError: no scope, or a malformed one (at decoration time).
+            MissingScopeError: the grant does not cover the scopes (the
+                function does not run; the message names no scope).
+            TokenInvalidError: no verified token in this context (fail closed).
+        """
+        required = _configured_scopes(scopes, "require()")
+        if not required:
+            raise InvalidConfigError("require() needs at least one scope")
+
+        def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
+            import functools
+            import inspect
+
+            if inspect.iscoroutinefunction(func):
+
+                @functools.wraps(func)
+                async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
+                    _enforce(required)
+                    return await func(*args, **kwargs)
+
+                return async_wrapper
+
+            @functools.wraps(func)
+            def wrapper(*args: Any, **kwargs: Any) -> Any:
+                _enforce(required)
+                return func(*args, **kwargs)
+
+            return wrapper
+
+        return decorate
+
+    def error_response(
+        self,
+        exc: AgentAuthError,
+        *,
+        resource_metadata_url: Optional[str] = None,
+        realm: Optional[str] = None,
+        expose_errors: bool = False,
+    ) -> _Refusal:
+        """Return ``(status, headers, body)`` for a refusal, as the middleware sends it.
+
+        For a framework's error handler, so that ``require`` refusals raised
+        inside a view get the same RFC 6750 answer: 401 with
+        ``WWW-Authenticate: Bearer realm=..., error="invalid_token"``, 403
+        ``insufficient_scope``, 503 when the store is down.
+        """
+        return _refusal(
+            exc,
+            realm=_header_safe(self.audience if realm is None else realm, "realm"),
+            resource_metadata_url=resource_metadata_url,
+            expose_errors=expose_errors,
+        )
+
+    def protected_resource_metadata(
+        self,
+        *,
+        resource: str,
+        authorization_servers: Iterable[str] = (),
+        scopes_supported: Iterable[str] = (),
+        resource_name: Optional[str] = None,
+    ) -> Dict[str, Any]:
+        """Return the RFC 9728 protected resource metadata document, as a dict.
+
+        Give it to ``wsgi``/``asgi`` as ``resource_metadata`` to serve it.
+
+        Raises:
+            InvalidConfigError: ``resource`` is not an absolute URL.
+        """
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(resource) if type(resource) is str else None
+        if parts is None or not parts.scheme or not parts.netloc or parts.fragment:
+            raise InvalidConfigError("resource must be an absolute URL without a fragment (RFC 9728 §2)")
+        document: Dict[str, Any] = {"resource": resource}
+        servers = list(authorization_servers)
+        if servers:
+            document["authorization_servers"] = servers
+        supported = list(_configured_scopes(scopes_supported, "scopes_supported"))
+        if supported:
+            document["scopes_supported"] = supported
+        document["bearer_methods_supported"] = ["header"]  # never the query string
+        if resource_name is not None:
+            document["resource_name"] = resource_name
+        return document
+
     # -- events --------------------------------------------------------------
 
     def _emit(self, event: AgentEvent) -> None:
@@ -1190,10 +1420,300 @@ class AgentAuth:
 
 
 # ---------------------------------------------------------------------------
+# Web middleware
+# ---------------------------------------------------------------------------
+
+_CURRENT_CLAIMS: "contextvars.ContextVar[Optional[AgentClaims]]" = contextvars.ContextVar(
+    "agentauth_claims", default=None
+)
+_METADATA_WELL_KNOWN = "/.well-known/oauth-protected-resource"  # RFC 9728 §3
+_STATUS_TEXT = {
+    200: "OK",
+    400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    405: "Method Not Allowed",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
+#: What a client is told, per refusal, unless the server opts in to details.
+_GENERIC_DESCRIPTIONS = {
+    "unauthorized": "a bearer token is required",
+    "invalid_request": "send exactly one bearer token, in the Authorization header",
+    "invalid_token": "the access token is invalid, expired or revoked",
+    "insufficient_scope": "the access token does not grant this request",
+    "temporarily_unavailable": "authorization is temporarily unavailable; retry later",
+    "server_error": "the server could not authorize the request",
+}
+
+class _NoBearerToken(AgentAuthError):
+    """No ``Authorization: Bearer`` header: RFC 6750 §3.1 says no error code."""
+
+    code = "unauthorized"
+
+
+class _MalformedAuthorization(AgentAuthError):
+    """More than one Authorization header, or a malformed bearer value."""
+
+    code = "invalid_request"
+
+
+def current_claims() -> Optional[AgentClaims]:
+    """Return the claims of the request being served, or None outside one.
+
+    Set by the WSGI and ASGI middleware (a context variable: concurrent
+    requests never see each other's claims) and, inside an MCP tool, read
+    from the access token the MCP SDK holds when ``auth.mcp()`` verified it.
+    """
+    claims = _CURRENT_CLAIMS.get()
+    return claims if claims is not None else _mcp_current_claims()
+
+
+def _enforce(required: Tuple[str, ...]) -> None:
+    """Refuse unless the current token grants every required scope."""
+    claims = current_claims()
+    if claims is None:
+        raise TokenInvalidError("no verified token in this context")
+    missing = tuple(s for s in required if not scope_satisfies(claims.scopes, s))
+    if missing:
+        raise MissingScopeError(missing=missing)
+
+
+def _bearer_token(values: List[str]) -> str:
+    """Return the token of the request's Authorization headers (RFC 6750 §2.1).
+
+    Raises:
+        _NoBearerToken: no header, or another scheme.
+        _MalformedAuthorization: several headers, or not exactly one token.
+    """
+    if not values:
+        raise _NoBearerToken("no Authorization header")
+    # Several headers (a WSGI server joins them with commas) are ambiguous.
+    if len(values) > 1 or "," in values[0]:
+        raise _MalformedAuthorization("more than one Authorization header")
+    scheme, _, token = values[0].strip().partition(" ")
+    if scheme.lower() != "bearer":
+        raise _NoBearerToken("the Authorization scheme is not Bearer")
+    token = token.strip()
+    if not token or " " in token:
+        raise _MalformedAuthorization("the bearer value is not one token")
+    return token
+
+
+def _quote(value: str) -> str:
+    """Quote an auth-param value (RFC 9110 §5.6.4)."""
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _header_safe(value: str, name: str) -> str:
+    if type(value) is not str or _CONTROL_CHARS.search(value):
+        raise InvalidConfigError(f"{name} must be a string without control characters")
+    return value
+
+
+def _refusal(
+    exc: AgentAuthError,
+    *,
+    realm: str,
+    resource_metadata_url: Optional[str],
+    expose_errors: bool,
+) -> _Refusal:
+    """Map a refusal to its HTTP status, headers and JSON body: the one place that does.
+
+    RFC 6750 §3: 401 ``invalid_token`` (or no error code when no token was
+    sent), 403 ``insufficient_scope``, 400 ``invalid_request``; 503 when the
+    revocation store is down. Unless ``expose_errors``, the description is
+    generic: it never says which check failed or which scope was missing.
+    """
+    challenge = True
+    if isinstance(exc, _NoBearerToken):
+        status, error = 401, "unauthorized"
+    elif isinstance(exc, _MalformedAuthorization):
+        status, error = 400, "invalid_request"
+    elif isinstance(exc, TokenInvalidError):
+        status, error = 401, "invalid_token"
+    elif isinstance(exc, MissingScopeError):
+        status, error = 403, "insufficient_scope"
+    elif isinstance(exc, StoreUnavailableError):
+        status, error, challenge = 503, "temporarily_unavailable", False
+    else:  # an InvalidGrantError or InvalidConfigError raised inside the app
+        status, error, challenge = 500, "server_error", False
+    description = f"{exc.code}: {exc}" if expose_errors else _GENERIC_DESCRIPTIONS[error]
+    headers = [("Content-Type", "application/json"), ("Cache-Control", "no-store")]
+    if challenge:
+        params = [f"realm={_quote(realm)}"]
+        if error != "unauthorized":
+            params.append(f"error={_quote(error)}")
+            if expose_errors:
+                params.append(f"error_description={_quote(description)}")
+                if isinstance(exc, MissingScopeError):
+                    params.append(f"scope={_quote(' '.join(exc.missing))}")
+        if resource_metadata_url is not None:
+            params.append(f"resource_metadata={_quote(resource_metadata_url)}")  # RFC 9728 §5.1
+        headers.append(("WWW-Authenticate", "Bearer " + ", ".join(params)))
+    if status == 503:
+        headers.append(("Retry-After", "1"))
+    body = _JSON_ENCODER.encode({"error": error, "error_description": description}).encode("utf-8")
+    return status, headers, body
+
+
+class _Protection:
+    """What both middlewares share: the settings, the metadata route, the refusals."""
+
+    def __init__(
+        self,
+        auth: "AgentAuth",
+        required_scopes: Iterable[str],
+        resource_metadata_url: Optional[str],
+        resource_metadata: Optional[Mapping[str, Any]],
+        realm: Optional[str],
+        expose_errors: bool,
+    ) -> None:
+        self.auth = auth
+        self.required_scopes = _configured_scopes(required_scopes, "required_scopes")
+        self.realm = _header_safe(auth.audience if realm is None else realm, "realm")
+        self.expose_errors = bool(expose_errors)
+        self.metadata_path: Optional[str] = None
+        self.metadata_body = b""
+        if resource_metadata is not None:
+            from urllib.parse import urlsplit
+
+            resource = resource_metadata.get("resource") if isinstance(resource_metadata, Mapping) else None
+            if type(resource) is not str or not resource:
+                raise InvalidConfigError("resource_metadata needs a 'resource' (use protected_resource_metadata())")
+            if resource_metadata_url is None:  # RFC 9728 §3.1: well-known path before the resource's path
+                parts = urlsplit(resource)
+                resource_metadata_url = (
+                    f"{parts.scheme}://{parts.netloc}{_METADATA_WELL_KNOWN}{parts.path.rstrip('/')}"
+                )
+            self.metadata_path = urlsplit(resource_metadata_url).path
+            self.metadata_body = _JSON_ENCODER.encode(dict(resource_metadata)).encode("utf-8")
+        self.resource_metadata_url = (
+            None if resource_metadata_url is None else _header_safe(resource_metadata_url, "resource_metadata_url")
+        )
+
+    def refuse(self, exc: AgentAuthError) -> _Refusal:
+        return _refusal(
+            exc, realm=self.realm, resource_metadata_url=self.resource_metadata_url, expose_errors=self.expose_errors
+        )
+
+    def metadata(self, method: str) -> _Refusal:
+        """Serve the RFC 9728 document: public, cacheable, no token needed."""
+        if method not in ("GET", "HEAD"):
+            return 405, [("Allow", "GET, HEAD"), ("Content-Type", "application/json")], b'{"error":"method_not_allowed"}'
+        headers = [
+            ("Content-Type", "application/json"),
+            ("Cache-Control", "public, max-age=3600"),
+            ("Access-Control-Allow-Origin", "*"),  # public metadata, read by browser-based clients
+        ]
+        return 200, headers, self.metadata_body if method == "GET" else b""
+
+    def runs_inline(self) -> bool:
+        """Verify on the event loop only when no store I/O can block it."""
+        return not self.auth.check_revocation or type(self.auth.store) is MemoryStore
+
+
+class _WsgiMiddleware:
+    """Plain WSGI (PEP 3333): verify the bearer token, then call the app."""
+
+    def __init__(self, protection: _Protection, app: Callable[..., Iterable[bytes]]) -> None:
+        self._protection = protection
+        self._app = app
+
+    def __call__(self, environ: Dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        protection = self._protection
+        if protection.metadata_path is not None and (
+            environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "") == protection.metadata_path
+        ):
+            return self._respond(protection.metadata(environ.get("REQUEST_METHOD", "GET")), start_response)
+        header = environ.get("HTTP_AUTHORIZATION")
+        try:
+            token = _bearer_token([] if header is None else [header])
+            claims = protection.auth.verify(token, protection.required_scopes)
+        except AgentAuthError as exc:
+            return self._respond(protection.refuse(exc), start_response)
+        environ["agentauth.claims"] = claims
+        # A copied context: the claims are visible to the app and gone after.
+        return contextvars.copy_context().run(self._call_app, claims, environ, start_response)
+
+    def _call_app(self, claims: AgentClaims, environ: Dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        _CURRENT_CLAIMS.set(claims)
+        return self._app(environ, start_response)
+
+    @staticmethod
+    def _respond(refusal: _Refusal, start_response: Callable[..., Any]) -> List[bytes]:
+        status, headers, body = refusal
+        start_response(f"{status} {_STATUS_TEXT[status]}", headers + [("Content-Length", str(len(body)))])
+        return [body]
+
+
+class _AsgiMiddleware:
+    """ASGI 3: verify the bearer token of HTTP and WebSocket scopes, then call the app."""
+
+    def __init__(self, protection: _Protection, app: Callable[..., Any]) -> None:
+        self._protection = protection
+        self._app = app
+
+    async def __call__(self, scope: Dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> None:
+        kind = scope["type"]
+        if kind not in ("http", "websocket"):  # lifespan and others pass through
+            await self._app(scope, receive, send)
+            return
+        protection = self._protection
+        if kind == "http" and scope["path"] == protection.metadata_path:
+            await self._respond(protection.metadata(scope["method"]), send)
+            return
+        values = [value.decode("latin-1") for name, value in scope["headers"] if name.lower() == b"authorization"]
+        try:
+            claims = await self._verify(_bearer_token(values))
+        except AgentAuthError as exc:
+            if kind == "websocket":  # close before accept: the server answers 403
+                await send({"type": "websocket.close", "code": 1008})
+            else:
+                await self._respond(protection.refuse(exc), send)
+            return
+        scope.setdefault("state", {})["agentauth.claims"] = claims  # Starlette's request.state
+        reset = _CURRENT_CLAIMS.set(claims)
+        try:
+            await self._app(scope, receive, send)
+        finally:
+            _CURRENT_CLAIMS.reset(reset)
+
+    async def _verify(self, token: str) -> AgentClaims:
+        protection = self._protection
+        auth, required = protection.auth, protection.required_scopes
+        if protection.runs_inline():  # pure CPU, about 10 µs
+            return auth.verify(token, required)
+        import asyncio
+
+        # A store does I/O (a locked SQLite file waits up to its timeout):
+        # run it in the default thread pool, never on the event loop.
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(None, auth.verify, token, required)
+
+    @staticmethod
+    async def _respond(refusal: _Refusal, send: Callable[..., Any]) -> None:
+        status, headers, body = refusal
+        raw = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers]
+        raw.append((b"content-length", str(len(body)).encode("ascii")))
+        await send({"type": "http.response.start", "status": status, "headers": raw})
+        await send({"type": "http.response.body", "body": body})
+
+
+# ---------------------------------------------------------------------------
+# MCP
+# ---------------------------------------------------------------------------
+
+
+def _mcp_current_claims() -> Optional[AgentClaims]:
+    return None
+
+
+# ---------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------
 
-# Exit codes of ``python -m agentauth``; stable, documented in the README.
+#: Exit codes of ``python -m agentauth``; stable, documented in the README.
 EXIT_OK = 0
 EXIT_REFUSED = 1  # the token was refused; its error code is on stderr
 EXIT_USAGE = 2  # usage or configuration error, or a refused grant
@@ -1502,7 +2022,11 @@ def _parser() -> "argparse.ArgumentParser":
     sub = {}
     for name, (_func, summary) in _COMMANDS.items():
         sub[name] = commands.add_parser(
-            name, help=summary, description=summary, epilog=f"example: {_CLI_EXAMPLES[name]}"
+            name,
+            help=summary,
+            description=summary,
+            epilog=f"example:\n  {_CLI_EXAMPLES[name]}",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
         )
     for name in ("issue", "verify", "revoke"):
         group = sub[name].add_argument_group("configuration (the secret comes from AGENTAUTH_SECRET only)")
