@@ -16,6 +16,7 @@ Copy this one file; standard library only; Python >= 3.9.
 
 import binascii
 import contextvars
+import functools
 import hashlib
 import heapq
 import hmac
@@ -1325,7 +1326,6 @@ class AgentAuth:
             raise InvalidConfigError("require() needs at least one scope")
 
         def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
-            import functools
             import inspect
 
             if inspect.iscoroutinefunction(func):
@@ -1400,6 +1400,49 @@ class AgentAuth:
             document["resource_name"] = resource_name
         return document
 
+    # -- MCP -----------------------------------------------------------------
+
+    def mcp(self) -> Any:
+        """Return a verifier for the official ``mcp`` SDK's ``token_verifier=``.
+
+        ``MCPServer(..., token_verifier=auth.mcp(), auth=AuthSettings(...))``
+        (mcp 2.x; ``FastMCP`` in mcp 1.x). Valid tokens become the SDK's
+        ``AccessToken`` with ``client_id`` = the agent, ``scopes``,
+        ``expires_at``, ``subject``, ``claims`` and ``resource`` = the
+        audience (so ``validate_token_resource=True`` works when the audience
+        is the resource URL); forged, expired and revoked tokens become None.
+        Tools use ``auth.require(...)`` for wildcard-aware per-tool scopes.
+
+        Raises:
+            InvalidConfigError: the ``mcp`` package is not installed.
+        """
+        try:
+            from mcp.server.auth.provider import AccessToken
+        except ImportError as exc:
+            raise InvalidConfigError("auth.mcp() needs the MCP SDK: pip install mcp") from exc
+        return _McpTokenVerifier(self, AccessToken)
+
+    def fastmcp(
+        self,
+        *,
+        base_url: Optional[str] = None,
+        required_scopes: Optional[Iterable[str]] = None,
+        resource_base_url: Optional[str] = None,
+    ) -> Any:
+        """Return a FastMCP (the ``fastmcp`` package) ``TokenVerifier`` for ``FastMCP(auth=...)``.
+
+        The keyword arguments are FastMCP's own ``TokenVerifier`` ones.
+
+        Raises:
+            InvalidConfigError: the ``fastmcp`` package is not installed.
+        """
+        try:
+            verifier_class = _fastmcp_verifier_class()
+        except ImportError as exc:
+            raise InvalidConfigError("auth.fastmcp() needs FastMCP: pip install fastmcp") from exc
+        scopes = None if required_scopes is None else list(_configured_scopes(required_scopes, "required_scopes"))
+        return verifier_class(self, base_url=base_url, required_scopes=scopes, resource_base_url=resource_base_url)
+
     # -- events --------------------------------------------------------------
 
     def _emit(self, event: AgentEvent) -> None:
@@ -1471,12 +1514,15 @@ def current_claims() -> Optional[AgentClaims]:
 
 def _enforce(required: Tuple[str, ...]) -> None:
     """Refuse unless the current token grants every required scope."""
-    claims = current_claims()
+    claims, in_mcp_tool = _CURRENT_CLAIMS.get(), False
+    if claims is None:
+        claims = _mcp_current_claims()
+        in_mcp_tool = claims is not None
     if claims is None:
         raise TokenInvalidError("no verified token in this context")
     missing = tuple(s for s in required if not scope_satisfies(claims.scopes, s))
     if missing:
-        raise MissingScopeError(missing=missing)
+        raise _mcp_scope_refusal(missing) if in_mcp_tool else MissingScopeError(missing=missing)
 
 
 def _bearer_token(values: List[str]) -> str:
@@ -1608,10 +1654,6 @@ class _Protection:
         ]
         return 200, headers, self.metadata_body if method == "GET" else b""
 
-    def runs_inline(self) -> bool:
-        """Verify on the event loop only when no store I/O can block it."""
-        return not self.auth.check_revocation or type(self.auth.store) is MemoryStore
-
 
 class _WsgiMiddleware:
     """Plain WSGI (PEP 3333): verify the bearer token, then call the app."""
@@ -1665,7 +1707,7 @@ class _AsgiMiddleware:
             return
         values = [value.decode("latin-1") for name, value in scope["headers"] if name.lower() == b"authorization"]
         try:
-            claims = await self._verify(_bearer_token(values))
+            claims = await _verify_async(protection.auth, _bearer_token(values), protection.required_scopes)
         except AgentAuthError as exc:
             if kind == "websocket":  # close before accept: the server answers 403
                 await send({"type": "websocket.close", "code": 1008})
@@ -1678,18 +1720,6 @@ class _AsgiMiddleware:
             await self._app(scope, receive, send)
         finally:
             _CURRENT_CLAIMS.reset(reset)
-
-    async def _verify(self, token: str) -> AgentClaims:
-        protection = self._protection
-        auth, required = protection.auth, protection.required_scopes
-        if protection.runs_inline():  # pure CPU, about 10 µs
-            return auth.verify(token, required)
-        import asyncio
-
-        # A store does I/O (a locked SQLite file waits up to its timeout):
-        # run it in the default thread pool, never on the event loop.
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(None, auth.verify, token, required)
 
     @staticmethod
     async def _respond(refusal: _Refusal, send: Callable[..., Any]) -> None:
@@ -1704,9 +1734,123 @@ class _AsgiMiddleware:
 # MCP
 # ---------------------------------------------------------------------------
 
+#: Where the MCP SDK and FastMCP keep the access token of the request being
+#: served; read through sys.modules so that agentauth never imports them.
+_MCP_TOKEN_MODULES = ("mcp.server.auth.middleware.auth_context", "fastmcp.server.dependencies")
+
 
 def _mcp_current_claims() -> Optional[AgentClaims]:
+    """Rebuild the claims of the MCP SDK's current access token, if it holds ours."""
+    for name in _MCP_TOKEN_MODULES:
+        module = sys.modules.get(name)
+        if module is None:
+            continue
+        try:
+            token = module.get_access_token()
+        except Exception:  # outside a request some versions raise rather than return None
+            continue
+        claims = _claims_from_raw(getattr(token, "claims", None))
+        if claims is not None:
+            return claims
     return None
+
+
+#: The tool error classes of the MCP SDK (2.x, 1.x) and of FastMCP.
+_MCP_TOOL_ERROR_MODULES = ("mcp.server.mcpserver.exceptions", "mcp.server.fastmcp.exceptions", "fastmcp.exceptions")
+
+
+def _mcp_scope_refusal(missing: Tuple[str, ...]) -> MissingScopeError:
+    """A MissingScopeError that the MCP servers loaded also take as a tool error.
+
+    They then answer with an error result naming no scope, and log no
+    traceback, as for any expected refusal.
+    """
+    bases = tuple(
+        cls
+        for cls in (getattr(sys.modules.get(name), "ToolError", None) for name in _MCP_TOOL_ERROR_MODULES)
+        if isinstance(cls, type) and issubclass(cls, Exception)
+    )
+    return _scope_refusal_class(bases)(missing=missing)
+
+
+@functools.lru_cache(maxsize=None)
+def _scope_refusal_class(tool_errors: Tuple[type, ...]) -> Any:
+    return type("MissingScopeToolError", (MissingScopeError, *tool_errors), {"__module__": __name__})
+
+
+def _claims_from_raw(raw: Any) -> Optional[AgentClaims]:
+    """Rebuild AgentClaims from claims that ``auth.mcp()`` verified and stored; None if not ours."""
+    if not isinstance(raw, dict):
+        return None
+    sub, agent, jti, scope, exp, iat = map(raw.get, _REQUIRED_CLAIMS)
+    iss, aud = raw.get("iss"), raw.get("aud")
+    if not all(type(v) is str for v in (sub, agent, jti, scope, iss)) or type(aud) not in (str, list):
+        return None
+    if type(exp) not in (int, float) or type(iat) not in (int, float):
+        return None
+    audience = aud if type(aud) is str else tuple(aud)
+    return AgentClaims(sub, agent, tuple(scope.split(" ")), jti, iat, exp, iss, audience, types.MappingProxyType(raw))
+
+
+async def _verify_async(auth: "AgentAuth", token: str, required: Tuple[str, ...]) -> AgentClaims:
+    """Verify from async code without ever blocking the event loop on store I/O."""
+    if not auth.check_revocation or type(auth.store) is MemoryStore:
+        return auth.verify(token, required)  # pure CPU, about 10 µs
+    import asyncio
+
+    # A store does I/O (a locked SQLite file waits up to its timeout): run
+    # verify in the loop's default thread pool.
+    return await asyncio.get_running_loop().run_in_executor(None, auth.verify, token, required)
+
+
+async def _access_token(auth: "AgentAuth", token: str, access_token_class: Any) -> Any:
+    """Verify ``token`` and fill the SDK's AccessToken; None when refused."""
+    try:
+        claims = await _verify_async(auth, token, ())
+    except AgentAuthError:
+        return None  # refused, expired, revoked, or the store is down: fail closed
+    return access_token_class(
+        token=token,
+        client_id=claims.agent,
+        scopes=list(claims.scopes),
+        expires_at=math.floor(claims.exp),
+        resource=auth.audience,  # verify proved it is (in) aud: validate_token_resource works
+        subject=claims.sub,
+        claims=dict(claims.raw),
+    )
+
+
+class _McpTokenVerifier:
+    """The official ``mcp`` SDK's ``TokenVerifier`` protocol over an AgentAuth."""
+
+    def __init__(self, auth: "AgentAuth", access_token_class: Any) -> None:
+        self._auth = auth
+        self._access_token_class = access_token_class
+
+    def __repr__(self) -> str:
+        return f"<agentauth MCP token verifier for {self._auth!r}>"
+
+    async def verify_token(self, token: str) -> Any:
+        """Return the SDK's ``AccessToken`` for a valid token, else None."""
+        return await _access_token(self._auth, token, self._access_token_class)
+
+
+@functools.lru_cache(maxsize=None)
+def _fastmcp_verifier_class() -> Any:
+    """Subclass FastMCP's TokenVerifier on first use, never at import time."""
+    from fastmcp.server.auth import AccessToken, TokenVerifier
+
+    class AgentAuthTokenVerifier(TokenVerifier):  # type: ignore[misc, valid-type]
+        """FastMCP's ``TokenVerifier`` over an AgentAuth."""
+
+        def __init__(self, auth: "AgentAuth", **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self.agentauth = auth
+
+        async def verify_token(self, token: str) -> Any:
+            return await _access_token(self.agentauth, token, AccessToken)
+
+    return AgentAuthTokenVerifier
 
 
 # ---------------------------------------------------------------------------
