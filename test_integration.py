@@ -1,0 +1,519 @@
+"""Integration tests: agentauth against the real frameworks, SDKs and servers.
+
+Each class runs when its package (or server) is installed and is skipped with
+the reason otherwise. `.ci/run` installs them all in a throwaway virtualenv
+(and redis-server, and the `jose` npm package) so CI proves every path; the
+README's own test command needs nothing installed.
+"""
+
+import asyncio
+import importlib.util
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import unittest
+import urllib.error
+import urllib.request
+
+import agentauth
+
+SECRET = "integration-secret-with-at-least-32-bytes"
+ISSUER = "integration-issuer"
+
+
+def installed(*modules):
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    return unittest.skipIf(missing, f"needs {', '.join(missing)} (pip install {' '.join(missing)})")
+
+
+def free_socket():
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(64)  # connections queue until uvicorn serves
+    return sock
+
+
+class UvicornThread:
+    """Serve an ASGI app on a free loopback port from a background thread."""
+
+    def __init__(self, make_app):
+        import uvicorn
+
+        self.sock = free_socket()
+        self.base = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        app = make_app(self.base)
+        started = threading.Event()
+
+        async def signalling(scope, receive, send):
+            if scope["type"] == "lifespan":
+                async def send_and_signal(message):
+                    await send(message)
+                    if message["type"] == "lifespan.startup.complete":
+                        started.set()
+
+                return await app(scope, receive, send_and_signal)
+            return await app(scope, receive, send)
+
+        self.server = uvicorn.Server(uvicorn.Config(signalling, log_level="warning", lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.thread.start()
+        if not started.wait(timeout=20):
+            raise RuntimeError("the test server did not start")
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=20)
+        self.sock.close()
+
+
+def http(method, url, headers=None, body=None):
+    """One raw HTTP request; return (status, headers, body)."""
+    request = urllib.request.Request(url, data=body, headers=headers or {}, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=20) as response:
+            return response.status, response.headers, response.read()
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return exc.code, exc.headers, exc.read()
+
+
+# ---------------------------------------------------------------------------
+# Interoperability: PyJWT and the jose npm library
+# ---------------------------------------------------------------------------
+
+
+@installed("jwt")
+class PyJwtInteropTests(unittest.TestCase):
+    def setUp(self):
+        self.auth = agentauth.AgentAuth(secret=SECRET, issuer=ISSUER, audience="api", kid="k1")
+
+    def test_agentauth_token_decodes_with_pyjwt(self):
+        import jwt
+
+        issued = self.auth.issue(subject="user_123", agent="bot", scopes=["email:read", "calendar:read"])
+        claims = jwt.decode(issued.token, SECRET, algorithms=["HS256"], audience="api", issuer=ISSUER)
+        self.assertEqual(claims["client_id"], "bot")
+        self.assertEqual(claims["scope"], "email:read calendar:read")
+        self.assertEqual(jwt.get_unverified_header(issued.token), {"alg": "HS256", "typ": "at+jwt", "kid": "k1"})
+
+    def test_pyjwt_token_verifies_here(self):
+        import jwt
+
+        now = int(time.time())
+        claims = {"iss": ISSUER, "aud": "api", "sub": "u", "client_id": "bot", "scope": "email:read",
+                  "jti": "pyjwt-1", "iat": now, "exp": now + 300}
+        token = jwt.encode(claims, SECRET, algorithm="HS256", headers={"typ": "at+jwt", "kid": "k1"})
+        verified = self.auth.verify(token, ["email:read"])
+        self.assertEqual((verified.sub, verified.agent, verified.jti), ("u", "bot", "pyjwt-1"))
+
+    def test_pyjwt_plain_jwt_type_is_refused(self):
+        import jwt
+
+        now = int(time.time())
+        token = jwt.encode({"iss": ISSUER, "aud": "api", "sub": "u", "client_id": "b", "scope": "s",
+                            "jti": "j", "iat": now, "exp": now + 60}, SECRET, algorithm="HS256")
+        with self.assertRaises(agentauth.TokenInvalidError):
+            self.auth.verify(token)
+
+
+JOSE_DIR = os.environ.get("AGENTAUTH_JOSE_DIR", "")
+
+
+@unittest.skipUnless(shutil.which("node") and os.path.isdir(os.path.join(JOSE_DIR, "node_modules", "jose")),
+                     "needs node and the jose npm package in $AGENTAUTH_JOSE_DIR (npm install jose)")
+class JoseInteropTests(unittest.TestCase):
+    def node(self, script, **env):
+        done = subprocess.run(["node", "--input-type=module", "-e", script], cwd=JOSE_DIR, capture_output=True,
+                              text=True, timeout=60, env={**os.environ, **env})
+        self.assertEqual(done.returncode, 0, done.stderr)
+        return done.stdout.strip()
+
+    def test_agentauth_token_verifies_with_jose(self):
+        auth = agentauth.AgentAuth(secret=SECRET, issuer=ISSUER, audience="api")
+        token = auth.issue(subject="user_123", agent="bot", scopes=["email:read"]).token
+        out = self.node(
+            "import {jwtVerify} from 'jose';"
+            "const {payload, protectedHeader} = await jwtVerify(process.env.TOKEN,"
+            " new TextEncoder().encode(process.env.SECRET), {algorithms: ['HS256'], issuer: process.env.ISS,"
+            " audience: 'api', typ: 'at+jwt'});"
+            "console.log(JSON.stringify({payload, protectedHeader}));",
+            TOKEN=token, SECRET=SECRET, ISS=ISSUER,
+        )
+        result = json.loads(out)
+        self.assertEqual(result["payload"]["sub"], "user_123")
+        self.assertEqual(result["protectedHeader"]["typ"], "at+jwt")
+
+    def test_jose_token_verifies_here(self):
+        token = self.node(
+            "import {SignJWT} from 'jose';"
+            "console.log(await new SignJWT({client_id: 'bot', scope: 'email:read calendar:read'})"
+            ".setProtectedHeader({alg: 'HS256', typ: 'at+jwt'}).setIssuer(process.env.ISS).setAudience('api')"
+            ".setSubject('user_123').setJti('jose-1').setIssuedAt().setExpirationTime('5m')"
+            ".sign(new TextEncoder().encode(process.env.SECRET)));",
+            SECRET=SECRET, ISS=ISSUER,
+        )
+        auth = agentauth.AgentAuth(secret=SECRET, issuer=ISSUER, audience="api")
+        claims = auth.verify(token, ["calendar:read"])
+        self.assertEqual((claims.sub, claims.agent, claims.jti), ("user_123", "bot", "jose-1"))
+
+
+# ---------------------------------------------------------------------------
+# Web frameworks
+# ---------------------------------------------------------------------------
+
+
+@installed("flask")
+class FlaskTests(unittest.TestCase):
+    """The README's Flask recipe: the middleware, a per-route scope, one error handler."""
+
+    def setUp(self):
+        from flask import Flask, jsonify
+
+        auth = self.auth = agentauth.AgentAuth(secret=SECRET, issuer=ISSUER, audience="mail-api")
+        app = Flask(__name__)
+
+        @app.get("/inbox")
+        @auth.require("email:read")
+        def inbox():
+            claims = agentauth.current_claims()
+            return jsonify(subject=claims.sub, agent=claims.agent)
+
+        @app.post("/send")
+        @auth.require("email:send")
+        def send():
+            return jsonify(sent=True)
+
+        @app.errorhandler(agentauth.AgentAuthError)
+        def refused(exc):
+            status, headers, body = auth.error_response(exc)
+            return body, status, headers
+
+        app.wsgi_app = auth.wsgi(app.wsgi_app)
+        self.client = app.test_client()
+        self.token = auth.issue(subject="user_123", agent="bot", scopes=["email:read"]).token
+
+    def test_granted_route_runs_with_claims(self):
+        response = self.client.get("/inbox", headers={"Authorization": f"Bearer {self.token}"})
+        self.assertEqual(response.status_code, 200)
+        self.assertEqual(response.get_json(), {"subject": "user_123", "agent": "bot"})
+
+    def test_route_outside_the_grant_is_403(self):
+        response = self.client.post("/send", headers={"Authorization": f"Bearer {self.token}"})
+        self.assertEqual(response.status_code, 403)
+        self.assertEqual(response.headers["WWW-Authenticate"], 'Bearer realm="mail-api", error="insufficient_scope"')
+        self.assertNotIn(b"email", response.data)
+
+    def test_missing_forged_and_revoked_tokens_are_401(self):
+        self.assertEqual(self.client.get("/inbox").status_code, 401)
+        forged = self.token[:-2] + ("AA" if not self.token.endswith("AA") else "BA")
+        response = self.client.get("/inbox", headers={"Authorization": f"Bearer {forged}"})
+        self.assertEqual(response.status_code, 401)
+        self.assertIn('error="invalid_token"', response.headers["WWW-Authenticate"])
+        self.auth.revoke(agent="bot")
+        response = self.client.get("/inbox", headers={"Authorization": f"Bearer {self.token}"})
+        self.assertEqual(response.status_code, 401)
+
+
+@installed("fastapi", "httpx")
+class FastApiTests(unittest.TestCase):
+    """The README's FastAPI recipe: the ASGI middleware, a per-route scope, one exception handler."""
+
+    def setUp(self):
+        from fastapi import FastAPI, Request
+        from fastapi.responses import Response
+        from fastapi.testclient import TestClient
+
+        auth = self.auth = agentauth.AgentAuth(secret=SECRET, issuer=ISSUER, audience="mail-api")
+        app = FastAPI()
+
+        @app.get("/inbox")
+        @auth.require("email:read")
+        async def inbox(request: Request, limit: int = 2):
+            claims = request.scope["state"]["agentauth.claims"]
+            return {"subject": claims.sub, "agent": agentauth.current_claims().agent, "limit": limit}
+
+        @app.post("/send")
+        @auth.require("email:send")
+        async def send():
+            return {"sent": True}
+
+        @app.exception_handler(agentauth.AgentAuthError)
+        async def refused(request, exc):
+            status, headers, body = auth.error_response(exc)
+            return Response(body, status, dict(headers))
+
+        self.client = TestClient(auth.asgi(app))
+        self.token = auth.issue(subject="user_123", agent="bot", scopes=["email:*"]).token
+
+    def test_granted_route_runs_and_keeps_its_query_parameters(self):
+        response = self.client.get("/inbox?limit=5", headers={"Authorization": f"Bearer {self.token}"})
+        self.assertEqual(response.status_code, 200)
+        self.assertEqual(response.json(), {"subject": "user_123", "agent": "bot", "limit": 5})
+
+    def test_wildcard_grant_covers_send(self):
+        response = self.client.post("/send", headers={"Authorization": f"Bearer {self.token}"})
+        self.assertEqual(response.status_code, 200)
+
+    def test_narrow_grant_is_403_and_missing_token_401(self):
+        narrow = self.auth.issue(subject="u", agent="bot", scopes=["email:read"]).token
+        response = self.client.post("/send", headers={"Authorization": f"Bearer {narrow}"})
+        self.assertEqual(response.status_code, 403)
+        self.assertIn('error="insufficient_scope"', response.headers["www-authenticate"])
+        response = self.client.get("/inbox")
+        self.assertEqual(response.status_code, 401)
+        self.assertEqual(response.headers["www-authenticate"], 'Bearer realm="mail-api"')
+
+
+# ---------------------------------------------------------------------------
+# MCP: the official SDK and FastMCP, over streamable HTTP on 127.0.0.1
+# ---------------------------------------------------------------------------
+
+
+def mcp_initialize(url, headers):
+    body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "raw", "version": "0"}}}).encode()
+    headers = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json", **headers}
+    return http("POST", url, headers, body)
+
+
+@installed("mcp", "uvicorn", "httpx2")
+class McpSdkTests(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        from mcp.server.auth.settings import AuthSettings
+        from mcp.server.mcpserver import MCPServer
+
+        def make_app(base):
+            cls.url = f"{base}/mcp"
+            auth = cls.auth = agentauth.AgentAuth(secret=SECRET, issuer=ISSUER, audience=cls.url)
+            server = MCPServer(name="mail", log_level="WARNING", token_verifier=auth.mcp(), auth=AuthSettings(
+                issuer_url="https://auth.example.com", resource_server_url=cls.url, validate_token_resource=True))
+
+            @server.tool()
+            @auth.require("email:read")
+            def read_inbox(limit: int = 2) -> str:
+                claims = agentauth.current_claims()
+                return f"{limit} messages of {claims.sub} for {claims.agent}"
+
+            @server.tool()
+            @auth.require("email:send")
+            async def send_email(to: str) -> str:
+                return f"sent to {to}"
+
+            return server.streamable_http_app(host="127.0.0.1")
+
+        cls.server = UvicornThread(make_app)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.server.stop()
+
+    def call_tools(self, token, calls):
+        import httpx2
+        from mcp import ClientSession
+        from mcp.client.streamable_http import streamable_http_client
+
+        async def run():
+            results = []
+            headers = {"Authorization": f"Bearer {token}"}
+            async with httpx2.AsyncClient(headers=headers, timeout=httpx2.Timeout(20, read=30)) as client:
+                async with streamable_http_client(self.url, http_client=client) as (read, write):
+                    async with ClientSession(read, write) as session:
+                        await session.initialize()
+                        for name, arguments in calls:
+                            results.append(await session.call_tool(name, arguments))
+            return results
+
+        return asyncio.run(run())
+
+    def test_good_token_calls_the_tool_and_the_tool_sees_the_claims(self):
+        token = self.auth.issue(subject="user_123", agent="bot", scopes=["email:read"]).token
+        (result,) = self.call_tools(token, [("read_inbox", {"limit": 3})])
+        self.assertFalse(result.is_error)
+        self.assertEqual(result.content[0].text, "3 messages of user_123 for bot")
+
+    def test_wrong_scope_is_a_tool_error_naming_no_scope(self):
+        token = self.auth.issue(subject="user_123", agent="bot", scopes=["email:read"]).token
+        (result,) = self.call_tools(token, [("send_email", {"to": "a@example.com"})])
+        self.assertTrue(result.is_error)
+        self.assertNotIn("email", result.content[0].text.replace("send_email", ""))
+        self.assertIn("does not cover", result.content[0].text)
+
+    def test_wildcard_grant_covers_both_tools(self):
+        token = self.auth.issue(subject="user_123", agent="bot", scopes=["email:*"]).token
+        results = self.call_tools(token, [("read_inbox", {}), ("send_email", {"to": "a@example.com"})])
+        self.assertEqual([r.is_error for r in results], [False, False])
+
+    def test_missing_forged_revoked_and_foreign_tokens_get_401_with_metadata(self):
+        token = self.auth.issue(subject="user_9", agent="bot", scopes=["email:read"]).token
+        self.auth.revoke(token)
+        other = agentauth.AgentAuth(secret=SECRET, issuer=ISSUER, audience="https://another.example/mcp")
+        foreign = other.issue(subject="u", agent="bot", scopes=["email:read"]).token
+        for label, headers in (("missing", {}), ("forged", {"Authorization": "Bearer x.y.z"}),
+                               ("revoked", {"Authorization": f"Bearer {token}"}),
+                               ("foreign audience", {"Authorization": f"Bearer {foreign}"})):
+            with self.subTest(label):
+                status, response_headers, _ = mcp_initialize(self.url, headers)
+                self.assertEqual(status, 401)
+                challenge = response_headers["WWW-Authenticate"]
+                self.assertIn('error="invalid_token"', challenge)
+                self.assertIn("resource_metadata=", challenge)
+
+
+@installed("fastmcp", "uvicorn")
+class FastMcpTests(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        from fastmcp import FastMCP
+
+        def make_app(base):
+            cls.url = f"{base}/mcp"
+            auth = cls.auth = agentauth.AgentAuth(secret=SECRET, issuer=ISSUER, audience=cls.url)
+            server = FastMCP("mail", auth=auth.fastmcp(base_url=base), mask_error_details=True)
+
+            @server.tool
+            @auth.require("email:read")
+            async def read_inbox() -> str:
+                return f"inbox of {agentauth.current_claims().sub}"
+
+            @server.tool
+            @auth.require("email:send")
+            def send_email(to: str) -> str:
+                return "sent"
+
+            return server.http_app(path="/mcp")
+
+        cls.server = UvicornThread(make_app)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.server.stop()
+
+    def test_tools_with_a_bearer_token(self):
+        from fastmcp import Client
+        from fastmcp.client.auth import BearerAuth
+
+        token = self.auth.issue(subject="user_123", agent="bot", scopes=["email:read"]).token
+
+        async def run():
+            async with Client(self.url, auth=BearerAuth(token), timeout=20) as client:
+                good = await client.call_tool("read_inbox", {})
+                refused = await client.call_tool("send_email", {"to": "a@example.com"}, raise_on_error=False)
+                return good, refused
+
+        good, refused = asyncio.run(run())
+        self.assertEqual(good.data, "inbox of user_123")
+        self.assertTrue(refused.is_error)
+        self.assertIn("does not cover", refused.content[0].text)
+
+    def test_forged_and_revoked_tokens_get_401(self):
+        token = self.auth.issue(subject="user_123", agent="bot", scopes=["email:read"]).token
+        self.auth.revoke(agent="bot")
+        for headers in ({"Authorization": "Bearer x.y.z"}, {"Authorization": f"Bearer {token}"}):
+            status, _, _ = mcp_initialize(self.url, headers)
+            self.assertEqual(status, 401)
+
+
+# ---------------------------------------------------------------------------
+# RedisStore against a real redis-server on a free loopback port
+# ---------------------------------------------------------------------------
+
+
+@installed("redis")
+@unittest.skipUnless(shutil.which("redis-server"), "needs redis-server (apt-get install redis-server)")
+class RedisServerTests(unittest.TestCase):
+    def setUp(self):
+        import redis
+
+        port = free_port()
+        folder = tempfile.TemporaryDirectory()
+        self.addCleanup(folder.cleanup)
+        self.process = subprocess.Popen(
+            ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", folder.name],
+            stdout=subprocess.PIPE, text=True,
+        )
+        self.addCleanup(self.stop)
+        for line in self.process.stdout:  # wait for the server's own word, not a sleep
+            if "Ready to accept connections" in line:
+                break
+        self.client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=0.5, socket_connect_timeout=0.5)
+        self.addCleanup(self.client.close)
+        self.store = agentauth.RedisStore(self.client, prefix="test:")
+        self.clock = Clock()
+        self.auth = agentauth.AgentAuth(secret=SECRET, issuer=ISSUER, audience="api", store=self.store, clock=self.clock)
+
+    def stop(self):
+        if self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+        self.process.stdout.close()
+
+    def test_each_criteria_form_revokes_with_and_semantics(self):
+        mine = self.auth.issue(subject="user_1", agent="bot", scopes=["s"]).token
+        other_agent = self.auth.issue(subject="user_1", agent="other", scopes=["s"]).token
+        self.auth.revoke(agent="bot", subject="user_1")
+        with self.assertRaises(agentauth.RevokedError):
+            self.auth.verify(mine)
+        self.assertEqual(self.auth.verify(other_agent).agent, "other")
+        self.auth.revoke(self.auth.verify(other_agent).jti)
+        with self.assertRaises(agentauth.RevokedError):
+            self.auth.verify(other_agent)
+
+    def test_tokens_from_the_next_second_work_again(self):
+        self.auth.revoke(agent="bot")
+        same_second = self.auth.issue(subject="u", agent="bot", scopes=["s"]).token
+        with self.assertRaises(agentauth.RevokedError):
+            self.auth.verify(same_second)
+        self.clock.now += 1
+        self.assertEqual(self.auth.verify(self.auth.issue(subject="u", agent="bot", scopes=["s"]).token).agent, "bot")
+
+    def test_keys_expire_at_expires_at_and_merge_to_the_later_times(self):
+        self.store.revoke({"agent": "bot"}, revoked_at=1000, expires_at=4_000_000_000)
+        self.store.revoke({"agent": "bot"}, revoked_at=900, expires_at=3_000_000_000)
+        self.assertEqual(self.client.get("test:agent:bot"), b"1000")
+        self.assertEqual(self.client.expiretime("test:agent:bot"), 4_000_000_000)
+
+    def test_revocation_is_seen_by_another_client(self):
+        import redis
+
+        token = self.auth.issue(subject="u", agent="bot", scopes=["s"]).token
+        other_client = redis.Redis(connection_pool=self.client.connection_pool)
+        other = agentauth.AgentAuth(secret=SECRET, issuer=ISSUER, audience="api", clock=self.clock,
+                                    store=agentauth.RedisStore(other_client, prefix="test:"))
+        other.revoke(token)
+        with self.assertRaises(agentauth.RevokedError):
+            self.auth.verify(token)
+
+    def test_redis_down_fails_closed(self):
+        token = self.auth.issue(subject="u", agent="bot", scopes=["s"]).token
+        self.stop()
+        with self.assertRaises(agentauth.StoreUnavailableError):
+            self.auth.verify(token)
+        with self.assertRaises(agentauth.StoreUnavailableError):
+            self.auth.revoke(agent="bot")
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1_800_000_000.0
+
+    def __call__(self):
+        return self.now
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+if __name__ == "__main__":
+    unittest.main()
