@@ -377,13 +377,12 @@ def scope_satisfies(granted: Iterable[str], required: str) -> bool:
     """Tell whether a grant covers one required scope.
 
     Granted ``*`` covers anything; granted ``email:*`` covers any scope that
-    starts with ``email:`` and names something after it; otherwise the
-    scopes must be equal.
+    starts with ``email:``; otherwise the scopes must be equal.
     """
     for scope in granted:
         if scope == required or scope == "*":
             return True
-        if scope[-1] == "*" and len(required) >= len(scope) and required.startswith(scope[:-1]):
+        if scope[-1] == "*" and required.startswith(scope[:-1]):
             return True
     return False
 
@@ -590,7 +589,10 @@ class _EntryIndex:
 
     def __init__(self) -> None:
         self.entries: Dict[_CriteriaKey, RevocationEntry] = {}
-        self._expiries: List[Tuple[int, _CriteriaKey]] = []  # a heap of (expires_at, key)
+        # A heap of (expires_at, n, key): n breaks ties, since keys mix None
+        # and str and must never be compared.
+        self._expiries: List[Tuple[int, int, _CriteriaKey]] = []
+        self._pushes = 0
 
     def put(self, entry: RevocationEntry) -> None:
         """Add an entry, merged with an older one of the same criteria (the later times win)."""
@@ -602,13 +604,14 @@ class _EntryIndex:
                 expires_at=max(entry.expires_at, old.expires_at),
             )
         self.entries[key] = entry
-        heapq.heappush(self._expiries, (entry.expires_at, key))
+        self._pushes += 1
+        heapq.heappush(self._expiries, (entry.expires_at, self._pushes, key))
 
     def purge(self, now: int) -> None:
         """Drop entries whose ``expires_at`` is at or before ``now``."""
         expiries, entries = self._expiries, self.entries
         while expiries and expiries[0][0] <= now:
-            expiry, key = heapq.heappop(expiries)
+            expiry, _n, key = heapq.heappop(expiries)
             entry = entries.get(key)
             if entry is not None and entry.expires_at <= expiry:
                 del entries[key]
@@ -928,6 +931,14 @@ def _positive_int(value: Any, name: str) -> int:
     return value
 
 
+def _criterion(value: Any, kind: str) -> str:
+    if type(value) is not str:
+        raise TypeError(f"{kind} must be a string")
+    if not value:
+        raise ValueError(f"{kind} must not be empty")
+    return value
+
+
 def _name(value: Any, what: str) -> str:
     if type(value) is not str:
         raise InvalidGrantError(f"{what} must be a string")
@@ -1003,6 +1014,8 @@ class AgentAuth:
         self.kid = kid
         self._signing_key = _HmacKey(_as_key(secret, "secret"), kid)
         self._keys: Dict[str, _HmacKey] = {} if kid is None else {kid: self._signing_key}
+        if previous_secrets is not None and not isinstance(previous_secrets, Mapping):
+            raise InvalidConfigError("previous_secrets must be a mapping of kid to secret")
         for old_kid, old_secret in (previous_secrets or {}).items():
             if kid is None:
                 raise InvalidConfigError("previous_secrets needs kid to be set, so tokens name their key")
@@ -1188,11 +1201,14 @@ class AgentAuth:
         self,
         token_or_jti: Optional[str] = None,
         *,
+        jti: Optional[str] = None,
         agent: Optional[str] = None,
         subject: Optional[str] = None,
     ) -> Optional[RevocationEntry]:
         """Revoke one token (by the token or its jti), or every token of an agent and/or subject.
 
+        A string with a "." is taken as a token, any other as a jti (the
+        jtis agentauth mints have none; pass ``jti=`` for one that does).
         A token is checked first (a forged string must not revoke someone
         else's jti); its entry is kept until its own ``exp`` plus the clock
         tolerance, and an already expired token is a no-op (returns None).
@@ -1205,40 +1221,32 @@ class AgentAuth:
 
         Raises:
             TokenInvalidError: the token is malformed, forged or not ours.
-            ValueError: no criteria, an empty one, or a token mixed with criteria.
-            TypeError: a criterion that is not a string.
-            StoreUnavailableError: nothing was recorded.
+            ValueError: no criteria, an empty one, or a token or jti mixed with others.
+            TypeError: a jti, agent or subject that is not a string.
+            StoreUnavailableError: the store failed; for the built-in stores, nothing was recorded.
         """
         now = self._clock()
         revoked_at = math.floor(now)
         keep = self.max_ttl_seconds + self.clock_tolerance_seconds
+        if sum(x is not None for x in (token_or_jti, jti)) + (agent is not None or subject is not None) > 1:
+            raise ValueError("pass one of: a token, a jti, or agent/subject criteria")
         if token_or_jti is not None:
-            if agent is not None or subject is not None:
-                raise ValueError("pass a token or jti, or agent/subject criteria, not both")
             if type(token_or_jti) is not str:
                 raise TokenInvalidError("token must be a string")
-            if not token_or_jti:
-                raise ValueError("the jti must not be empty")
-            if "." in token_or_jti:
-                try:
-                    claims = self._check(token_or_jti, now)
-                except TokenExpiredError:
-                    return None  # it is refused anyway
-                criteria = {"jti": claims.jti}
-                expires_at = math.ceil(claims.exp) + self.clock_tolerance_seconds
-            else:
-                criteria = {"jti": token_or_jti}
-                expires_at = revoked_at + keep
+            if "." not in token_or_jti:
+                jti = token_or_jti
+        if jti is not None:
+            criteria = {"jti": _criterion(jti, "jti")}
+            expires_at = revoked_at + keep
+        elif token_or_jti is not None:
+            try:
+                claims = self._check(token_or_jti, now)
+            except TokenExpiredError:
+                return None  # it is refused anyway
+            criteria = {"jti": claims.jti}
+            expires_at = math.ceil(claims.exp) + self.clock_tolerance_seconds
         else:
-            criteria = {}
-            for value, kind in ((agent, "agent"), (subject, "subject")):
-                if value is None:
-                    continue
-                if type(value) is not str:
-                    raise TypeError(f"{kind} must be a string")
-                if not value:
-                    raise ValueError(f"{kind} must not be empty")
-                criteria[kind] = value
+            criteria = {kind: _criterion(value, kind) for kind, value in (("agent", agent), ("subject", subject)) if value is not None}
             if not criteria:
                 raise ValueError("revoke() needs a token, a jti, an agent or a subject")
             expires_at = revoked_at + keep
@@ -1247,7 +1255,7 @@ class AgentAuth:
         except StoreUnavailableError:
             raise
         except Exception as exc:
-            raise StoreUnavailableError("the revocation store failed; nothing was recorded") from exc
+            raise StoreUnavailableError("the revocation store failed") from exc
         entry = RevocationEntry(criteria.get("jti"), criteria.get("agent"), criteria.get("subject"), revoked_at, expires_at)
         if self._on_event is not None:
             self._emit(AgentEvent("revoked", now, entry.jti, entry.subject, entry.agent, ()))
@@ -2004,8 +2012,10 @@ def _cmd_revoke(args: Any, out: Any, err: Any) -> int:
         raise _CliError("give exactly one of: TOKEN, --jti, or --agent/--subject", EXIT_USAGE)
     auth = _cli_auth(args, _open_store(args.db, create=True))
     try:
-        if given:
-            entry = auth.revoke(_read_token(given[0]) if args.token else given[0])
+        if args.token is not None:
+            entry = auth.revoke(_read_token(args.token))
+        elif args.jti is not None:
+            entry = auth.revoke(jti=args.jti)
         else:
             entry = auth.revoke(agent=args.agent, subject=args.subject)
     except ValueError as exc:
