@@ -84,6 +84,7 @@ DEFAULT_MAX_TTL_SECONDS = 86400
 DEFAULT_CLOCK_TOLERANCE_SECONDS = 30
 DEFAULT_MAX_TOKEN_BYTES = 8192
 MAX_NAME_CHARS = 256  # subject and agent identifiers
+DEFAULT_MAX_CHAIN_LENGTH = 4  # agents in a delegation chain, the root included
 _JTI_BYTES = 16  # 128 bits of randomness (RFC 7519 §4.1.7: collision-resistant)
 _HEADER_CACHE_SIZE = 16  # distinct valid header segments remembered per instance
 _REVOCATION_KINDS = ("jti", "agent", "subject")
@@ -152,9 +153,17 @@ class MissingScopeError(AgentAuthError):
 
 
 class InvalidGrantError(AgentAuthError):
-    """``issue()`` was asked for a grant it must not mint."""
+    """``issue()`` or ``delegate()`` was asked for a grant it must not mint.
+
+    ``oauth_error`` is the RFC 6749 §5.2 error the token exchange endpoint
+    answers with: "invalid_scope" for a scope problem, else "invalid_request".
+    """
 
     code = "invalid_grant"
+
+    def __init__(self, message: str, *, oauth_error: str = "invalid_request") -> None:
+        super().__init__(message)
+        self.oauth_error = oauth_error
 
 
 class InvalidConfigError(AgentAuthError):
@@ -396,20 +405,21 @@ def _check_wildcard(scope: str) -> bool:
 def _grant_scopes(scopes: Any) -> Tuple[str, ...]:
     """Validate the scopes of a grant; return them deduplicated, in order."""
     if isinstance(scopes, (str, bytes)) or not isinstance(scopes, Iterable):
-        raise InvalidGrantError("scopes must be a list of strings")
+        raise InvalidGrantError("scopes must be a list of strings", oauth_error="invalid_scope")
     result: Dict[str, None] = {}
     for scope in scopes:
         if type(scope) is not str:
-            raise InvalidGrantError("every scope must be a string")
+            raise InvalidGrantError("every scope must be a string", oauth_error="invalid_scope")
         if _SCOPE_TOKEN.fullmatch(scope) is None:
             raise InvalidGrantError(
-                "a scope is blank or malformed (printable ASCII, no space, quote or backslash)"
+                "a scope is blank or malformed (printable ASCII, no space, quote or backslash)",
+                oauth_error="invalid_scope",
             )
         if not _check_wildcard(scope):
-            raise InvalidGrantError("'*' may only be a whole scope or end one after ':'")
+            raise InvalidGrantError("'*' may only be a whole scope or end one after ':'", oauth_error="invalid_scope")
         result[scope] = None
     if not result:
-        raise InvalidGrantError("a grant needs at least one scope")
+        raise InvalidGrantError("a grant needs at least one scope", oauth_error="invalid_scope")
     return tuple(result)
 
 
@@ -441,7 +451,10 @@ class AgentClaims(NamedTuple):
 
     ``agent`` is the wire claim ``client_id`` (RFC 9068 §2.2); ``scopes`` is
     the grant, in grant order; ``aud`` is as sent, a str or a tuple; ``raw``
-    is every claim of the payload, read-only.
+    is every claim of the payload, read-only. ``chain`` names who delegated
+    to whom, root agent first and this token's agent last (one agent for a
+    token that was not delegated); ``chain_jtis`` are the jtis of the
+    ancestor tokens, root first, which revocation checks too.
     """
 
     sub: str
@@ -453,6 +466,8 @@ class AgentClaims(NamedTuple):
     iss: str
     aud: Union[str, Tuple[str, ...]]
     raw: Mapping[str, Any]
+    chain: Tuple[str, ...] = ()
+    chain_jtis: Tuple[str, ...] = ()
 
     def has_scope(self, scope: str) -> bool:
         """Tell whether this grant covers ``scope`` (wildcard-aware)."""
@@ -471,10 +486,12 @@ class IssuedToken(NamedTuple):
 
 
 class AgentEvent(NamedTuple):
-    """What ``on_event`` receives: 'issued', 'verified', 'denied' or 'revoked'.
+    """What ``on_event`` receives: 'issued', 'delegated', 'verified', 'denied' or 'revoked'.
 
     ``error`` is the error code of a 'denied' verify, else None; fields the
-    event cannot know (the jti of a forged token) are None.
+    event cannot know (the jti of a forged token) are None. A 'delegated'
+    event names the child (``jti``, ``agent``, ``scopes``) and its parent
+    (``parent_jti``, ``parent_agent``).
     """
 
     type: str
@@ -484,6 +501,8 @@ class AgentEvent(NamedTuple):
     agent: Optional[str]
     scopes: Tuple[str, ...]
     error: Optional[str] = None
+    parent_jti: Optional[str] = None
+    parent_agent: Optional[str] = None
 
 
 class RevocationEntry(NamedTuple):
@@ -519,6 +538,32 @@ def _string(claims: Mapping[str, Any], name: str) -> str:
     return value
 
 
+def _parse_chain(act: Any, agent: str, max_length: int) -> Tuple[Tuple[str, ...], Tuple[str, ...]]:
+    """Read a delegation chain from an RFC 8693 ``act`` claim, current actor outermost.
+
+    The outermost actor is the token's own agent; every inner one carries the
+    jti of the token it held. Returns (agents, ancestor jtis), root first.
+
+    Raises:
+        TokenInvalidError: a malformed chain, or one longer than ``max_length``.
+    """
+    agents, jtis = [], []
+    level = act
+    while level is not None:
+        if type(level) is not dict or len(agents) >= max_length:
+            raise TokenInvalidError("token delegation chain is malformed or too long")
+        actor, jti = level.get("sub"), level.get("jti")
+        if type(actor) is not str or not actor or (agents and (type(jti) is not str or not jti)):
+            raise TokenInvalidError("token delegation chain is malformed")
+        agents.append(actor)
+        if agents[1:]:
+            jtis.append(jti)
+        level = level.get("act")
+    if agents[0] != agent or len(agents) < 2:
+        raise TokenInvalidError("token delegation chain does not match its agent")
+    return tuple(reversed(agents)), tuple(reversed(jtis))
+
+
 # ---------------------------------------------------------------------------
 # Revocation stores
 # ---------------------------------------------------------------------------
@@ -531,6 +576,9 @@ class RevocationStore(typing.Protocol):
     ``{"jti": j}`` alone, or ``agent`` and/or ``subject`` (ANDed). A jti entry
     refuses that token whatever its ``iat``; an agent/subject entry refuses
     tokens whose ``iat`` (whole seconds) is at or before ``revoked_at``.
+    Delegation extends both to the chain: a jti entry also refuses every
+    token whose ``claims.chain_jtis`` holds it, and an agent entry (alone or
+    with the subject) every token whose ``claims.chain`` names that agent.
     Entries may be dropped once ``expires_at`` has passed: ``revoke``
     purges then, taking ``revoked_at`` as the current time; a store needs no
     clock of its own. A store that cannot answer raises
@@ -547,8 +595,7 @@ class RevocationStore(typing.Protocol):
 def _entry_key(criteria: Mapping[str, str]) -> Tuple[str, RevocationEntry]:
     """Return the lookup key of one criteria mapping, and its entry's criteria.
 
-    Every built-in store uses these keys: a fixed prefix per form, and the
-    pair form length-prefixed, so no two criteria share a key.
+    Every built-in store that keys by string uses these (``_key_string``).
 
     Raises:
         ValueError: no criteria, an unknown or empty one, or jti mixed with others.
@@ -559,24 +606,42 @@ def _entry_key(criteria: Mapping[str, str]) -> Tuple[str, RevocationEntry]:
         if type(value) is not str or not value:
             raise ValueError("every criterion must be a non-empty string")
     jti, agent, subject = (criteria.get(k) for k in _REVOCATION_KINDS)
+    if jti is not None and len(criteria) != 1:
+        raise ValueError("a jti revocation takes no other criterion")
+    return _key_string((jti, agent, subject)), RevocationEntry(jti, agent, subject, 0, 0)
+
+
+def _key_string(key: "_CriteriaKey") -> str:
+    """The string form of a criteria key: a fixed prefix per form, the pair length-prefixed."""
+    jti, agent, subject = key
     if jti is not None:
-        if len(criteria) != 1:
-            raise ValueError("a jti revocation takes no other criterion")
-        key = "jti:" + jti
-    elif agent is not None and subject is not None:
-        key = _pair_key(agent, subject)
-    elif agent is not None:
-        key = "agent:" + agent
-    else:
-        key = "subject:" + typing.cast(str, subject)
-    return key, RevocationEntry(jti, agent, subject, 0, 0)
-
-
-def _pair_key(agent: str, subject: str) -> str:
-    return f"agent+subject:{len(agent)}:{agent}{subject}"
+        return "jti:" + jti
+    if agent is not None and subject is not None:
+        return f"agent+subject:{len(agent)}:{agent}{subject}"
+    if agent is not None:
+        return "agent:" + agent
+    return "subject:" + typing.cast(str, subject)
 
 
 _CriteriaKey = Tuple[Optional[str], Optional[str], Optional[str]]  # (jti, agent, subject)
+
+
+def _lookup(claims: AgentClaims) -> Tuple[Tuple[str, ...], List[_CriteriaKey], int]:
+    """Return what can refuse a token: its own and its ancestors' jtis, the
+    criteria keys of every agent in its chain and of its subject, and its iat.
+
+    One list, so every store answers with one lookup however long the chain.
+    """
+    subject = claims.sub
+    agents = claims.chain or (claims.agent,)
+    keys: List[_CriteriaKey] = [(None, None, subject)]
+    for agent in agents:
+        keys.append((None, agent, None))
+        keys.append((None, agent, subject))
+    # Whole seconds, rounded down: a token minted in the second of a
+    # revocation is refused (fail closed). A descendant is never older than
+    # its ancestors, so its own iat decides for the whole chain.
+    return (claims.jti, *claims.chain_jtis), keys, math.floor(claims.iat)
 
 
 class _EntryIndex:
@@ -618,13 +683,11 @@ class _EntryIndex:
 
     def matches(self, claims: AgentClaims) -> bool:
         entries = self.entries
-        if (claims.jti, None, None) in entries:
-            return True
-        agent, subject = claims.agent, claims.sub
-        # Whole seconds, rounded down: a token minted in the second of a
-        # revocation is refused (fail closed).
-        iat = math.floor(claims.iat)
-        for key in ((None, agent, None), (None, None, subject), (None, agent, subject)):
+        jtis, criteria_keys, iat = _lookup(claims)
+        for jti in jtis:
+            if (jti, None, None) in entries:
+                return True
+        for key in criteria_keys:
             entry = entries.get(key)
             if entry is not None and entry.revoked_at >= iat:
                 return True
@@ -902,22 +965,17 @@ class RedisStore:
             raise StoreUnavailableError(f"the revocation was not recorded: {type(exc).__name__}") from exc
 
     def is_revoked(self, claims: AgentClaims) -> bool:
-        """Tell whether a key refuses these claims: one MGET."""
-        prefix, agent, subject = self.prefix, claims.agent, claims.sub
-        keys = [
-            f"{prefix}jti:{claims.jti}",
-            f"{prefix}agent:{agent}",
-            f"{prefix}subject:{subject}",
-            prefix + _pair_key(agent, subject),
-        ]
+        """Tell whether a key refuses these claims: one MGET, however long the chain."""
+        jtis, criteria_keys, iat = _lookup(claims)
+        prefix = self.prefix
+        keys = [f"{prefix}jti:{jti}" for jti in jtis] + [prefix + _key_string(key) for key in criteria_keys]
         try:
-            jti_hit, *revoked_ats = self._client.mget(keys)
+            values = self._client.mget(keys)
         except Exception as exc:
             raise StoreUnavailableError(f"redis did not answer: {type(exc).__name__}") from exc
-        if jti_hit is not None:
+        if any(value is not None for value in values[: len(jtis)]):
             return True
-        iat = math.floor(claims.iat)
-        return any(value is not None and int(value) >= iat for value in revoked_ats)
+        return any(value is not None and int(value) >= iat for value in values[len(jtis) :])
 
 
 # ---------------------------------------------------------------------------
@@ -977,6 +1035,7 @@ class AgentAuth:
         previous_secrets: Optional[Mapping[str, Union[str, bytes]]] = None,
         clock_tolerance_seconds: int = DEFAULT_CLOCK_TOLERANCE_SECONDS,
         max_token_bytes: int = DEFAULT_MAX_TOKEN_BYTES,
+        max_chain_length: int = DEFAULT_MAX_CHAIN_LENGTH,
         check_revocation: bool = True,
         store: Optional[RevocationStore] = None,
         on_event: Optional[Callable[[AgentEvent], Any]] = None,
@@ -995,6 +1054,7 @@ class AgentAuth:
             raise InvalidConfigError("clock_tolerance_seconds must be a whole number >= 0")
         self.clock_tolerance_seconds = clock_tolerance_seconds
         self.max_token_bytes = _positive_int(max_token_bytes, "max_token_bytes")
+        self.max_chain_length = _positive_int(max_chain_length, "max_chain_length")
         if type(check_revocation) is not bool:
             raise InvalidConfigError("check_revocation must be True or False")
         self.check_revocation = check_revocation
@@ -1059,25 +1119,88 @@ class AgentAuth:
         if not 0 < ttl_seconds <= self.max_ttl_seconds:
             raise InvalidGrantError(f"ttl_seconds must be between 1 and max_ttl_seconds ({self.max_ttl_seconds})")
         now = math.floor(self._clock())
+        issued = self._mint(subject, agent, granted, now, now + ttl_seconds, None)
+        if self._on_event is not None:
+            self._emit(AgentEvent("issued", now, issued.jti, subject, agent, granted))
+        return issued
+
+    def _mint(
+        self, subject: str, agent: str, scopes: Tuple[str, ...], now: int, exp: int, act: Optional[Dict[str, Any]]
+    ) -> IssuedToken:
         jti = secrets.token_urlsafe(_JTI_BYTES)
-        exp = now + ttl_seconds
-        claims = {
+        claims: Dict[str, Any] = {
             "iss": self.issuer,
             "aud": self.audience,
             "sub": subject,
             "client_id": agent,  # RFC 9068 §2.2: the agent is the OAuth client
-            "scope": " ".join(granted),  # RFC 9068 §2.2.3: space-delimited
+            "scope": " ".join(scopes),  # RFC 9068 §2.2.3: space-delimited
             "jti": jti,
             "iat": now,
             "exp": exp,
         }
+        if act is not None:
+            claims["act"] = act  # RFC 8693 §4.1: who acts, for whom
         signing_input = f"{self._header_segment}.{_b64encode(_JSON_ENCODER.encode(claims).encode('ascii'))}"
         token = f"{signing_input}.{self._signing_key.sign(signing_input.encode('ascii'))}"
         if len(token) > self.max_token_bytes:
             raise InvalidGrantError("the token would be longer than max_token_bytes")
-        if self._on_event is not None:
-            self._emit(AgentEvent("issued", now, jti, subject, agent, granted))
         return IssuedToken(token, jti, exp)
+
+    # -- delegate ------------------------------------------------------------
+
+    def delegate(
+        self,
+        parent_token: str,
+        *,
+        agent: str,
+        scopes: Iterable[str],
+        ttl_seconds: Optional[int] = None,
+    ) -> IssuedToken:
+        """Mint a narrower token for a sub-agent from a token its holder presents (RFC 8693).
+
+        The parent is fully verified first (signature, claims, expiry, and the
+        revocation store, whatever ``check_revocation`` says). The child acts
+        for the same subject, holds only scopes the parent's grant covers
+        (``email:read`` under ``email:*``; never ``email:*`` under
+        ``email:read``, never ``*`` unless the parent has it), and expires no
+        later than the parent. Its ``act`` claim nests the chain, the current
+        agent outermost, each ancestor with its token's jti, so that revoking
+        any ancestor token, or any agent in the chain, revokes it too.
+
+        Raises:
+            TokenInvalidError, TokenExpiredError, RevokedError: the parent token is refused.
+            StoreUnavailableError: the store could not confirm the parent is not revoked.
+            InvalidGrantError: a malformed agent or scope, a scope the parent
+                does not hold, a chain longer than ``max_chain_length``, a bad
+                ttl, a parent about to expire, or a token over ``max_token_bytes``.
+        """
+        now_float = self._clock()
+        parent = self._check(parent_token, now_float)
+        self._check_revocation(parent)
+        _name(agent, "agent")
+        granted = _grant_scopes(scopes)
+        if not all(scope_satisfies(parent.scopes, scope) for scope in granted):
+            raise InvalidGrantError("a requested scope is not covered by the parent token's grant", oauth_error="invalid_scope")
+        if len(parent.chain) >= self.max_chain_length:
+            raise InvalidGrantError(f"the delegation chain would exceed max_chain_length ({self.max_chain_length})")
+        if ttl_seconds is None:
+            ttl_seconds = self.default_ttl_seconds
+        if type(ttl_seconds) is not int or not 0 < ttl_seconds <= self.max_ttl_seconds:
+            raise InvalidGrantError(f"ttl_seconds must be a whole number between 1 and max_ttl_seconds ({self.max_ttl_seconds})")
+        now = math.floor(now_float)
+        exp = min(now + ttl_seconds, math.floor(parent.exp))  # never outlives its parent
+        if exp <= now:
+            raise InvalidGrantError("the parent token expires too soon to delegate")
+        ancestors: Dict[str, Any] = {"sub": parent.agent, "jti": parent.jti}
+        parent_act = parent.raw.get("act")
+        if parent_act is not None and "act" in parent_act:
+            ancestors["act"] = parent_act["act"]
+        issued = self._mint(parent.sub, agent, granted, now, exp, {"sub": agent, "act": ancestors})
+        if self._on_event is not None:
+            self._emit(
+                AgentEvent("delegated", now, issued.jti, parent.sub, agent, granted, None, parent.jti, parent.agent)
+            )
+        return issued
 
     # -- verify --------------------------------------------------------------
 
@@ -1181,7 +1304,15 @@ class AgentAuth:
         scopes = tuple(scope.split(" "))
         if "*" in scope and not all(_check_wildcard(s) for s in scopes):
             raise TokenInvalidError("token scope has a malformed wildcard")
-        return AgentClaims(sub, agent, scopes, jti, iat, exp, self.issuer, aud, types.MappingProxyType(claims))
+        act = claims.get("act")
+        if act is None:
+            chain: Tuple[str, ...] = (agent,)
+            chain_jtis: Tuple[str, ...] = ()
+        else:
+            chain, chain_jtis = _parse_chain(act, agent, self.max_chain_length)
+        return AgentClaims(
+            sub, agent, scopes, jti, iat, exp, self.issuer, aud, types.MappingProxyType(claims), chain, chain_jtis
+        )
 
     def _check_revocation(self, claims: AgentClaims) -> None:
         try:
@@ -1797,7 +1928,13 @@ def _claims_from_raw(raw: Any) -> Optional[AgentClaims]:
     if type(exp) not in (int, float) or type(iat) not in (int, float):
         return None
     audience = aud if type(aud) is str else tuple(aud)
-    return AgentClaims(sub, agent, tuple(scope.split(" ")), jti, iat, exp, iss, audience, types.MappingProxyType(raw))
+    try:
+        chain, chain_jtis = ((agent,), ()) if raw.get("act") is None else _parse_chain(raw["act"], agent, 1 << 16)
+    except TokenInvalidError:
+        return None
+    return AgentClaims(
+        sub, agent, tuple(scope.split(" ")), jti, iat, exp, iss, audience, types.MappingProxyType(raw), chain, chain_jtis
+    )
 
 
 async def _verify_async(auth: "AgentAuth", token: str, required: Tuple[str, ...]) -> AgentClaims:

@@ -414,8 +414,9 @@ class FastMcpTests(unittest.TestCase):
         self.assertIn("does not cover", refused.content[0].text)
 
     def test_forged_and_revoked_tokens_get_401(self):
-        token = self.auth.issue(subject="user_123", agent="bot", scopes=["email:read"]).token
-        self.auth.revoke(agent="bot")
+        # An agent of its own: the revocation must not touch the other test's tokens.
+        token = self.auth.issue(subject="user_123", agent="disconnected-bot", scopes=["email:read"]).token
+        self.auth.revoke(agent="disconnected-bot")
         for headers in ({"Authorization": "Bearer x.y.z"}, {"Authorization": f"Bearer {token}"}):
             status, _, _ = mcp_initialize(self.url, headers)
             self.assertEqual(status, 401)
