@@ -65,8 +65,10 @@ __all__ = [
     "RedisStore",
     # The facade
     "AgentAuth",
-    # Web middleware
+    # Web middleware and token exchange
     "current_claims",
+    "GRANT_TYPE_TOKEN_EXCHANGE",
+    "TOKEN_TYPE_ACCESS_TOKEN",
     # Command line
     "main",
 ]
@@ -1539,6 +1541,29 @@ class AgentAuth:
             document["resource_name"] = resource_name
         return document
 
+    def token_exchange_wsgi(self) -> Callable[..., Iterable[bytes]]:
+        """Return a WSGI app: an RFC 8693 token exchange endpoint for agents.
+
+        An agent that holds only its token POSTs (form-encoded)
+        ``grant_type=urn:ietf:params:oauth:grant-type:token-exchange``,
+        ``subject_token`` (its token), ``subject_token_type=
+        urn:ietf:params:oauth:token-type:access_token``, ``actor`` (the
+        sub-agent's id) and optionally ``scope`` (default: the subject
+        token's), and gets back ``delegate()``'s token as RFC 8693 §2.2 JSON
+        (``access_token``, ``issued_token_type``, ``token_type: "Bearer"``,
+        ``expires_in``, ``scope``), or an RFC 6749 §5.2 error: 400
+        ``invalid_request``, ``invalid_grant`` (the subject token is refused),
+        ``invalid_scope``, ``unsupported_grant_type``; 503 when the store is down.
+
+        Security: whoever holds a token can delegate from it; mount this
+        behind TLS like any token endpoint.
+        """
+        return _ExchangeWsgi(self)
+
+    def token_exchange_asgi(self) -> Callable[..., Any]:
+        """Return an ASGI app: the same token exchange endpoint as ``token_exchange_wsgi``."""
+        return _ExchangeAsgi(self)
+
     # -- MCP -----------------------------------------------------------------
 
     def mcp(self) -> Any:
@@ -1867,6 +1892,140 @@ class _AsgiMiddleware:
         raw.append((b"content-length", str(len(body)).encode("ascii")))
         await send({"type": "http.response.start", "status": status, "headers": raw})
         await send({"type": "http.response.body", "body": body})
+
+
+# ---------------------------------------------------------------------------
+# Token exchange
+# ---------------------------------------------------------------------------
+
+GRANT_TYPE_TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"  # RFC 8693 §2.1
+TOKEN_TYPE_ACCESS_TOKEN = "urn:ietf:params:oauth:token-type:access_token"  # RFC 8693 §3
+_MAX_FORM_BYTES = 65536  # a token exchange request is a few KiB at most
+_EXCHANGE_PARAMS = ("grant_type", "subject_token", "subject_token_type", "actor", "scope", "requested_token_type")
+
+
+class _ExchangeRefusal(Exception):
+    """An RFC 6749 §5.2 error answer of the token exchange endpoint."""
+
+    def __init__(self, status: int, error: str, description: str) -> None:
+        super().__init__(description)
+        self.status, self.error = status, error
+
+    def answer(self) -> _Refusal:
+        extra = {405: (("Allow", "POST"),), 503: (("Retry-After", "1"),)}.get(self.status, ())
+        return _exchange_answer(self.status, {"error": self.error, "error_description": str(self)}, extra)
+
+
+def _exchange_answer(status: int, document: Mapping[str, Any], extra: Tuple[Tuple[str, str], ...] = ()) -> _Refusal:
+    # RFC 6749 §5.1: token responses are never cached.
+    headers = [("Content-Type", "application/json"), ("Cache-Control", "no-store"), ("Pragma", "no-cache"), *extra]
+    return status, headers, _JSON_ENCODER.encode(dict(document)).encode("utf-8")
+
+
+def _exchange_form(method: str, content_type: str, body: bytes) -> Dict[str, str]:
+    """Parse the form of a token exchange request, refusing anything ambiguous."""
+    from urllib.parse import parse_qs
+
+    if method != "POST":
+        raise _ExchangeRefusal(405, "invalid_request", "use POST")
+    if content_type.split(";")[0].strip().lower() != "application/x-www-form-urlencoded":
+        raise _ExchangeRefusal(400, "invalid_request", "the body must be application/x-www-form-urlencoded")
+    try:
+        fields = parse_qs(body.decode("utf-8"), keep_blank_values=True, strict_parsing=bool(body), errors="strict")
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise _ExchangeRefusal(400, "invalid_request", "the body is not a valid form") from exc
+    form = {}
+    for name in _EXCHANGE_PARAMS:
+        values = fields.get(name, [])
+        if len(values) > 1:  # RFC 6749 §3.2: parameters must not repeat
+            raise _ExchangeRefusal(400, "invalid_request", f"{name} is repeated")
+        if values and values[0]:
+            form[name] = values[0]
+    return form
+
+
+def _exchange(auth: "AgentAuth", form: Mapping[str, str]) -> _Refusal:
+    """Answer one RFC 8693 token exchange: a narrower token for the agent named in ``actor``."""
+    try:
+        if form.get("grant_type") != GRANT_TYPE_TOKEN_EXCHANGE:
+            raise _ExchangeRefusal(400, "unsupported_grant_type", "grant_type must be token-exchange")
+        for name in ("subject_token", "subject_token_type", "actor"):
+            if name not in form:
+                raise _ExchangeRefusal(400, "invalid_request", f"{name} is required")
+        for name in ("subject_token_type", "requested_token_type"):
+            if form.get(name, TOKEN_TYPE_ACCESS_TOKEN) != TOKEN_TYPE_ACCESS_TOKEN:
+                raise _ExchangeRefusal(400, "invalid_request", f"{name} must be {TOKEN_TYPE_ACCESS_TOKEN}")
+        try:
+            if "scope" in form:
+                scopes: Iterable[str] = form["scope"].split(" ")
+            else:  # RFC 8693 §2.1: no scope asks for what the subject token holds
+                scopes = auth._check(form["subject_token"], auth._clock()).scopes
+            issued = auth.delegate(form["subject_token"], agent=form["actor"], scopes=scopes)
+        except StoreUnavailableError as exc:
+            raise _ExchangeRefusal(503, "temporarily_unavailable", "authorization is temporarily unavailable") from exc
+        except TokenInvalidError as exc:
+            raise _ExchangeRefusal(400, "invalid_grant", "the subject token is invalid, expired or revoked") from exc
+        except InvalidGrantError as exc:
+            raise _ExchangeRefusal(400, exc.oauth_error, str(exc)) from exc
+    except _ExchangeRefusal as refusal:
+        return refusal.answer()
+    return _exchange_answer(200, {
+        "access_token": issued.token,
+        "issued_token_type": TOKEN_TYPE_ACCESS_TOKEN,
+        "token_type": "Bearer",
+        "expires_in": max(0, issued.expires_at - math.floor(auth._clock())),
+        "scope": " ".join(dict.fromkeys(scopes)),  # as delegate() granted them: deduplicated, in order
+    })
+
+
+class _ExchangeWsgi:
+    def __init__(self, auth: "AgentAuth") -> None:
+        self._auth = auth
+
+    def __call__(self, environ: Dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        try:
+            length = int(environ.get("CONTENT_LENGTH") or 0)
+            if not 0 <= length <= _MAX_FORM_BYTES:
+                raise _ExchangeRefusal(400, "invalid_request", "the body is missing or too large")
+            body = environ["wsgi.input"].read(length) if length else b""
+            form = _exchange_form(environ.get("REQUEST_METHOD", "GET"), environ.get("CONTENT_TYPE", ""), body)
+            answer = _exchange(self._auth, form)
+        except ValueError:
+            answer = _ExchangeRefusal(400, "invalid_request", "bad Content-Length").answer()
+        except _ExchangeRefusal as refusal:
+            answer = refusal.answer()
+        return _WsgiMiddleware._respond(answer, start_response)
+
+
+class _ExchangeAsgi:
+    def __init__(self, auth: "AgentAuth") -> None:
+        self._auth = auth
+
+    async def __call__(self, scope: Dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> None:
+        if scope["type"] != "http":
+            return
+        content_type = next((v.decode("latin-1") for k, v in scope["headers"] if k.lower() == b"content-type"), "")
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if len(body) > _MAX_FORM_BYTES or not message.get("more_body"):
+                break
+        try:
+            if len(body) > _MAX_FORM_BYTES:
+                raise _ExchangeRefusal(400, "invalid_request", "the body is missing or too large")
+            form = _exchange_form(scope["method"], content_type, body)
+        except _ExchangeRefusal as refusal:
+            answer = refusal.answer()
+        else:
+            auth = self._auth
+            if type(auth.store) is MemoryStore:
+                answer = _exchange(auth, form)
+            else:  # delegate checks the store: keep its I/O off the event loop
+                import asyncio
+
+                answer = await asyncio.get_running_loop().run_in_executor(None, _exchange, auth, form)
+        await _AsgiMiddleware._respond(answer, send)
 
 
 # ---------------------------------------------------------------------------
