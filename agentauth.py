@@ -78,6 +78,7 @@ __all__ = [
 # ---------------------------------------------------------------------------
 
 ALGORITHM = "HS256"
+ALGORITHM_EDDSA = "EdDSA"  # RFC 8037 §3.1: Ed25519 signatures in JOSE
 TOKEN_TYPE = "at+jwt"  # RFC 9068 §2.1
 _ACCEPTED_TYPES = frozenset(("at+jwt", "application/at+jwt"))  # compared lower-cased
 MIN_SECRET_BYTES = 32  # RFC 7518 §3.2: an HS256 key is at least the hash size
@@ -190,6 +191,7 @@ _COMPACT_JWS = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
 #: The last character of a segment whose length is 2 or 3 mod 4 carries unused
 #: bits, which RFC 4648 §3.5 requires to be zero: only these characters do.
 _CANONICAL_LAST = {2: frozenset("AQgw"), 3: frozenset("AEIMQUYcgkosw048")}
+_B64URL = re.compile(r"[A-Za-z0-9_-]+")
 _FROM_URLSAFE = bytes.maketrans(b"-_", b"+/")
 _TO_URLSAFE = bytes.maketrans(b"+/", b"-_")
 _RFC6749_SCOPE = r"[\x21\x23-\x5b\x5d-\x7e]+"  # RFC 6749 §3.3 scope-token
@@ -284,16 +286,20 @@ def _split(token: Any, max_bytes: int) -> Tuple[str, str, str]:
     return head, body, sig
 
 
-def _parse_header(head: str) -> Dict[str, Any]:
+_HS256_ONLY = frozenset((ALGORITHM,))
+
+
+def _parse_header(head: str, algorithms: typing.AbstractSet[str] = _HS256_ONLY) -> Dict[str, Any]:
     """Decode and check a protected header: the signature layer's rules."""
     try:
         raw = _b64decode(head)
     except ValueError as exc:
         raise TokenInvalidError("token header is not canonical base64url") from exc
     header = _json_object(raw, "header")
-    # RFC 8725 §3.1: the algorithm is pinned by the key, never chosen by the
-    # token; anything but exactly "HS256" ("none", "hs256", RS256...) is refused.
-    if header.get("alg") != ALGORITHM:
+    # RFC 8725 §3.1: the algorithm is pinned by the keys, never chosen by the
+    # token; anything else ("none", "hs256", RS256...) is refused.
+    alg = header.get("alg")
+    if type(alg) is not str or alg not in algorithms:
         raise TokenInvalidError("token algorithm is not allowed")
     # RFC 7515 §4.1.11: we understand no extension, so any "crit" is refused.
     if "crit" in header:
@@ -375,8 +381,377 @@ class _HmacKey:
         mac.update(signing_input)
         return _b64encode(mac.digest())
 
+    def verify(self, signing_input: bytes, signature: str) -> bool:
+        return hmac.compare_digest(self.sign(signing_input), signature)
+
     def __repr__(self) -> str:
         return f"<_HmacKey kid={self.kid!r}>"
+
+
+#: RFC 8410: DER of an Ed25519 SubjectPublicKeyInfo (§4) and of a version-1
+#: PKCS#8 OneAsymmetricKey (§7), each before its 32 key bytes.
+_SPKI_PREFIX = bytes.fromhex("302a300506032b6570032100")
+_PKCS8_PREFIX = bytes.fromhex("302e020100300506032b657004220420")
+_PEM = re.compile(r"-----BEGIN ([A-Z ]+)-----\s*([A-Za-z0-9+/=\s]+?)\s*-----END \1-----")
+
+
+@functools.lru_cache(maxsize=None)
+def _crypto_ed25519() -> Any:
+    """Return the ``cryptography`` package's Ed25519 module if importable, else None.
+
+    Checked once, on the first Ed25519 key, never at import time.
+    """
+    try:
+        from cryptography.hazmat.primitives.asymmetric import ed25519
+    except ImportError:
+        return None
+    return ed25519
+
+
+class Ed25519Key:
+    """An Ed25519 key (RFC 8032): private (signs and verifies) or public only (verifies).
+
+    Build one with ``generate()``, ``from_seed()``, ``from_public_bytes()``,
+    ``from_pem()`` (PKCS#8 or SubjectPublicKeyInfo, as ``openssl genpkey
+    -algorithm ed25519`` writes them) or ``from_jwk()`` (RFC 8037).
+
+    The ``cryptography`` package does the arithmetic when it is importable
+    (``backend == "cryptography"``); otherwise this module's own
+    implementation does (``"pure"``). Both apply the same strict checks.
+
+    Security: the pure-Python signer is not constant-time; on a host where
+    an attacker can time signing, install ``cryptography``. Verification
+    handles only public data. A key's repr never shows private material.
+
+    Raises:
+        InvalidConfigError: malformed, wrong-length or weak (small-order) key material.
+    """
+
+    __slots__ = ("public_bytes", "backend", "_seed", "_signer", "_verifier")
+
+    def __init__(self, seed: Optional[bytes], public_bytes: bytes) -> None:
+        """Use the ``from_*`` constructors; this one trusts its arguments."""
+        self._seed = seed
+        self.public_bytes = public_bytes
+        self.backend = "pure" if _crypto_ed25519() is None else "cryptography"
+        self._signer: Any = None
+        self._verifier: Any = None
+
+    @classmethod
+    def generate(cls) -> "Ed25519Key":
+        """Return a new random private key."""
+        return cls.from_seed(secrets.token_bytes(32))
+
+    @classmethod
+    def from_seed(cls, seed: bytes) -> "Ed25519Key":
+        """Return the private key of a 32-byte seed (RFC 8032 §5.1.5)."""
+        if type(seed) is not bytes or len(seed) != 32:
+            raise InvalidConfigError("an Ed25519 seed is 32 bytes")
+        crypto = _crypto_ed25519()
+        if crypto is None:
+            signer = _Ed25519Signer(seed)
+            public = signer.public
+        else:
+            signer = crypto.Ed25519PrivateKey.from_private_bytes(seed)
+            public = signer.public_key().public_bytes_raw()
+        key = cls(seed, public)
+        key._signer = signer
+        return key
+
+    @classmethod
+    def from_public_bytes(cls, public: bytes) -> "Ed25519Key":
+        """Return the public key of its 32-byte encoding (RFC 8032 §5.1.2).
+
+        Raises:
+            InvalidConfigError: not 32 bytes, not a canonical encoding of a
+                curve point, or a point of small order (which would accept forgeries).
+        """
+        if type(public) is not bytes or len(public) != 32 or not _ed25519_public_ok(public):
+            raise InvalidConfigError("not a valid Ed25519 public key")
+        return cls(None, public)
+
+    @classmethod
+    def from_pem(cls, text: Union[str, bytes]) -> "Ed25519Key":
+        """Read a PEM PKCS#8 private key or SubjectPublicKeyInfo public key (RFC 8410)."""
+        if isinstance(text, bytes):
+            text = text.decode("ascii", "replace")
+        match = _PEM.search(text) if isinstance(text, str) else None
+        if match is None:
+            raise InvalidConfigError("no PEM block found")
+        try:
+            der = binascii.a2b_base64(match.group(2).encode("ascii"))
+        except binascii.Error as exc:
+            raise InvalidConfigError("the PEM block is not base64") from exc
+        if match.group(1) == "PRIVATE KEY" and len(der) == 48 and der.startswith(_PKCS8_PREFIX):
+            return cls.from_seed(der[16:])
+        if match.group(1) == "PUBLIC KEY" and len(der) == 44 and der.startswith(_SPKI_PREFIX):
+            return cls.from_public_bytes(der[12:])
+        raise InvalidConfigError("not an Ed25519 PKCS#8 private key or SubjectPublicKeyInfo public key")
+
+    @classmethod
+    def from_jwk(cls, jwk: Mapping[str, Any]) -> "Ed25519Key":
+        """Read an RFC 8037 OKP JWK: private when it has "d", public otherwise."""
+        if not isinstance(jwk, Mapping) or jwk.get("kty") != "OKP" or jwk.get("crv") != "Ed25519":
+            raise InvalidConfigError('not an Ed25519 JWK (kty "OKP", crv "Ed25519")')
+        try:
+            public = _b64decode_checked(jwk.get("x"))
+            private = None if "d" not in jwk else _b64decode_checked(jwk.get("d"))
+        except ValueError as exc:
+            raise InvalidConfigError("the JWK's x or d is not base64url") from exc
+        if private is None:
+            return cls.from_public_bytes(public)
+        key = cls.from_seed(private)
+        if not hmac.compare_digest(key.public_bytes, public):
+            raise InvalidConfigError("the JWK's x does not belong to its d")
+        return key
+
+    @property
+    def is_private(self) -> bool:
+        """True when this key can sign."""
+        return self._seed is not None
+
+    def public_key(self) -> "Ed25519Key":
+        """Return this key without its private part."""
+        return Ed25519Key(None, self.public_bytes)
+
+    def sign(self, message: bytes) -> bytes:
+        """Return the 64-byte Ed25519 signature of ``message``.
+
+        Raises:
+            InvalidConfigError: a public key cannot sign.
+        """
+        if self._signer is None:
+            raise InvalidConfigError("a public Ed25519 key cannot sign")
+        return bytes(self._signer.sign(message))
+
+    def verify(self, message: bytes, signature: bytes) -> bool:
+        """Tell whether ``signature`` is a valid, canonical signature of ``message``.
+
+        Strict on both backends (RFC 8032 §5.1.7 plus): S < L, canonical and
+        not small-order R, the cofactorless equation. Never raises.
+        """
+        verifier = self._verifier
+        if verifier is None:
+            verifier = self._verifier = self._make_verifier()
+        return verifier(message, signature)
+
+    def _make_verifier(self) -> Callable[[bytes, bytes], bool]:
+        crypto = _crypto_ed25519()
+        public = self.public_bytes
+        if crypto is None:
+            return _Ed25519Verifier(public).verify  # builds this key's table once
+        crypto_key = crypto.Ed25519PublicKey.from_public_bytes(public)
+        from cryptography.exceptions import InvalidSignature
+
+        def verify(message: bytes, signature: bytes) -> bool:
+            # The same strictness as the pure path first: OpenSSL alone
+            # accepts small-order R.
+            if not _ed25519_precheck(public, signature):
+                return False
+            try:
+                crypto_key.verify(signature, message)
+            except InvalidSignature:
+                return False
+            return True
+
+        return verify
+
+    def private_pem(self) -> str:
+        """Return the private key as PEM PKCS#8 (RFC 8410 §7), as ``openssl`` writes it."""
+        if self._seed is None:
+            raise InvalidConfigError("a public Ed25519 key has no private part")
+        return _pem("PRIVATE KEY", _PKCS8_PREFIX + self._seed)
+
+    def public_pem(self) -> str:
+        """Return the public key as PEM SubjectPublicKeyInfo (RFC 8410 §4)."""
+        return _pem("PUBLIC KEY", _SPKI_PREFIX + self.public_bytes)
+
+    def public_jwk(self, kid: Optional[str] = None) -> Dict[str, Any]:
+        """Return the public key as an RFC 8037 JWK for a JWKS (``use`` sig, ``alg`` EdDSA)."""
+        jwk: Dict[str, Any] = {"kty": "OKP", "crv": "Ed25519", "x": _b64encode(self.public_bytes)}
+        if kid is not None:
+            jwk["kid"] = kid
+        jwk.update(use="sig", alg=ALGORITHM_EDDSA)
+        return jwk
+
+    def private_jwk(self, kid: Optional[str] = None) -> Dict[str, Any]:
+        """Return the private key as an RFC 8037 JWK (with "d"): keep it secret."""
+        if self._seed is None:
+            raise InvalidConfigError("a public Ed25519 key has no private part")
+        return {**self.public_jwk(kid), "d": _b64encode(self._seed)}
+
+    def thumbprint(self) -> str:
+        """Return the RFC 7638 JWK thumbprint: the default kid of this key."""
+        canonical = '{"crv":"Ed25519","kty":"OKP","x":"%s"}' % _b64encode(self.public_bytes)
+        return _b64encode(hashlib.sha256(canonical.encode("ascii")).digest())
+
+    def __repr__(self) -> str:
+        kind = "private" if self._seed is not None else "public"
+        return f"Ed25519Key({kind}, x={_b64encode(self.public_bytes)!r}, backend={self.backend!r})"
+
+
+def _b64decode_checked(value: Any) -> bytes:
+    """Decode a base64url JWK member, refusing non-strings and stray characters."""
+    if type(value) is not str or not value or _B64URL.fullmatch(value) is None:
+        raise ValueError("not base64url")
+    return _b64decode(value)
+
+
+def _pem(label: str, der: bytes) -> str:
+    body = binascii.b2a_base64(der, newline=False).decode("ascii")
+    lines = [body[i : i + 64] for i in range(0, len(body), 64)]
+    return "\n".join([f"-----BEGIN {label}-----", *lines, f"-----END {label}-----"]) + "\n"
+
+
+class _EdDSAKey:
+    """An Ed25519 key bound to the EdDSA algorithm (RFC 8037 §3.1) and a kid."""
+
+    __slots__ = ("kid", "alg", "key")
+
+    def __init__(self, key: Ed25519Key, kid: Optional[str]) -> None:
+        self.kid = kid
+        self.alg = ALGORITHM_EDDSA  # the key is bound to its algorithm
+        self.key = key
+
+    def sign(self, signing_input: bytes) -> str:
+        return _b64encode(self.key.sign(signing_input))
+
+    def verify(self, signing_input: bytes, signature: str) -> bool:
+        if len(signature) != 86:  # 64 bytes, unpadded base64url
+            return False
+        try:
+            raw = _b64decode(signature)
+        except ValueError:
+            return False
+        return self.key.verify(signing_input, raw)
+
+    def __repr__(self) -> str:
+        return f"<_EdDSAKey kid={self.kid!r}>"
+
+
+def _parse_jwks(document: Any) -> Dict[str, _EdDSAKey]:
+    """Return the EdDSA verification keys of a JWK set, by kid (RFC 7517 §5).
+
+    Keys of another type, curve, ``use``, ``alg`` or ``key_ops`` are ignored:
+    never a symmetric key, which would let a published "public" key mint.
+    A kid used twice makes the whole set ambiguous, so it is refused.
+
+    Raises:
+        ValueError: not a key set, a duplicate kid, or an unusable Ed25519 key.
+    """
+    if not isinstance(document, Mapping) or type(document.get("keys")) is not list:
+        raise ValueError('a JWK set is an object with a "keys" array')
+    keys: Dict[str, _EdDSAKey] = {}
+    kids = set()
+    for jwk in document["keys"]:
+        if not isinstance(jwk, Mapping):
+            raise ValueError("every JWK is an object")
+        kid = jwk.get("kid")
+        if kid in kids:
+            raise ValueError("a kid appears twice in the key set")
+        if type(kid) is str:
+            kids.add(kid)
+        usable = (
+            jwk.get("kty") == "OKP"
+            and jwk.get("crv") == "Ed25519"
+            and jwk.get("use", "sig") == "sig"
+            and jwk.get("alg", ALGORITHM_EDDSA) == ALGORITHM_EDDSA
+            and ("key_ops" not in jwk or (type(jwk["key_ops"]) is list and "verify" in jwk["key_ops"]))
+        )
+        if not usable:
+            continue
+        if type(kid) is not str or not kid:
+            raise ValueError("an Ed25519 key in the set has no kid")
+        try:
+            public = Ed25519Key.from_jwk({"kty": "OKP", "crv": "Ed25519", "x": jwk.get("x")})
+        except InvalidConfigError as exc:
+            raise ValueError(f"key {kid!r}: {exc}") from exc
+        keys[kid] = _EdDSAKey(public, kid)
+    return keys
+
+
+class _JwksSource:
+    """A JWK set fetched from a URL, cached, refreshed at most so often.
+
+    The set is refreshed when ``cache_seconds`` have passed, and once when a
+    token names an unknown kid, but never more than once per
+    ``min_refresh_seconds``: an attacker spraying random kids cannot make the
+    verifier hammer the issuer. A failed refresh keeps the last good set.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        cache_seconds: int,
+        min_refresh_seconds: int,
+        timeout_seconds: float,
+        max_bytes: int,
+    ) -> None:
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(url) if type(url) is str else None
+        if parts is None or parts.scheme not in ("https", "http") or not parts.hostname:
+            raise InvalidConfigError("jwks_url must be an https URL")
+        if parts.scheme == "http" and not _is_loopback(parts.hostname):
+            raise InvalidConfigError("jwks_url must use https (plain http only to a loopback address)")
+        self.url = url
+        self.cache_seconds = _positive_int(cache_seconds, "jwks_cache_seconds")
+        self.min_refresh_seconds = _positive_int(min_refresh_seconds, "jwks_min_refresh_seconds")
+        if type(timeout_seconds) not in (int, float) or not timeout_seconds > 0:
+            raise InvalidConfigError("jwks_timeout_seconds must be a positive number")
+        self.timeout_seconds = float(timeout_seconds)
+        self.max_bytes = _positive_int(max_bytes, "jwks_max_bytes")
+        self.keys: Dict[str, _EdDSAKey] = {}
+        self.fresh_until = -math.inf  # when the set must be fetched again
+        self._last_attempt = -math.inf
+        self._fetched = False
+        self._lock = threading.Lock()
+
+    def refresh(self, now: float, *, forced: bool) -> bool:
+        """Fetch the set if due (or ``forced`` by an unknown kid and allowed); tell whether it changed.
+
+        Raises:
+            StoreUnavailableError: the set was never fetched successfully.
+        """
+        with self._lock:
+            if now < self._last_attempt + self.min_refresh_seconds or (not forced and now < self.fresh_until):
+                return False  # another thread refreshed, or too soon to ask again
+            self._last_attempt = now
+            try:
+                keys = _parse_jwks(self._fetch())
+            except Exception as exc:  # network, HTTP, size, JSON or key errors alike
+                import logging
+
+                logging.getLogger("agentauth").warning("JWKS refresh from %s failed: %s", self.url, exc)
+                self.fresh_until = now + self.min_refresh_seconds
+                if not self._fetched:
+                    raise StoreUnavailableError("the issuer's key set could not be fetched") from exc
+                return False  # keep the last good set
+            self.keys, self._fetched = keys, True
+            self.fresh_until = now + self.cache_seconds
+            return True
+
+    def _fetch(self) -> Any:
+        import urllib.request
+
+        request = urllib.request.Request(self.url, headers={"Accept": "application/json"})
+        with urllib.request.urlopen(request, timeout=self.timeout_seconds) as response:  # noqa: S310 (scheme checked)
+            body = response.read(self.max_bytes + 1)
+        if len(body) > self.max_bytes:
+            raise ValueError("the key set is larger than jwks_max_bytes")
+        return _JSON_DECODER.decode(body.decode("utf-8"))
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 # ---------------------------------------------------------------------------
@@ -406,7 +781,7 @@ def _check_wildcard(scope: str) -> bool:
 
 def _grant_scopes(scopes: Any) -> Tuple[str, ...]:
     """Validate the scopes of a grant; return them deduplicated, in order."""
-    if isinstance(scopes, (str, bytes)) or not isinstance(scopes, Iterable):
+    if isinstance(scopes, (str, bytes)) or not hasattr(scopes, "__iter__"):
         raise InvalidGrantError("scopes must be a list of strings", oauth_error="invalid_scope")
     result: Dict[str, None] = {}
     for scope in scopes:
@@ -417,7 +792,7 @@ def _grant_scopes(scopes: Any) -> Tuple[str, ...]:
                 "a scope is blank or malformed (printable ASCII, no space, quote or backslash)",
                 oauth_error="invalid_scope",
             )
-        if not _check_wildcard(scope):
+        if "*" in scope and not _check_wildcard(scope):
             raise InvalidGrantError("'*' may only be a whole scope or end one after ':'", oauth_error="invalid_scope")
         result[scope] = None
     if not result:
@@ -1010,31 +1385,37 @@ def _name(value: Any, what: str) -> str:
 
 
 class AgentAuth:
-    """Issue, verify and revoke scoped agent tokens (HS256, RFC 9068 claims).
+    """Issue, verify, delegate and revoke scoped agent tokens (RFC 9068 claims).
 
-    Every argument is keyword-only and checked here, so a misconfiguration
-    fails at startup, never per request.
+    Sign with an HS256 ``secret`` or an Ed25519 ``signing_key`` (EdDSA; its
+    kid defaults to the key's RFC 7638 thumbprint). ``AgentAuth.verifier()``
+    builds an instance that holds public keys only. Every argument is
+    keyword-only and checked here, so a misconfiguration fails at startup,
+    never per request.
 
     Raises:
-        InvalidConfigError: a secret shorter than 32 bytes, an empty issuer or
-            audience, a non-positive or inconsistent duration, a rotation
-            secret without a kid.
+        InvalidConfigError: neither or both of secret and signing_key, a
+            secret shorter than 32 bytes, an empty issuer or audience, a
+            non-positive or inconsistent duration, a rotation key without a kid.
 
-    Security: the secret both mints and verifies; give it only to services
-    that may mint. Keep old secrets in ``previous_secrets`` (by kid) while
-    tokens signed with them may still be alive.
+    Security: an HS256 secret both mints and verifies; give it only to
+    services that may mint, or use EdDSA and give verifiers the JWKS. Keep
+    old keys in ``previous_secrets`` / ``previous_keys`` (by kid) while tokens
+    signed with them may still be alive.
     """
 
     def __init__(
         self,
         *,
-        secret: Union[str, bytes],
+        secret: Union[str, bytes, None] = None,
+        signing_key: Optional[Ed25519Key] = None,
         issuer: str,
         audience: str,
         default_ttl_seconds: int = DEFAULT_TTL_SECONDS,
         max_ttl_seconds: int = DEFAULT_MAX_TTL_SECONDS,
         kid: Optional[str] = None,
         previous_secrets: Optional[Mapping[str, Union[str, bytes]]] = None,
+        previous_keys: Optional[Mapping[str, Ed25519Key]] = None,
         clock_tolerance_seconds: int = DEFAULT_CLOCK_TOLERANCE_SECONDS,
         max_token_bytes: int = DEFAULT_MAX_TOKEN_BYTES,
         max_chain_length: int = DEFAULT_MAX_CHAIN_LENGTH,
@@ -1043,6 +1424,128 @@ class AgentAuth:
         on_event: Optional[Callable[[AgentEvent], Any]] = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        self._configure(
+            issuer=issuer,
+            audience=audience,
+            default_ttl_seconds=default_ttl_seconds,
+            max_ttl_seconds=max_ttl_seconds,
+            clock_tolerance_seconds=clock_tolerance_seconds,
+            max_token_bytes=max_token_bytes,
+            max_chain_length=max_chain_length,
+            check_revocation=check_revocation,
+            store=store,
+            on_event=on_event,
+            clock=clock,
+        )
+        if (secret is None) == (signing_key is None):
+            raise InvalidConfigError("give exactly one of secret (HS256) or signing_key (EdDSA)")
+        if kid is not None and (type(kid) is not str or not kid):
+            raise InvalidConfigError("kid must be a non-empty string")
+        signing: Union[_HmacKey, _EdDSAKey]
+        if secret is not None:
+            signing = _HmacKey(_as_key(secret, "secret"), kid)
+        else:
+            if not isinstance(signing_key, Ed25519Key) or not signing_key.is_private:
+                raise InvalidConfigError("signing_key must be a private Ed25519Key")
+            kid = signing_key.thumbprint() if kid is None else kid  # RFC 7638: a stable default kid
+            signing = _EdDSAKey(signing_key, kid)
+        self.kid = kid
+        keys: Dict[str, Union[_HmacKey, _EdDSAKey]] = {} if kid is None else {kid: signing}
+        for label, previous in (("previous_secrets", previous_secrets), ("previous_keys", previous_keys)):
+            if previous is not None and not isinstance(previous, Mapping):
+                raise InvalidConfigError(f"{label} must be a mapping of kid to key")
+            for old_kid, old in (previous or {}).items():
+                if kid is None:
+                    raise InvalidConfigError(f"{label} needs kid to be set, so tokens name their key")
+                if type(old_kid) is not str or not old_kid or old_kid in keys:
+                    raise InvalidConfigError(f"{label} keys must be distinct non-empty kids other than kid")
+                if label == "previous_secrets":
+                    keys[old_kid] = _HmacKey(_as_key(old, f"previous secret {old_kid!r}"), old_kid)
+                elif isinstance(old, Ed25519Key):
+                    keys[old_kid] = _EdDSAKey(old.public_key(), old_kid)  # verify only
+                else:
+                    raise InvalidConfigError("previous_keys values must be Ed25519Key objects")
+        self._signing_key: Optional[Union[_HmacKey, _EdDSAKey]] = signing
+        self._set_keys(keys)
+        header = {"alg": signing.alg, "typ": TOKEN_TYPE}
+        if kid is not None:
+            header["kid"] = kid
+        self._header_segment = _b64encode(_JSON_ENCODER.encode(header).encode("ascii"))
+
+    @classmethod
+    def verifier(
+        cls,
+        *,
+        issuer: str,
+        audience: str,
+        jwks: Optional[Mapping[str, Any]] = None,
+        jwks_url: Optional[str] = None,
+        jwks_cache_seconds: int = 300,
+        jwks_min_refresh_seconds: int = 30,
+        jwks_timeout_seconds: float = 5.0,
+        jwks_max_bytes: int = 65536,
+        **options: Any,
+    ) -> "AgentAuth":
+        """Return an instance that verifies EdDSA tokens with public keys only, and can mint nothing.
+
+        The keys come from a JWK set, given (``jwks``) or fetched (``jwks_url``:
+        https, or http to a loopback address; cached ``jwks_cache_seconds``;
+        refetched once when a token names an unknown kid, at most once per
+        ``jwks_min_refresh_seconds``; the last good set kept when a refresh
+        fails; at most ``jwks_max_bytes``, within ``jwks_timeout_seconds``).
+        Tokens must name their key (``kid``). ``options`` are the constructor's
+        keyword arguments that apply to verifying: ``clock``,
+        ``clock_tolerance_seconds``, ``store``, ``check_revocation``,
+        ``on_event``, ``max_ttl_seconds``, ``max_token_bytes``, ``max_chain_length``.
+
+        Raises:
+            InvalidConfigError: neither or both of jwks and jwks_url, a bad key
+                set or URL, or an option that does not apply to a verifier.
+            StoreUnavailableError: (from verify) the key set was never fetched.
+        """
+        allowed = {"clock", "clock_tolerance_seconds", "store", "check_revocation", "on_event",
+                   "max_ttl_seconds", "max_token_bytes", "max_chain_length"}
+        unknown = sorted(set(options) - allowed)
+        if unknown:
+            raise InvalidConfigError(f"not a verifier option: {', '.join(unknown)}")
+        if (jwks is None) == (jwks_url is None):
+            raise InvalidConfigError("give exactly one of jwks or jwks_url")
+        self = cls.__new__(cls)
+        self._configure(issuer=issuer, audience=audience, **options)
+        self.kid = None
+        self._signing_key = None
+        if jwks is not None:
+            try:
+                self._set_keys(_parse_jwks(jwks))
+            except ValueError as exc:
+                raise InvalidConfigError(f"jwks: {exc}") from exc
+        else:
+            self._set_keys({})
+            self._jwks = _JwksSource(
+                typing.cast(str, jwks_url),
+                cache_seconds=jwks_cache_seconds,
+                min_refresh_seconds=jwks_min_refresh_seconds,
+                timeout_seconds=jwks_timeout_seconds,
+                max_bytes=jwks_max_bytes,
+            )
+        return self
+
+    def _configure(
+        self,
+        *,
+        issuer: str,
+        audience: str,
+        default_ttl_seconds: int = DEFAULT_TTL_SECONDS,
+        max_ttl_seconds: int = DEFAULT_MAX_TTL_SECONDS,
+        clock_tolerance_seconds: int = DEFAULT_CLOCK_TOLERANCE_SECONDS,
+        max_token_bytes: int = DEFAULT_MAX_TOKEN_BYTES,
+        max_chain_length: int = DEFAULT_MAX_CHAIN_LENGTH,
+        check_revocation: bool = True,
+        store: Optional[RevocationStore] = None,
+        on_event: Optional[Callable[[AgentEvent], Any]] = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        """Check and keep everything but the keys: shared by the constructor and ``verifier``."""
         for value, name in ((issuer, "issuer"), (audience, "audience")):
             if type(value) is not str or not value:
                 raise InvalidConfigError(f"{name} must be a non-empty string")
@@ -1070,25 +1573,33 @@ class AgentAuth:
         for method in ("revoke", "is_revoked"):
             if not callable(getattr(self.store, method, None)):
                 raise InvalidConfigError(f"store must have a {method}() method")
+        self._jwks: Optional[_JwksSource] = None
 
-        if kid is not None and (type(kid) is not str or not kid):
-            raise InvalidConfigError("kid must be a non-empty string")
-        self.kid = kid
-        self._signing_key = _HmacKey(_as_key(secret, "secret"), kid)
-        self._keys: Dict[str, _HmacKey] = {} if kid is None else {kid: self._signing_key}
-        if previous_secrets is not None and not isinstance(previous_secrets, Mapping):
-            raise InvalidConfigError("previous_secrets must be a mapping of kid to secret")
-        for old_kid, old_secret in (previous_secrets or {}).items():
-            if kid is None:
-                raise InvalidConfigError("previous_secrets needs kid to be set, so tokens name their key")
-            if type(old_kid) is not str or not old_kid or old_kid == kid:
-                raise InvalidConfigError("previous_secrets keys must be non-empty kids other than kid")
-            self._keys[old_kid] = _HmacKey(_as_key(old_secret, f"previous secret {old_kid!r}"), old_kid)
-        header = {"alg": ALGORITHM, "typ": TOKEN_TYPE}
-        if kid is not None:
-            header["kid"] = kid
-        self._header_segment = _b64encode(_JSON_ENCODER.encode(header).encode("ascii"))
-        self._header_cache: Dict[str, _HmacKey] = {}
+    def _set_keys(self, keys: Mapping[str, Union[_HmacKey, _EdDSAKey]]) -> None:
+        """Hold these verification keys (by kid); accept exactly their algorithms."""
+        self._keys = dict(keys)
+        algorithms = {key.alg for key in self._keys.values()}
+        if self._signing_key is not None:
+            algorithms.add(self._signing_key.alg)
+        self._algorithms = frozenset(algorithms)
+        self._header_cache: Dict[str, Union[_HmacKey, _EdDSAKey]] = {}
+
+    def jwks(self) -> Dict[str, Any]:
+        """Return the public JWK set to publish: the EdDSA keys held, the signing key first.
+
+        Holds public keys only; HS256 secrets are never published.
+
+        Raises:
+            InvalidConfigError: this instance holds no EdDSA key.
+        """
+        public = [key.key.public_jwk(kid) for kid, key in self._keys.items() if isinstance(key, _EdDSAKey)]
+        if not public:
+            raise InvalidConfigError("this instance holds no EdDSA key to publish")
+        return {"keys": public}
+
+    def _may_block(self) -> bool:
+        """Whether verify may wait on I/O: a store other than MemoryStore, or a JWKS URL."""
+        return (self.check_revocation and type(self.store) is not MemoryStore) or self._jwks is not None
 
     def __repr__(self) -> str:
         return f"AgentAuth(issuer={self.issuer!r}, audience={self.audience!r}, kid={self.kid!r})"
@@ -1111,6 +1622,7 @@ class AgentAuth:
                 control characters, a ttl <= 0 or above ``max_ttl_seconds``,
                 or a token that would exceed ``max_token_bytes``.
         """
+        self._require_signing_key()
         _name(subject, "subject")
         _name(agent, "agent")
         granted = _grant_scopes(scopes)
@@ -1143,10 +1655,15 @@ class AgentAuth:
         if act is not None:
             claims["act"] = act  # RFC 8693 §4.1: who acts, for whom
         signing_input = f"{self._header_segment}.{_b64encode(_JSON_ENCODER.encode(claims).encode('ascii'))}"
-        token = f"{signing_input}.{self._signing_key.sign(signing_input.encode('ascii'))}"
+        key = typing.cast(Union[_HmacKey, _EdDSAKey], self._signing_key)
+        token = f"{signing_input}.{key.sign(signing_input.encode('ascii'))}"
         if len(token) > self.max_token_bytes:
             raise InvalidGrantError("the token would be longer than max_token_bytes")
         return IssuedToken(token, jti, exp)
+
+    def _require_signing_key(self) -> None:
+        if self._signing_key is None:
+            raise InvalidConfigError("this instance only verifies: it holds no signing key")
 
     # -- delegate ------------------------------------------------------------
 
@@ -1176,6 +1693,7 @@ class AgentAuth:
                 does not hold, a chain longer than ``max_chain_length``, a bad
                 ttl, a parent about to expire, or a token over ``max_token_bytes``.
         """
+        self._require_signing_key()
         now_float = self._clock()
         parent = self._check(parent_token, now_float)
         self._check_revocation(parent)
@@ -1247,19 +1765,29 @@ class AgentAuth:
             self._emit(AgentEvent("verified", self._clock(), claims.jti, claims.sub, claims.agent, claims.scopes))
         return claims
 
-    def _key_for(self, head: str) -> _HmacKey:
+    def _key_for(self, head: str, now: float) -> Union[_HmacKey, _EdDSAKey]:
         """Check a header segment and choose its key; remember the answer."""
-        header = _parse_header(head)
+        header = _parse_header(head, self._algorithms)
         typ = header.get("typ")
         # RFC 9068 §2.1 / RFC 8725 §3.11: only access tokens, never an ID token.
         if type(typ) is not str or typ.lower() not in _ACCEPTED_TYPES:
             raise TokenInvalidError("token type is not at+jwt")
+        kid = header.get("kid")
         if "kid" not in header:
-            key = self._signing_key  # no kid: the current key only
+            key = self._signing_key  # no kid: the current key only (a verifier has none)
+        elif type(kid) is not str:
+            key = None
         else:
-            key = self._keys.get(header["kid"]) if type(header["kid"]) is str else None
-            if key is None:
-                raise TokenInvalidError("token key id is unknown")
+            key = self._keys.get(kid)
+            if key is None and self._jwks is not None and self._jwks.refresh(now, forced=True):
+                self._set_keys(self._jwks.keys)  # the issuer may have rotated
+                key = self._keys.get(kid)
+        if key is None:
+            raise TokenInvalidError("token key id is unknown")
+        # RFC 8725 §2.1: a key verifies only its own algorithm (no HS256
+        # token checked with an Ed25519 public key, nor the reverse).
+        if key.alg != header["alg"]:
+            raise TokenInvalidError("token algorithm does not match its key")
         if len(self._header_cache) < _HEADER_CACHE_SIZE:
             self._header_cache[head] = key
         return key
@@ -1267,8 +1795,11 @@ class AgentAuth:
     def _check(self, token: Any, now: float) -> AgentClaims:
         """Signature and claims: everything but revocation and scopes."""
         head, body, sig = _split(token, self.max_token_bytes)
-        key = self._header_cache.get(head) or self._key_for(head)
-        if not hmac.compare_digest(key.sign(token[: len(head) + 1 + len(body)].encode("ascii")), sig):
+        jwks = self._jwks
+        if jwks is not None and now >= jwks.fresh_until and jwks.refresh(now, forced=False):
+            self._set_keys(jwks.keys)
+        key = self._header_cache.get(head) or self._key_for(head, now)
+        if not key.verify(token[: len(head) + 1 + len(body)].encode("ascii"), sig):
             raise TokenInvalidError("token signature does not match")
         claims = _json_object(_decode_payload(body), "payload")
 
@@ -2019,7 +2550,7 @@ class _ExchangeAsgi:
             answer = refusal.answer()
         else:
             auth = self._auth
-            if type(auth.store) is MemoryStore:
+            if not auth._may_block() and type(auth.store) is MemoryStore:  # delegate always checks the store
                 answer = _exchange(auth, form)
             else:  # delegate checks the store: keep its I/O off the event loop
                 import asyncio
@@ -2098,7 +2629,7 @@ def _claims_from_raw(raw: Any) -> Optional[AgentClaims]:
 
 async def _verify_async(auth: "AgentAuth", token: str, required: Tuple[str, ...]) -> AgentClaims:
     """Verify from async code without ever blocking the event loop on store I/O."""
-    if not auth.check_revocation or type(auth.store) is MemoryStore:
+    if not auth._may_block():
         return auth.verify(token, required)  # pure CPU, about 10 µs
     import asyncio
 
@@ -2172,7 +2703,8 @@ CLI_DEFAULT_AUDIENCE = "agentauth"
 
 _CLI_EXAMPLES = {
     "demo": "python -m agentauth demo",
-    "keygen": "export AGENTAUTH_SECRET=$(python -m agentauth keygen)",
+    "keygen": "export AGENTAUTH_SECRET=$(python -m agentauth keygen)\n"
+    "  python -m agentauth keygen --ed25519 --jwks-file jwks.json > issuer.pem",
     "issue": "python -m agentauth issue --subject user_123 --agent bot --scope email:read --ttl 600",
     "verify": "python -m agentauth verify \"$TOKEN\" --require email:read --db revocations.db",
     "decode": "python -m agentauth decode \"$TOKEN\"",
@@ -2236,26 +2768,79 @@ def _open_store(path: Optional[str], *, create: bool) -> Optional[SqliteStore]:
 
 
 def _cli_auth(args: Any, store: Optional[SqliteStore] = None) -> AgentAuth:
-    """Build the AgentAuth the subcommands share, from the environment and flags."""
-    secret = os.environ.get("AGENTAUTH_SECRET")
-    if not secret:
-        raise _CliError(
-            "AGENTAUTH_SECRET is not set; make one with: export AGENTAUTH_SECRET=$(python -m agentauth keygen)",
-            EXIT_USAGE,
-        )
-    return AgentAuth(
-        secret=secret,
+    """Build the AgentAuth the subcommands share, from the environment and flags.
+
+    The key, in this order: a JWK set (``--jwks-file``, ``--jwks-url`` or
+    ``AGENTAUTH_JWKS``: verify only), an Ed25519 private key (``--key-file`` or
+    ``AGENTAUTH_PRIVATE_KEY``, PEM or JWK), else ``AGENTAUTH_SECRET``. Never
+    key material on the command line.
+    """
+    options: Dict[str, Any] = dict(
         issuer=args.issuer,
         audience=args.audience,
-        kid=args.kid or None,
         max_ttl_seconds=args.max_ttl,
         store=store,
         check_revocation=store is not None,
     )
+    jwks_file, jwks_url = getattr(args, "jwks_file", None), getattr(args, "jwks_url", None)
+    jwks_text = _read_file(jwks_file) if jwks_file else os.environ.get("AGENTAUTH_JWKS")
+    if jwks_url:
+        return AgentAuth.verifier(jwks_url=jwks_url, **options)
+    if jwks_text:
+        return AgentAuth.verifier(jwks=_parse_json_arg(jwks_text, "the JWK set"), **options)
+    key_file = getattr(args, "key_file", None)
+    key_text = _read_file(key_file) if key_file else os.environ.get("AGENTAUTH_PRIVATE_KEY")
+    if key_text:
+        return AgentAuth(signing_key=_read_private_key(key_text), kid=args.kid or None, **options)
+    secret = os.environ.get("AGENTAUTH_SECRET")
+    if not secret:
+        raise _CliError(
+            "no key: set AGENTAUTH_SECRET (make one with: export AGENTAUTH_SECRET=$(python -m agentauth keygen)),"
+            " or give an Ed25519 key with --key-file / AGENTAUTH_PRIVATE_KEY",
+            EXIT_USAGE,
+        )
+    return AgentAuth(secret=secret, kid=args.kid or None, **options)
+
+
+def _read_file(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as file:
+            return file.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise _CliError(f"cannot read {path!r}: {exc.__class__.__name__}", EXIT_USAGE) from exc
+
+
+def _parse_json_arg(text: str, what: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise _CliError(f"{what} is not valid JSON", EXIT_USAGE) from exc
+
+
+def _read_private_key(text: str) -> Ed25519Key:
+    """A private Ed25519 key from PEM or JWK text."""
+    key = Ed25519Key.from_jwk(_parse_json_arg(text, "the key")) if text.lstrip().startswith("{") else Ed25519Key.from_pem(text)
+    if not key.is_private:
+        raise _CliError("the key is a public key; issuing needs the private key", EXIT_USAGE)
+    return key
 
 
 def _cmd_keygen(args: Any, out: Any, err: Any) -> int:
-    print(secrets.token_urlsafe(32), file=out)  # 256 bits; its 43 ASCII bytes are the key
+    if not args.ed25519:
+        print(secrets.token_urlsafe(32), file=out)  # 256 bits; its 43 ASCII bytes are the key
+        return EXIT_OK
+    key = Ed25519Key.generate()
+    kid = args.kid or key.thumbprint()
+    print(json.dumps(key.private_jwk(kid), indent=2) if args.jwk else key.private_pem(), end="" if not args.jwk else "\n", file=out)
+    jwks = json.dumps({"keys": [key.public_jwk(kid)]}, indent=2)
+    if args.jwks_file:
+        try:
+            with open(args.jwks_file, "w", encoding="utf-8") as file:
+                file.write(jwks + "\n")
+        except OSError as exc:
+            raise _CliError(f"cannot write {args.jwks_file!r}: {exc.__class__.__name__}", EXIT_USAGE) from exc
+    else:
+        print(f"public JWKS (publish it; verifiers need nothing else):\n{jwks}", file=err)
     return EXIT_OK
 
 
@@ -2449,7 +3034,7 @@ def _measure(op: Callable[[], Any], seconds: float) -> float:
 
 _COMMANDS = {
     "demo": (_cmd_demo, "run the whole story on a throwaway secret and database"),
-    "keygen": (_cmd_keygen, "print a fresh random secret for AGENTAUTH_SECRET"),
+    "keygen": (_cmd_keygen, "print a fresh random secret for AGENTAUTH_SECRET, or an Ed25519 key"),
     "issue": (_cmd_issue, "mint a token (secret from AGENTAUTH_SECRET)"),
     "verify": (_cmd_verify, "verify a token and print its claims"),
     "decode": (_cmd_decode, "show a token's header and claims WITHOUT checking them"),
@@ -2487,6 +3072,16 @@ def _parser() -> "argparse.ArgumentParser":
         group.add_argument("--kid", default=os.environ.get("AGENTAUTH_KID"), help="key id (env AGENTAUTH_KID)")
         group.add_argument("--max-ttl", type=int, default=DEFAULT_MAX_TTL_SECONDS, metavar="SECONDS",
                            help="the server's max_ttl_seconds (default %(default)s)")
+    for name in ("issue", "verify", "revoke"):
+        sub[name].add_argument("--key-file", metavar="PATH",
+                               help="Ed25519 private key, PEM or JWK (env AGENTAUTH_PRIVATE_KEY); default: AGENTAUTH_SECRET")
+    for name in ("verify", "revoke"):
+        sub[name].add_argument("--jwks-file", metavar="PATH", help="verify EdDSA tokens with this JWK set (env AGENTAUTH_JWKS)")
+        sub[name].add_argument("--jwks-url", metavar="URL", help="verify EdDSA tokens with the JWK set at this https URL")
+    sub["keygen"].add_argument("--ed25519", action="store_true", help="an Ed25519 private key (PEM) instead of an HS256 secret")
+    sub["keygen"].add_argument("--jwk", action="store_true", help="with --ed25519: print the private key as a JWK")
+    sub["keygen"].add_argument("--kid", help="with --ed25519: the key id (default: its RFC 7638 thumbprint)")
+    sub["keygen"].add_argument("--jwks-file", metavar="PATH", help="with --ed25519: write the public JWKS here (default: stderr)")
     sub["issue"].add_argument("--subject", required=True, help="the user the agent acts for (sub)")
     sub["issue"].add_argument("--agent", required=True, help="the agent's id (client_id)")
     sub["issue"].add_argument("--scope", action="append", required=True, help="a granted scope; repeat for more")

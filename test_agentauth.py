@@ -619,6 +619,173 @@ class StoreContract:
         self.assertEqual(errors, [])
         self.assertEqual(len(self.store.entries()), 100)
 
+    # -- delegation chains: a jti entry refuses descendants, an agent entry every chain naming it
+
+    CHAIN_AGENTS = ("agent_orchestrator", "agent_research_bot", "agent_mail_sub")
+
+    @staticmethod
+    def mint_chain(auth, subject="user_1"):
+        """Mint orchestrator → research bot → mail sub-agent for ``subject``; return [root, middle, leaf]."""
+        root = auth.issue(subject=subject, agent="agent_orchestrator", scopes=["email:*"], ttl_seconds=600)
+        middle = auth.delegate(root.token, agent="agent_research_bot", scopes=["email:*"])
+        leaf = auth.delegate(middle.token, agent="agent_mail_sub", scopes=["email:read"])
+        return [root, middle, leaf]
+
+    def chain_auth(self, clock=None):
+        """An AgentAuth over this test's store, on a FixedClock (at T0 unless given)."""
+        return make_auth(store=self.store, clock=FixedClock() if clock is None else clock)
+
+    def assertChainRefused(self, auth, tokens, refused):
+        """Verify each token: RevokedError (naming its own jti) where ``refused`` is True, else accepted."""
+        self.assertEqual(len(tokens), len(refused))
+        for position, (issued, is_refused) in enumerate(zip(tokens, refused)):
+            with self.subTest(position=position, refused=is_refused):
+                if is_refused:
+                    with self.assertRaises(RevokedError) as cm:
+                        auth.verify(issued.token)
+                    self.assertIs(type(cm.exception), RevokedError)
+                    self.assertEqual(cm.exception.jti, issued.jti)
+                else:
+                    self.assertEqual(auth.verify(issued.token).jti, issued.jti)
+
+    def test_chain_jti_entry_refuses_tokens_whose_chain_jtis_hold_it(self):
+        leaf = agent_claims(jti="jti-leaf", agent="agent_c")._replace(
+            chain=("agent_a", "agent_b", "agent_c"), chain_jtis=("jti-root", "jti-middle")
+        )
+        self.assertIs(self.store.is_revoked(leaf), False)
+        self.revoke(jti="jti-middle")
+        self.assertIs(self.store.is_revoked(leaf), True)
+        self.assertIs(self.store.is_revoked(leaf._replace(iat=T0 + 500)), True)  # whatever its iat
+        self.assertIs(self.store.is_revoked(leaf._replace(chain_jtis=("jti-root", "jti-other"))), False)
+        self.revoke(jti="jti-root")
+        self.assertIs(self.store.is_revoked(leaf._replace(chain_jtis=("jti-root", "jti-other"))), True)
+
+    def test_chain_agent_entry_refuses_tokens_whose_chain_names_the_agent(self):
+        leaf = agent_claims(jti="jti-leaf", agent="agent_c", sub="user_a")._replace(
+            chain=("agent_a", "agent_b", "agent_c"), chain_jtis=("jti-root", "jti-middle")
+        )
+        self.revoke(agent="agent_b", revoked_at=T0)
+        self.assertIs(self.store.is_revoked(leaf), True)
+        self.assertIs(self.store.is_revoked(leaf._replace(sub="user_b")), True)
+        self.assertIs(self.store.is_revoked(leaf._replace(iat=T0 + 1)), False)  # minted after the revocation
+        self.assertIs(self.store.is_revoked(leaf._replace(chain=("agent_a", "agent_x", "agent_c"))), False)
+
+    def test_chain_agent_and_subject_entry_needs_both(self):
+        leaf = agent_claims(jti="jti-leaf", agent="agent_c", sub="user_a")._replace(
+            chain=("agent_a", "agent_b", "agent_c"), chain_jtis=("jti-root", "jti-middle")
+        )
+        self.revoke(agent="agent_a", subject="user_a", revoked_at=T0)
+        self.assertIs(self.store.is_revoked(leaf), True)
+        self.assertIs(self.store.is_revoked(leaf._replace(sub="user_b")), False)
+        self.assertIs(self.store.is_revoked(leaf._replace(chain=("agent_x", "agent_b", "agent_c"))), False)
+
+    def test_chain_revoking_the_parent_token_refuses_every_descendant(self):
+        auth = self.chain_auth()
+        root, middle, leaf = self.mint_chain(auth)
+        auth.revoke(middle.token)
+        self.assertChainRefused(auth, [root, middle, leaf], [False, True, True])
+
+    def test_chain_revoking_the_parents_jti_refuses_every_descendant(self):
+        for how in ("positional", "keyword"):
+            with self.subTest(how=how):
+                self.store = self.make_store()
+                auth = self.chain_auth()
+                root, middle, leaf = self.mint_chain(auth)
+                if how == "positional":
+                    auth.revoke(middle.jti)
+                else:
+                    auth.revoke(jti=middle.jti)
+                self.assertChainRefused(auth, [root, middle, leaf], [False, True, True])
+
+    def test_chain_revoking_the_grandparent_refuses_every_descendant(self):
+        for how in ("token", "jti"):
+            with self.subTest(how=how):
+                self.store = self.make_store()
+                auth = self.chain_auth()
+                root, middle, leaf = self.mint_chain(auth)
+                auth.revoke(root.token if how == "token" else root.jti)
+                self.assertChainRefused(auth, [root, middle, leaf], [True, True, True])
+
+    def test_chain_revoking_the_child_leaves_its_ancestors(self):
+        auth = self.chain_auth()
+        root, middle, leaf = self.mint_chain(auth)
+        auth.revoke(leaf.token)
+        self.assertChainRefused(auth, [root, middle, leaf], [False, False, True])
+
+    def test_chain_revoking_an_agent_refuses_its_tokens_and_their_descendants(self):
+        for position, agent in enumerate(self.CHAIN_AGENTS):
+            with self.subTest(agent=agent):
+                self.store = self.make_store()
+                auth = self.chain_auth()
+                chain = self.mint_chain(auth, "user_1")
+                other_user = self.mint_chain(auth, "user_2")
+                auth.revoke(agent=agent)
+                refused = [index >= position for index in range(3)]
+                self.assertChainRefused(auth, chain + other_user, refused + refused)
+
+    def test_chain_revoking_an_agent_for_one_subject_spares_other_subjects(self):
+        for position, agent in enumerate(self.CHAIN_AGENTS):
+            with self.subTest(agent=agent):
+                self.store = self.make_store()
+                auth = self.chain_auth()
+                chain = self.mint_chain(auth, "user_1")
+                other_user = self.mint_chain(auth, "user_2")
+                auth.revoke(agent=agent, subject="user_1")
+                refused = [index >= position for index in range(3)]
+                self.assertChainRefused(auth, chain + other_user, refused + [False, False, False])
+
+    def test_chain_revoking_the_subject_refuses_the_whole_chain(self):
+        auth = self.chain_auth()
+        chain = self.mint_chain(auth, "user_1")
+        other_user = self.mint_chain(auth, "user_2")
+        auth.revoke(subject="user_1")
+        self.assertChainRefused(auth, chain + other_user, [True, True, True, False, False, False])
+
+    def test_chain_child_minted_in_the_second_its_parent_is_revoked_is_refused(self):
+        for how in ("token", "jti", "agent"):
+            with self.subTest(how=how):
+                self.store = self.make_store()
+                clock = FixedClock(T0 + 0.1)
+                auth = self.chain_auth(clock)
+                root, middle, leaf = self.mint_chain(auth)
+                clock.now = T0 + 0.6
+                late = auth.delegate(middle.token, agent="agent_late_sub", scopes=["email:read"])
+                clock.now = T0 + 0.9  # the same second: the child was minted just before
+                if how == "token":
+                    auth.revoke(middle.token)
+                elif how == "jti":
+                    auth.revoke(middle.jti)
+                else:
+                    auth.revoke(agent="agent_research_bot")
+                self.assertChainRefused(auth, [root, middle, leaf, late], [False, True, True, True])
+
+    def test_chain_fresh_root_token_after_an_agent_revocation_works_and_delegates(self):
+        clock = FixedClock()
+        auth = self.chain_auth(clock)
+        old = self.mint_chain(auth)
+        auth.revoke(agent="agent_orchestrator")
+        with self.assertRaises(RevokedError) as cm:
+            auth.delegate(old[0].token, agent="agent_research_bot", scopes=["email:read"])
+        self.assertIs(type(cm.exception), RevokedError)
+        clock.advance(1)
+        fresh = self.mint_chain(auth)
+        self.assertEqual(auth.verify(fresh[2].token).chain, self.CHAIN_AGENTS)
+        self.assertChainRefused(auth, old + fresh, [True, True, True, False, False, False])
+
+    def test_chain_verify_asks_the_store_once(self):
+        auth = self.chain_auth()
+        root, middle, leaf = self.mint_chain(auth)
+        with unittest.mock.patch.object(self.store, "is_revoked", wraps=self.store.is_revoked) as spy:
+            self.assertEqual(auth.verify(leaf.token).jti, leaf.jti)
+            self.assertEqual(spy.call_count, 1)
+            auth.revoke(jti=root.jti)
+            with self.assertRaises(RevokedError):
+                auth.verify(leaf.token)
+            self.assertEqual(spy.call_count, 2)
+        (claims,), _kwargs = spy.call_args
+        self.assertEqual(claims.chain_jtis, (root.jti, middle.jti))
+        self.assertEqual(claims.chain, self.CHAIN_AGENTS)
+
 
 class MemoryStoreTests(StoreContract, unittest.TestCase):
     def make_store(self):
@@ -2283,6 +2450,72 @@ class RedisStoreTests(unittest.TestCase):
     def test_client_without_redis_methods_is_refused(self):
         with self.assertRaises(agentauth.InvalidConfigError):
             agentauth.RedisStore(object())
+
+    def test_chain_revocation_cuts_every_descendant(self):
+        # The StoreContract chain cases, against RedisStore: [root, middle, leaf] of user_1, then of user_2.
+        cases = [
+            ("parent token", lambda auth, chain: auth.revoke(chain[1].token), [False, True, True, False, False, False]),
+            ("parent jti", lambda auth, chain: auth.revoke(jti=chain[1].jti), [False, True, True, False, False, False]),
+            ("grandparent token", lambda auth, chain: auth.revoke(chain[0].token), [True, True, True, False, False, False]),
+            ("grandparent jti", lambda auth, chain: auth.revoke(chain[0].jti), [True, True, True, False, False, False]),
+            ("child token", lambda auth, chain: auth.revoke(chain[2].token), [False, False, True, False, False, False]),
+            ("root agent", lambda auth, chain: auth.revoke(agent="agent_orchestrator"), [True] * 6),
+            ("middle agent", lambda auth, chain: auth.revoke(agent="agent_research_bot"), [False, True, True] * 2),
+            ("leaf agent", lambda auth, chain: auth.revoke(agent="agent_mail_sub"), [False, False, True] * 2),
+            ("root agent for user_1", lambda auth, chain: auth.revoke(agent="agent_orchestrator", subject="user_1"),
+             [True, True, True, False, False, False]),
+            ("middle agent for user_1", lambda auth, chain: auth.revoke(agent="agent_research_bot", subject="user_1"),
+             [False, True, True, False, False, False]),
+            ("subject", lambda auth, chain: auth.revoke(subject="user_1"), [True, True, True, False, False, False]),
+        ]
+        for what, revoke, refused in cases:
+            with self.subTest(what):
+                auth = make_auth(store=self.make_store())
+                chain = StoreContract.mint_chain(auth, "user_1")
+                tokens = chain + StoreContract.mint_chain(auth, "user_2")
+                revoke(auth, chain)
+                for position, (issued, is_refused) in enumerate(zip(tokens, refused)):
+                    if is_refused:
+                        with self.assertRaises(RevokedError) as cm:
+                            auth.verify(issued.token)
+                        self.assertIs(type(cm.exception), RevokedError, position)
+                    else:
+                        self.assertEqual(auth.verify(issued.token).jti, issued.jti, position)
+
+    def test_chain_child_minted_in_the_revocation_second_is_refused_and_a_fresh_root_works(self):
+        clock = FixedClock(T0 + 0.1)
+        auth = make_auth(store=self.make_store(), clock=clock)
+        root, middle, leaf = StoreContract.mint_chain(auth)
+        clock.now = T0 + 0.6
+        late = auth.delegate(middle.token, agent="agent_late_sub", scopes=["email:read"])
+        clock.now = T0 + 0.9
+        auth.revoke(agent="agent_orchestrator")
+        for issued in (root, middle, leaf, late):
+            with self.assertRaises(RevokedError):
+                auth.verify(issued.token)
+        clock.now = T0 + 1
+        fresh = StoreContract.mint_chain(auth)
+        self.assertEqual(auth.verify(fresh[2].token).chain, StoreContract.CHAIN_AGENTS)
+
+    def test_chain_verify_is_one_mget_of_every_jti_and_criteria_key(self):
+        store = self.make_store()
+        auth = make_auth(store=store)
+        root, middle, leaf = StoreContract.mint_chain(auth, "user_1")
+        self.client.calls.clear()
+        self.assertEqual(auth.verify(leaf.token).jti, leaf.jti)
+        self.assertEqual(len(self.client.calls), 1)
+        method, keys = self.client.calls[0]
+        self.assertEqual(method, "mget")
+        expected = {f"t:jti:{root.jti}", f"t:jti:{middle.jti}", f"t:jti:{leaf.jti}", "t:subject:user_1"}
+        for agent in StoreContract.CHAIN_AGENTS:
+            expected |= {f"t:agent:{agent}", f"t:agent+subject:{len(agent)}:{agent}user_1"}
+        self.assertEqual(set(keys), expected)
+        self.assertEqual(len(keys), len(expected))
+        auth.revoke(jti=root.jti)
+        self.client.calls.clear()
+        with self.assertRaises(RevokedError):
+            auth.verify(leaf.token)
+        self.assertEqual([call[0] for call in self.client.calls], ["mget"])
 
 
 # ---------------------------------------------------------------------------
