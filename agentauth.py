@@ -2083,8 +2083,9 @@ class AgentAuth:
         token's), and gets back ``delegate()``'s token as RFC 8693 §2.2 JSON
         (``access_token``, ``issued_token_type``, ``token_type: "Bearer"``,
         ``expires_in``, ``scope``), or an RFC 6749 §5.2 error: 400
-        ``invalid_request``, ``invalid_grant`` (the subject token is refused),
-        ``invalid_scope``, ``unsupported_grant_type``; 503 when the store is down.
+        ``invalid_request`` (also for a refused subject token, RFC 8693
+        §2.2.2), ``invalid_scope``, ``unsupported_grant_type``; 503 when the
+        store is down.
 
         Security: whoever holds a token can delegate from it; mount this
         behind TLS like any token endpoint.
@@ -2478,7 +2479,9 @@ def _exchange_form(method: str, content_type: str, body: bytes) -> Dict[str, str
 def _exchange(auth: "AgentAuth", form: Mapping[str, str]) -> _Refusal:
     """Answer one RFC 8693 token exchange: a narrower token for the agent named in ``actor``."""
     try:
-        if form.get("grant_type") != GRANT_TYPE_TOKEN_EXCHANGE:
+        if "grant_type" not in form:
+            raise _ExchangeRefusal(400, "invalid_request", "grant_type is required")
+        if form["grant_type"] != GRANT_TYPE_TOKEN_EXCHANGE:
             raise _ExchangeRefusal(400, "unsupported_grant_type", "grant_type must be token-exchange")
         for name in ("subject_token", "subject_token_type", "actor"):
             if name not in form:
@@ -2495,7 +2498,8 @@ def _exchange(auth: "AgentAuth", form: Mapping[str, str]) -> _Refusal:
         except StoreUnavailableError as exc:
             raise _ExchangeRefusal(503, "temporarily_unavailable", "authorization is temporarily unavailable") from exc
         except TokenInvalidError as exc:
-            raise _ExchangeRefusal(400, "invalid_grant", "the subject token is invalid, expired or revoked") from exc
+            # RFC 8693 §2.2.2: an invalid subject_token MUST get invalid_request.
+            raise _ExchangeRefusal(400, "invalid_request", "the subject token is invalid, expired or revoked") from exc
         except InvalidGrantError as exc:
             raise _ExchangeRefusal(400, exc.oauth_error, str(exc)) from exc
     except _ExchangeRefusal as refusal:

@@ -2003,6 +2003,899 @@ class ImportTests(unittest.TestCase):
 
 
 # ---------------------------------------------------------------------------
+# AgentAuth: delegation (RFC 8693 act chains)
+# ---------------------------------------------------------------------------
+
+
+class DelegationFixture:
+    """An AgentAuth on a FixedClock over a MemoryStore that records its events; chain builders."""
+
+    AGENTS = ("agent_orchestrator", "agent_research_bot", "agent_mail_sub", "agent_send_tool", "agent_fifth")
+
+    def setUp(self):
+        self.clock = FixedClock()
+        self.store = MemoryStore()
+        self.events = []
+        self.auth = make_auth(clock=self.clock, store=self.store, on_event=self.events.append)
+
+    def root(self, scopes=("email:*", "calendar:read"), *, auth=None, ttl_seconds=600):
+        """user_123's token for agent_research_bot, minted at the clock's now."""
+        auth = self.auth if auth is None else auth
+        return auth.issue(subject="user_123", agent="agent_research_bot", scopes=list(scopes), ttl_seconds=ttl_seconds)
+
+    def mint_chain(self, length, *, auth=None):
+        """A root token for AGENTS[0] and length - 1 delegations down AGENTS: [root, ..., leaf]."""
+        auth = self.auth if auth is None else auth
+        tokens = [auth.issue(subject="user_123", agent=self.AGENTS[0], scopes=["email:*"], ttl_seconds=600)]
+        for agent in self.AGENTS[1:length]:
+            tokens.append(auth.delegate(tokens[-1].token, agent=agent, scopes=["email:*"]))
+        return tokens
+
+    def assertRaisesExactly(self, error_class, func, *args, **kwargs):
+        """Call func; it must raise exactly error_class (not a subclass); return the error."""
+        with self.assertRaises(error_class) as cm:
+            func(*args, **kwargs)
+        self.assertIs(type(cm.exception), error_class)
+        return cm.exception
+
+    @staticmethod
+    def act_for(*agents):
+        """The act claim of a token held by agents[-1], delegated down agents (root first), ancestors with jtis."""
+        level = None
+        for index, agent in enumerate(agents[:-1]):
+            level = {"sub": agent, "jti": f"jti-{index}", **({} if level is None else {"act": level})}
+        return {"sub": agents[-1], "act": level}
+
+
+class DelegationTests(DelegationFixture, unittest.TestCase):
+    def test_child_acts_for_the_parents_subject_as_the_new_agent(self):
+        parent = self.root()
+        child = self.auth.delegate(parent.token, agent="agent_mail_sub", scopes=["email:read"], ttl_seconds=120)
+        self.assertIsInstance(child, IssuedToken)
+        self.assertNotEqual(child.jti, parent.jti)
+        claims = self.auth.verify(child.token, required_scopes=["email:read"])
+        self.assertEqual(claims.sub, "user_123")
+        self.assertEqual(claims.agent, "agent_mail_sub")
+        self.assertEqual(claims.scopes, ("email:read",))
+        self.assertEqual(claims.jti, child.jti)
+        self.assertEqual(claims.chain, ("agent_research_bot", "agent_mail_sub"))
+        self.assertEqual(claims.chain_jtis, (parent.jti,))
+        self.assertEqual((claims.iss, claims.aud, claims.iat, claims.exp), (ISSUER, AUDIENCE, T0, T0 + 120))
+
+    def test_root_token_chain_is_its_agent_alone(self):
+        claims = self.auth.verify(self.root().token)
+        self.assertEqual(claims.chain, ("agent_research_bot",))
+        self.assertEqual(claims.chain_jtis, ())
+        self.assertNotIn("act", claims.raw)
+
+    def test_three_level_chain_is_root_first_with_every_ancestor_jti(self):
+        root, middle, leaf = self.mint_chain(3)
+        claims = self.auth.verify(leaf.token)
+        self.assertEqual(claims.sub, "user_123")
+        self.assertEqual(claims.agent, "agent_mail_sub")
+        self.assertEqual(claims.chain, ("agent_orchestrator", "agent_research_bot", "agent_mail_sub"))
+        self.assertEqual(claims.chain_jtis, (root.jti, middle.jti))
+        middle_claims = self.auth.verify(middle.token)
+        self.assertEqual(middle_claims.chain, ("agent_orchestrator", "agent_research_bot"))
+        self.assertEqual(middle_claims.chain_jtis, (root.jti,))
+
+    def test_act_claim_nests_the_current_actor_outermost(self):
+        root, middle, leaf = self.mint_chain(3)
+        payloads = [json_segment(issued.token.split(".")[1]) for issued in (root, middle, leaf)]
+        self.assertNotIn("act", payloads[0])
+        self.assertEqual(payloads[1]["act"], {"sub": "agent_research_bot", "act": {"sub": "agent_orchestrator", "jti": root.jti}})
+        self.assertEqual(
+            payloads[2]["act"],
+            {
+                "sub": "agent_mail_sub",
+                "act": {"sub": "agent_research_bot", "jti": middle.jti, "act": {"sub": "agent_orchestrator", "jti": root.jti}},
+            },
+        )
+        for payload, agent, issued in zip(payloads, self.AGENTS, (root, middle, leaf)):
+            self.assertEqual((payload["sub"], payload["client_id"], payload["jti"]), ("user_123", agent, issued.jti))
+
+    def test_delegated_token_checks_required_scopes(self):
+        child = self.auth.delegate(self.root().token, agent="agent_mail_sub", scopes=["email:read"])
+        error = self.assertRaisesExactly(MissingScopeError, self.auth.verify, child.token, required_scopes=["email:send"])
+        self.assertEqual(error.missing, ("email:send",))
+        with self.assertRaises(MissingScopeError):
+            self.auth.verify(child.token, required_scopes=["calendar:read"])  # the parent had it, the child did not ask
+
+    def test_child_scopes_are_deduplicated_in_order(self):
+        child = self.auth.delegate(self.root().token, agent="agent_mail_sub", scopes=["email:send", "email:read", "email:send"])
+        self.assertEqual(self.auth.verify(child.token).scopes, ("email:send", "email:read"))
+
+    def test_edited_payload_of_a_delegated_token_fails_its_signature(self):
+        _root, middle, leaf = self.mint_chain(3)
+        head, body, signature = leaf.token.split(".")
+        payload = json_segment(body)
+        shortened = dict(payload, act={"sub": "agent_mail_sub", "act": {"sub": "agent_research_bot", "jti": middle.jti}})
+        renamed = json.loads(json.dumps(payload))
+        renamed["act"]["act"]["act"]["sub"] = "agent_trusted"
+        no_act = {k: v for k, v in payload.items() if k != "act"}
+        edits = {
+            "tampered payload": tamper(leaf.token, "payload"),
+            "grandparent dropped": f"{head}.{b64url(json.dumps(shortened, separators=(',', ':')).encode())}.{signature}",
+            "root renamed": f"{head}.{b64url(json.dumps(renamed, separators=(',', ':')).encode())}.{signature}",
+            "act removed": f"{head}.{b64url(json.dumps(no_act, separators=(',', ':')).encode())}.{signature}",
+            "re-signed with another key": forge(header_for(), payload, OTHER_SECRET),
+        }
+        for what, token in edits.items():
+            with self.subTest(what):
+                self.assertRaisesExactly(TokenInvalidError, self.auth.verify, token)
+                self.assertRaisesExactly(TokenInvalidError, self.auth.delegate, token, agent="agent_x", scopes=["email:read"])
+
+    def test_child_cannot_regain_what_its_parent_gave_up(self):
+        # A chain that claims a broader ancestor is caught at delegate time: only the presented token's grant counts.
+        root = self.root(["email:*"])
+        narrow = self.auth.delegate(root.token, agent="agent_mail_sub", scopes=["email:read"])
+        error = self.assertRaisesExactly(
+            InvalidGrantError, self.auth.delegate, narrow.token, agent="agent_send_tool", scopes=["email:*"]
+        )
+        self.assertEqual(error.oauth_error, "invalid_scope")
+        with self.assertRaises(InvalidGrantError):
+            self.auth.delegate(narrow.token, agent="agent_send_tool", scopes=["email:send"])
+        grandchild = self.auth.delegate(narrow.token, agent="agent_send_tool", scopes=["email:read"])
+        self.assertEqual(self.auth.verify(grandchild.token).scopes, ("email:read",))
+
+    def test_forged_act_claiming_a_broader_chain_gives_no_more_than_the_tokens_own_scope(self):
+        act = self.act_for("agent_admin", "agent_mail_sub")
+        token = forge(HEADER, claims_for(client_id="agent_mail_sub", scope="email:read", act=act), SECRET)
+        self.assertEqual(self.auth.verify(token).chain, ("agent_admin", "agent_mail_sub"))
+        error = self.assertRaisesExactly(InvalidGrantError, self.auth.delegate, token, agent="agent_x", scopes=["*"])
+        self.assertEqual(error.oauth_error, "invalid_scope")
+
+    def test_delegate_refuses_a_malformed_agent(self):
+        parent = self.root()
+        for agent in ("", "a" * 257, "agent\nsub", "agent\x00", 5, None, b"agent"):
+            with self.subTest(agent=agent):
+                error = self.assertRaisesExactly(InvalidGrantError, self.auth.delegate, parent.token, agent=agent, scopes=["email:read"])
+                self.assertEqual(error.oauth_error, "invalid_request")
+        self.assertEqual(self.auth.verify(self.auth.delegate(parent.token, agent="a" * 256, scopes=["email:read"]).token).agent, "a" * 256)
+
+    def test_delegate_refuses_malformed_scopes_as_invalid_scope(self):
+        parent = self.root(["*"])
+        for scopes in ([], "email:read", ["email read"], ["email*"], ["*:read"], ["email:*:read"], [""], [5], None):
+            with self.subTest(scopes=scopes):
+                error = self.assertRaisesExactly(InvalidGrantError, self.auth.delegate, parent.token, agent="agent_mail_sub", scopes=scopes)
+                self.assertEqual(error.oauth_error, "invalid_scope")
+
+
+class AttenuationTests(DelegationFixture, unittest.TestCase):
+    """A child holds only what its parent's grant covers, under the wildcard rules."""
+
+    ALLOWED = [
+        (["email:*"], ["email:read"]),
+        (["email:*"], ["email:*"]),
+        (["email:*"], ["email:x:*"]),
+        (["email:*"], ["email:x:read"]),
+        (["email:x:*"], ["email:x:read"]),
+        (["email:x:*"], ["email:x:*"]),
+        (["email:read"], ["email:read"]),
+        (["*"], ["*"]),
+        (["*"], ["email:*"]),
+        (["*"], ["email:read", "calendar:write"]),
+        (["email:read", "calendar:*"], ["calendar:write", "email:read"]),
+    ]
+    REFUSED = [
+        (["email:read"], ["email:*"]),
+        (["email:read"], ["*"]),
+        (["email:*"], ["*"]),
+        (["email:*", "calendar:*"], ["*"]),
+        (["email:x:*"], ["email:*"]),
+        (["email:x:*"], ["email:y:read"]),
+        (["email:read"], ["email:read:*"]),
+        (["email:read", "email:send"], ["email:*"]),
+        (["email:read"], ["calendar:read"]),
+        (["email:read"], ["email:send"]),
+        (["email:*"], ["emailx:read"]),
+        (["email:*"], ["email"]),
+        (["email:read"], ["email:read", "email:send"]),
+        (["calendar:*"], ["email:read"]),
+    ]
+
+    def test_child_may_hold_what_the_parent_grant_covers(self):
+        for parent_scopes, child_scopes in self.ALLOWED:
+            with self.subTest(parent=parent_scopes, child=child_scopes):
+                child = self.auth.delegate(self.root(parent_scopes).token, agent="agent_mail_sub", scopes=child_scopes)
+                self.assertEqual(self.auth.verify(child.token).scopes, tuple(child_scopes))
+
+    def test_child_may_never_hold_more_than_its_parent(self):
+        for parent_scopes, child_scopes in self.REFUSED:
+            with self.subTest(parent=parent_scopes, child=child_scopes):
+                error = self.assertRaisesExactly(
+                    InvalidGrantError, self.auth.delegate, self.root(parent_scopes).token, agent="agent_mail_sub", scopes=child_scopes
+                )
+                self.assertEqual(error.oauth_error, "invalid_scope")
+                self.assertEqual(error.code, "invalid_grant")
+                for scope in child_scopes:  # messages never name scopes
+                    if scope != "*":
+                        self.assertNotIn(scope, str(error))
+        self.assertNotIn("delegated", [event.type for event in self.events])
+
+
+class DelegationExpiryTests(DelegationFixture, unittest.TestCase):
+    def delegate(self, parent, ttl_seconds=None):
+        return self.auth.delegate(parent.token, agent="agent_mail_sub", scopes=["email:read"], ttl_seconds=ttl_seconds)
+
+    def assertExpiry(self, issued, exp):
+        self.assertEqual(issued.expires_at, exp)
+        self.assertEqual(json_segment(issued.token.split(".")[1])["exp"], exp)
+        self.assertEqual(self.auth.verify(issued.token).exp, exp)
+
+    def test_child_expires_after_its_ttl_when_the_parent_outlives_it(self):
+        parent = self.root(ttl_seconds=600)
+        self.clock.advance(100)
+        child = self.delegate(parent, ttl_seconds=120)
+        self.assertExpiry(child, T0 + 220)
+        self.assertEqual(self.auth.verify(child.token).iat, T0 + 100)
+
+    def test_child_expiry_is_capped_at_the_parents(self):
+        parent = self.root(ttl_seconds=600)
+        self.assertExpiry(self.delegate(parent, ttl_seconds=3600), T0 + 600)
+        self.assertExpiry(self.delegate(parent), T0 + 600)  # the default ttl, 900, is longer than what is left
+        self.assertExpiry(self.delegate(parent, ttl_seconds=600), T0 + 600)
+        self.assertExpiry(self.delegate(parent, ttl_seconds=599), T0 + 599)
+        self.clock.advance(500)
+        self.assertExpiry(self.delegate(parent, ttl_seconds=200), T0 + 600)
+        self.assertExpiry(self.delegate(parent, ttl_seconds=99), T0 + 599)
+
+    def test_expiry_is_capped_by_every_ancestor(self):
+        root = self.root(ttl_seconds=600)
+        middle = self.auth.delegate(root.token, agent="agent_mail_sub", scopes=["email:*"], ttl_seconds=300)
+        leaf = self.auth.delegate(middle.token, agent="agent_send_tool", scopes=["email:send"], ttl_seconds=3600)
+        self.assertExpiry(leaf, T0 + 300)
+
+    def test_fractional_clock_caps_at_whole_seconds(self):
+        self.clock.now = T0 + 0.75
+        parent = self.root(ttl_seconds=600)
+        self.clock.advance(599)  # T0 + 599.75
+        child = self.delegate(parent, ttl_seconds=60)
+        self.assertEqual(child.expires_at, T0 + 600)
+
+    def test_parent_in_its_grace_period_cannot_delegate(self):
+        parent = self.root(ttl_seconds=600)
+        self.clock.advance(599)
+        self.assertExpiry(self.delegate(parent, ttl_seconds=60), T0 + 600)
+        for offset in (600, 601, 600 + TOLERANCE - 1):
+            with self.subTest(offset=offset):
+                self.clock.now = T0 + offset
+                self.assertEqual(self.auth.verify(parent.token).jti, parent.jti)  # still accepted: the tolerance
+                error = self.assertRaisesExactly(InvalidGrantError, self.delegate, parent, 60)
+                self.assertEqual(error.oauth_error, "invalid_request")
+
+    def test_expired_parent_is_token_expired(self):
+        parent = self.root(ttl_seconds=600)
+        for offset in (600 + TOLERANCE, 600 + TOLERANCE + 1, 5000):
+            with self.subTest(offset=offset):
+                self.clock.now = T0 + offset
+                error = self.assertRaisesExactly(TokenExpiredError, self.delegate, parent, 60)
+                self.assertEqual(error.expired_at, T0 + 600)
+
+    def test_ttl_must_be_whole_seconds_within_max_ttl(self):
+        parent = self.root(ttl_seconds=600)
+        for ttl in (0, -1, MAX_TTL + 1, "60", 60.0, True):
+            with self.subTest(ttl=ttl):
+                error = self.assertRaisesExactly(InvalidGrantError, self.delegate, parent, ttl)
+                self.assertEqual(error.oauth_error, "invalid_request")
+        self.assertExpiry(self.delegate(parent, ttl_seconds=1), T0 + 1)
+
+
+class DelegationParentTests(DelegationFixture, unittest.TestCase):
+    def test_revoked_parent_is_refused_even_without_revocation_checks(self):
+        auth = make_auth(clock=self.clock, store=self.store, check_revocation=False)
+        root, middle = self.mint_chain(2, auth=auth)
+        auth.revoke(root.token)
+        self.assertEqual(auth.verify(root.token).jti, root.jti)  # verify skips the store here
+        for parent in (root, middle):  # the parent itself, and a descendant of the revoked token
+            with self.subTest(parent=parent.jti):
+                error = self.assertRaisesExactly(RevokedError, auth.delegate, parent.token, agent="agent_x", scopes=["email:read"])
+                self.assertEqual(error.jti, parent.jti)
+
+    def test_parent_of_a_revoked_agent_is_refused(self):
+        root, middle = self.mint_chain(2)
+        self.auth.revoke(agent=self.AGENTS[0])
+        for parent in (root, middle):
+            with self.subTest(parent=parent.jti):
+                self.assertRaisesExactly(RevokedError, self.auth.delegate, parent.token, agent="agent_x", scopes=["email:read"])
+
+    def test_forged_parent_is_token_invalid(self):
+        parent = self.root()
+        other_issuer = make_auth(clock=self.clock, issuer="https://other.example").issue(
+            subject="user_123", agent="agent_research_bot", scopes=["email:*"]
+        )
+        for what, token in {
+            "signature": tamper(parent.token, "signature"),
+            "payload": tamper(parent.token, "payload"),
+            "other key": forge(HEADER, claims_for(scope="*"), OTHER_SECRET),
+            "alg none": forge(header_for(alg="none"), claims_for(), SECRET),
+            "other issuer": other_issuer.token,
+            "not a token": "not-a-token",
+            "not a string": None,
+        }.items():
+            with self.subTest(what):
+                self.assertRaisesExactly(TokenInvalidError, self.auth.delegate, token, agent="agent_x", scopes=["email:read"])
+
+    def test_store_failure_propagates(self):
+        for error in (RuntimeError("down"), StoreUnavailableError("redis is down")):
+            for check_revocation in (True, False):
+                with self.subTest(error=type(error).__name__, check_revocation=check_revocation):
+                    auth = make_auth(clock=self.clock, store=AnswerStore(error), check_revocation=check_revocation)
+                    parent = auth.issue(subject="user_123", agent="agent_research_bot", scopes=["email:*"])
+                    self.assertRaisesExactly(StoreUnavailableError, auth.delegate, parent.token, agent="agent_x", scopes=["email:read"])
+
+    def test_store_answering_revoked_refuses_the_parent(self):
+        auth = make_auth(clock=self.clock, store=AnswerStore(True), check_revocation=False)
+        parent = auth.issue(subject="user_123", agent="agent_research_bot", scopes=["email:*"])
+        self.assertRaisesExactly(RevokedError, auth.delegate, parent.token, agent="agent_x", scopes=["email:read"])
+
+
+class ChainLengthTests(DelegationFixture, unittest.TestCase):
+    def test_default_chain_is_four_agents_so_three_delegations(self):
+        self.assertEqual(agentauth.DEFAULT_MAX_CHAIN_LENGTH, 4)
+        self.assertEqual(self.auth.max_chain_length, 4)
+        tokens = self.mint_chain(4)
+        claims = self.auth.verify(tokens[3].token)
+        self.assertEqual(claims.chain, self.AGENTS[:4])
+        self.assertEqual(claims.chain_jtis, tuple(issued.jti for issued in tokens[:3]))
+        error = self.assertRaisesExactly(InvalidGrantError, self.auth.delegate, tokens[3].token, agent="agent_fifth", scopes=["email:read"])
+        self.assertEqual(error.oauth_error, "invalid_request")
+
+    def test_max_chain_length_is_configurable(self):
+        auth = make_auth(clock=self.clock, max_chain_length=2)
+        _root, child = self.mint_chain(2, auth=auth)
+        self.assertEqual(auth.verify(child.token).chain, self.AGENTS[:2])
+        error = self.assertRaisesExactly(InvalidGrantError, auth.delegate, child.token, agent="agent_x", scopes=["email:read"])
+        self.assertEqual(error.oauth_error, "invalid_request")
+        lone = make_auth(clock=self.clock, max_chain_length=1)
+        self.assertRaisesExactly(InvalidGrantError, lone.delegate, self.root(auth=lone).token, agent="agent_x", scopes=["email:read"])
+        longer = make_auth(clock=self.clock, max_chain_length=6)
+        self.assertEqual(longer.verify(self.mint_chain(5, auth=longer)[4].token).chain, self.AGENTS)
+
+    def test_invalid_max_chain_length_is_a_config_error(self):
+        for value in (0, -1, "4", 4.0, True, None):
+            with self.subTest(value=value):
+                self.assertRaisesExactly(InvalidConfigError, make_auth, max_chain_length=value)
+
+    def test_verify_refuses_a_chain_longer_than_max_chain_length(self):
+        for agents, accepted in ((self.AGENTS[:4], True), (self.AGENTS[:5], False)):
+            token = forge(HEADER, claims_for(client_id=agents[-1], act=self.act_for(*agents)), SECRET)
+            with self.subTest(agents=len(agents)):
+                if accepted:
+                    claims = self.auth.verify(token)
+                    self.assertEqual(claims.chain, agents)
+                    self.assertEqual(claims.chain_jtis, ("jti-0", "jti-1", "jti-2"))
+                else:
+                    self.assertRaisesExactly(TokenInvalidError, self.auth.verify, token)
+                    self.assertRaisesExactly(TokenInvalidError, self.auth.revoke, token)
+        short = make_auth(clock=self.clock, max_chain_length=2)
+        leaf = self.mint_chain(3)[2]  # minted by the default configuration, signed with the same key
+        self.assertRaisesExactly(TokenInvalidError, short.verify, leaf.token)
+
+    def test_verify_refuses_a_malformed_act(self):
+        good_inner = {"sub": "agent_a", "jti": "jti-a"}
+        cases = {
+            "a string": "agent_c",
+            "a list": ["agent_c", "agent_a"],
+            "a number": 5,
+            "true": True,
+            "empty": {},
+            "no sub": {"act": good_inner},
+            "empty sub": {"sub": "", "act": good_inner},
+            "sub not a string": {"sub": 5, "act": good_inner},
+            "no ancestor": {"sub": "agent_c"},
+            "inner not an object": {"sub": "agent_c", "act": "agent_a"},
+            "inner without jti": {"sub": "agent_c", "act": {"sub": "agent_a"}},
+            "inner with empty jti": {"sub": "agent_c", "act": {"sub": "agent_a", "jti": ""}},
+            "inner jti not a string": {"sub": "agent_c", "act": {"sub": "agent_a", "jti": 7}},
+            "inner without sub": {"sub": "agent_c", "act": {"jti": "jti-a"}},
+            "innermost without jti": {"sub": "agent_c", "act": {"sub": "agent_b", "jti": "jti-b", "act": {"sub": "agent_a"}}},
+            "innermost a list": {"sub": "agent_c", "act": {"sub": "agent_b", "jti": "jti-b", "act": []}},
+            "outer sub is not client_id": {"sub": "agent_x", "act": good_inner},
+            "client_id only inside": {"sub": "agent_a", "act": {"sub": "agent_c", "jti": "jti-c"}},
+        }
+        for what, act in cases.items():
+            with self.subTest(what):
+                token = forge(HEADER, claims_for(client_id="agent_c", act=act), SECRET)
+                self.assertRaisesExactly(TokenInvalidError, self.auth.verify, token)
+                self.assertRaisesExactly(TokenInvalidError, self.auth.delegate, token, agent="agent_x", scopes=["email:read"])
+        well_formed = forge(HEADER, claims_for(client_id="agent_c", act={"sub": "agent_c", "act": good_inner}), SECRET)
+        self.assertEqual(self.auth.verify(well_formed).chain, ("agent_a", "agent_c"))
+
+    def test_token_size_limit_stops_a_growing_chain(self):
+        probe = self.root(["email:*"])
+        auth = make_auth(clock=self.clock, max_token_bytes=len(probe.token) + 40)
+        parent = self.root(["email:*"], auth=auth)
+        self.assertEqual(len(parent.token), len(probe.token))
+        error = self.assertRaisesExactly(InvalidGrantError, auth.delegate, parent.token, agent="agent_mail_sub", scopes=["email:*"])
+        self.assertEqual(error.oauth_error, "invalid_request")
+
+
+class DelegationLookupTests(DelegationFixture, unittest.TestCase):
+    """However long the chain, verify asks each built-in store once."""
+
+    def test_memory_store_is_asked_once_per_verify(self):
+        class CountingMemoryStore(MemoryStore):
+            def __init__(self):
+                super().__init__()
+                self.lookups = []
+
+            def is_revoked(self, claims):
+                self.lookups.append(claims.jti)
+                return super().is_revoked(claims)
+
+        store = CountingMemoryStore()
+        auth = make_auth(clock=self.clock, store=store)
+        leaf = self.mint_chain(3, auth=auth)[2]
+        store.lookups.clear()
+        self.assertEqual(auth.verify(leaf.token).jti, leaf.jti)
+        self.assertEqual(store.lookups, [leaf.jti])
+        auth.revoke(agent=self.AGENTS[0])
+        with self.assertRaises(RevokedError):
+            auth.verify(leaf.token)
+        self.assertEqual(store.lookups, [leaf.jti, leaf.jti])
+
+    def test_sqlite_store_runs_one_statement_per_verify(self):
+        directory = tempfile.mkdtemp(prefix="agentauth-test-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        path = os.path.join(directory, "revocations.db")
+        store = SqliteStore(path)
+        self.addCleanup(store.close)
+        auth = make_auth(clock=self.clock, store=store)
+        root, _middle, leaf = self.mint_chain(3, auth=auth)
+        auth.verify(leaf.token)  # the first lookup of a connection loads what is committed
+        statements = []
+        connection = store._connection().connection
+        connection.set_trace_callback(statements.append)
+        self.addCleanup(connection.set_trace_callback, None)
+        self.assertEqual(auth.verify(leaf.token).jti, leaf.jti)
+        self.assertEqual(statements, ["PRAGMA data_version"])
+        auth.revoke(agent=self.AGENTS[1])  # this connection's own commit: already in the index
+        statements.clear()
+        with self.assertRaises(RevokedError):
+            auth.verify(leaf.token)
+        self.assertEqual(statements, ["PRAGMA data_version"])
+        statements.clear()
+        self.assertEqual(auth.verify(root.token).jti, root.jti)
+        self.assertEqual(statements, ["PRAGMA data_version"])
+        other = SqliteStore(path)  # another process's revocation: loaded once, then one statement again
+        self.addCleanup(other.close)
+        other.revoke({"jti": root.jti}, revoked_at=T0, expires_at=T0 + 1000)
+        statements.clear()
+        with self.assertRaises(RevokedError):
+            auth.verify(root.token)
+        self.assertEqual(statements[0], "PRAGMA data_version")
+        statements.clear()
+        with self.assertRaises(RevokedError):
+            auth.verify(leaf.token)
+        self.assertEqual(statements, ["PRAGMA data_version"])
+
+
+class DelegationEventTests(DelegationFixture, unittest.TestCase):
+    def test_delegate_emits_delegated_naming_child_and_parent(self):
+        parent = self.root(["email:*", "calendar:read"])
+        self.clock.advance(5)
+        child = self.auth.delegate(parent.token, agent="agent_mail_sub", scopes=["email:read", "calendar:read"], ttl_seconds=120)
+        self.assertEqual([event.type for event in self.events], ["issued", "delegated"])
+        event = self.events[-1]
+        self.assertIsInstance(event, AgentEvent)
+        self.assertEqual(
+            event,
+            AgentEvent("delegated", T0 + 5, child.jti, "user_123", "agent_mail_sub", ("email:read", "calendar:read"), None,
+                       parent.jti, "agent_research_bot"),
+        )
+        self.assertEqual((event.jti, event.parent_jti), (child.jti, parent.jti))
+        self.assertEqual((event.agent, event.parent_agent), ("agent_mail_sub", "agent_research_bot"))
+        self.assertEqual((event.subject, event.scopes, event.error), ("user_123", ("email:read", "calendar:read"), None))
+
+    def test_each_delegation_names_its_own_parent(self):
+        root, middle, leaf = self.mint_chain(3)
+        delegated = [event for event in self.events if event.type == "delegated"]
+        self.assertEqual([(e.jti, e.parent_jti) for e in delegated], [(middle.jti, root.jti), (leaf.jti, middle.jti)])
+        self.assertEqual([(e.agent, e.parent_agent) for e in delegated],
+                         [(self.AGENTS[1], self.AGENTS[0]), (self.AGENTS[2], self.AGENTS[1])])
+
+    def test_other_events_have_no_parent(self):
+        issued = self.root()
+        self.auth.verify(issued.token)
+        self.auth.revoke(issued.token)
+        self.assertEqual([(e.type, e.parent_jti, e.parent_agent) for e in self.events],
+                         [("issued", None, None), ("verified", None, None), ("revoked", None, None)])
+
+    def test_refused_delegate_emits_no_delegated_event(self):
+        parent = self.root(["email:read"], ttl_seconds=600)
+        revoked = self.root(["email:read"])
+        self.auth.revoke(revoked.token)
+        short = make_auth(clock=self.clock, on_event=self.events.append, max_chain_length=1)
+        refusals = [
+            (InvalidGrantError, self.auth, parent.token, {"scopes": ["email:*"]}),
+            (InvalidGrantError, self.auth, parent.token, {"agent": ""}),
+            (InvalidGrantError, self.auth, parent.token, {"ttl_seconds": 0}),
+            (InvalidGrantError, short, parent.token, {}),
+            (RevokedError, self.auth, revoked.token, {}),
+            (TokenInvalidError, self.auth, tamper(parent.token, "signature"), {}),
+        ]
+        for error_class, auth, token, changes in refusals:
+            with self.subTest(error=error_class.__name__, changes=changes):
+                kwargs = dict(agent="agent_mail_sub", scopes=["email:read"])
+                kwargs.update(changes)
+                self.assertRaisesExactly(error_class, auth.delegate, token, **kwargs)
+        self.clock.advance(600 + TOLERANCE)
+        self.assertRaisesExactly(TokenExpiredError, self.auth.delegate, parent.token, agent="agent_mail_sub", scopes=["email:read"])
+        self.assertNotIn("delegated", [event.type for event in self.events])
+
+
+class ChainExposureTests(DelegationFixture, unittest.TestCase):
+    """The middleware and the MCP helpers hand the chain to the code that acts."""
+
+    def test_claims_from_raw_rebuilds_the_chain(self):
+        root, middle, leaf = self.mint_chain(3)
+        verified = self.auth.verify(leaf.token)
+        for raw in (dict(verified.raw), json.loads(json.dumps(dict(verified.raw)))):  # as the MCP SDK keeps them
+            rebuilt = agentauth._claims_from_raw(raw)
+            self.assertEqual(rebuilt.chain, self.AGENTS[:3])
+            self.assertEqual(rebuilt.chain_jtis, (root.jti, middle.jti))
+            self.assertEqual(rebuilt[:8], verified[:8])
+        root_claims = agentauth._claims_from_raw(dict(self.auth.verify(root.token).raw))
+        self.assertEqual((root_claims.chain, root_claims.chain_jtis), ((self.AGENTS[0],), ()))
+        broken = dict(verified.raw, act={"sub": "agent_other", "act": {"sub": "agent_a", "jti": "j"}})
+        self.assertIsNone(agentauth._claims_from_raw(broken))
+
+    def test_mcp_access_token_carries_the_chain_to_current_claims(self):
+        import types
+
+        root, middle, leaf = self.mint_chain(3)
+        access = asyncio.run(agentauth._access_token(self.auth, leaf.token, types.SimpleNamespace))
+        self.assertEqual(access.client_id, "agent_mail_sub")
+        fake_sdk = unittest.mock.Mock(get_access_token=lambda: access)
+        with unittest.mock.patch.dict(sys.modules, {"mcp.server.auth.middleware.auth_context": fake_sdk}):
+            claims = agentauth.current_claims()
+        self.assertEqual(claims.chain, self.AGENTS[:3])
+        self.assertEqual(claims.chain_jtis, (root.jti, middle.jti))
+
+    def test_wsgi_app_sees_the_chain(self):
+        root, middle, leaf = self.mint_chain(3)
+        seen = []
+
+        def app(environ, start_response):
+            seen.append((environ["agentauth.claims"].chain, agentauth.current_claims().chain_jtis))
+            start_response("200 OK", [("Content-Type", "text/plain")])
+            return [b"ok"]
+
+        status, _headers, _body = wsgi_call(self.auth.wsgi(app), headers={"HTTP_AUTHORIZATION": f"Bearer {leaf.token}"})
+        self.assertEqual(status, "200 OK")
+        self.assertEqual(seen, [(self.AGENTS[:3], (root.jti, middle.jti))])
+        self.auth.revoke(agent=self.AGENTS[0])
+        status, _headers, _body = wsgi_call(self.auth.wsgi(app), headers={"HTTP_AUTHORIZATION": f"Bearer {leaf.token}"})
+        self.assertEqual(status, "401 Unauthorized")
+        self.assertEqual(len(seen), 1)
+
+    def test_asgi_app_sees_the_chain(self):
+        middle = self.mint_chain(2)[1]
+        seen = []
+
+        async def app(scope, receive, send):
+            seen.append((scope["state"]["agentauth.claims"].chain, agentauth.current_claims().chain))
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+
+        _scope, sent = asgi_call(self.auth.asgi(app), headers=[(b"authorization", f"Bearer {middle.token}".encode())])
+        self.assertEqual(sent[0]["status"], 200)
+        self.assertEqual(seen, [(self.AGENTS[:2], self.AGENTS[:2])])
+
+
+# ---------------------------------------------------------------------------
+# AgentAuth: token exchange endpoint (RFC 8693)
+# ---------------------------------------------------------------------------
+
+
+class TokenExchangeContract:
+    """The token exchange endpoint's answers, mixed into one TestCase per transport (WSGI, ASGI)."""
+
+    GRANT_TYPE = "urn:ietf:params:oauth:grant-type:token-exchange"
+    ACCESS_TOKEN = "urn:ietf:params:oauth:token-type:access_token"
+    FORM = "application/x-www-form-urlencoded"
+    MAX_BODY = 65536
+
+    def call(self, auth, body, *, method, content_type):
+        """Send one request to auth's endpoint; return (status, headers with lower-case names, body bytes)."""
+        raise NotImplementedError
+
+    def setUp(self):
+        self.clock = FixedClock()
+        self.events = []
+        self.auth = make_auth(clock=self.clock, on_event=self.events.append)
+        self.parent = self.auth.issue(
+            subject="user_123", agent="agent_research_bot", scopes=["email:*", "calendar:read"], ttl_seconds=600
+        )
+
+    def fields(self, **changes):
+        """A valid request's form fields as pairs, with some changed (DROP removes one)."""
+        fields = {
+            "grant_type": self.GRANT_TYPE,
+            "subject_token": self.parent.token,
+            "subject_token_type": self.ACCESS_TOKEN,
+            "actor": "agent_mail_sub",
+            "scope": "email:read",
+        }
+        for name, value in changes.items():
+            if value is DROP:
+                fields.pop(name, None)
+            else:
+                fields[name] = value
+        return list(fields.items())
+
+    def exchange(self, pairs=None, *, auth=None, body=None, method="POST", content_type=FORM):
+        """POST a form (pairs, default: fields()) or raw body; return (status, headers, JSON document)."""
+        from urllib.parse import urlencode
+
+        if body is None:
+            body = urlencode(self.fields() if pairs is None else pairs).encode("ascii")
+        status, headers, raw = self.call(self.auth if auth is None else auth, body, method=method, content_type=content_type)
+        self.assertEqual(headers["content-type"], "application/json")
+        self.assertEqual(headers["cache-control"], "no-store")  # RFC 6749 §5.1
+        self.assertEqual(headers["content-length"], str(len(raw)))
+        return status, headers, json.loads(raw)
+
+    def assertRefusal(self, answer, status, error):
+        got_status, headers, document = answer
+        self.assertEqual((got_status, document.get("error")), (status, error))
+        self.assertEqual(set(document), {"error", "error_description"})
+        self.assertIsInstance(document["error_description"], str)
+        self.assertNotIn(self.parent.token, document["error_description"])
+        self.assertNotIn(self.parent.token.split(".")[2], json.dumps(document))
+        return headers
+
+    def test_exchange_answers_with_a_delegated_token(self):
+        status, headers, document = self.exchange()
+        self.assertEqual(status, 200)
+        self.assertEqual(set(document), {"access_token", "issued_token_type", "token_type", "expires_in", "scope"})
+        self.assertEqual(document["issued_token_type"], "urn:ietf:params:oauth:token-type:access_token")
+        self.assertEqual(document["token_type"], "Bearer")
+        self.assertEqual(document["expires_in"], 600)  # the default ttl, 900, capped at the subject token's exp
+        self.assertEqual(document["scope"], "email:read")
+        self.assertEqual(headers["pragma"], "no-cache")
+        claims = self.auth.verify(document["access_token"], required_scopes=["email:read"])
+        self.assertEqual((claims.sub, claims.agent, claims.scopes), ("user_123", "agent_mail_sub", ("email:read",)))
+        self.assertEqual(claims.chain, ("agent_research_bot", "agent_mail_sub"))
+        self.assertEqual(claims.chain_jtis, (self.parent.jti,))
+        self.assertEqual(claims.exp, T0 + 600)
+        delegated = [event for event in self.events if event.type == "delegated"]
+        self.assertEqual([(e.jti, e.parent_jti, e.agent) for e in delegated], [(claims.jti, self.parent.jti, "agent_mail_sub")])
+
+    def test_public_constants_are_the_rfc_identifiers(self):
+        self.assertEqual(agentauth.GRANT_TYPE_TOKEN_EXCHANGE, self.GRANT_TYPE)
+        self.assertEqual(agentauth.TOKEN_TYPE_ACCESS_TOKEN, self.ACCESS_TOKEN)
+
+    def test_omitted_scope_grants_the_subject_tokens_scopes(self):
+        status, _headers, document = self.exchange(self.fields(scope=DROP))
+        self.assertEqual(status, 200)
+        self.assertEqual(document["scope"], "email:* calendar:read")
+        self.assertEqual(self.auth.verify(document["access_token"]).scopes, ("email:*", "calendar:read"))
+
+    def test_several_scopes_are_granted_deduplicated(self):
+        status, _headers, document = self.exchange(self.fields(scope="calendar:read email:send calendar:read"))
+        self.assertEqual(status, 200)
+        self.assertEqual(document["scope"], "calendar:read email:send")
+        self.assertEqual(self.auth.verify(document["access_token"]).scopes, ("calendar:read", "email:send"))
+
+    def test_expires_in_counts_down_to_the_subject_tokens_exp(self):
+        self.clock.advance(100)
+        status, _headers, document = self.exchange()
+        self.assertEqual((status, document["expires_in"]), (200, 500))
+        self.assertEqual(self.auth.verify(document["access_token"]).exp, T0 + 600)
+
+    def test_requested_access_token_type_is_accepted(self):
+        status, _headers, document = self.exchange(self.fields(requested_token_type=self.ACCESS_TOKEN))
+        self.assertEqual(status, 200)
+        self.assertEqual(self.auth.verify(document["access_token"]).agent, "agent_mail_sub")
+
+    def test_form_content_type_with_parameters_is_accepted(self):
+        status, _headers, _document = self.exchange(content_type="application/x-www-form-urlencoded; charset=UTF-8")
+        self.assertEqual(status, 200)
+
+    def test_exchanging_a_delegated_token_extends_the_chain(self):
+        _status, _headers, first = self.exchange(self.fields(scope="email:*"))
+        status, _headers, second = self.exchange(self.fields(subject_token=first["access_token"], actor="agent_send_tool", scope="email:send"))
+        self.assertEqual(status, 200)
+        claims = self.auth.verify(second["access_token"])
+        self.assertEqual(claims.chain, ("agent_research_bot", "agent_mail_sub", "agent_send_tool"))
+        self.assertEqual(claims.chain_jtis, (self.parent.jti, self.auth.verify(first["access_token"]).jti))
+
+    def test_wrong_grant_type_is_unsupported_grant_type(self):
+        for grant_type in ("authorization_code", "client_credentials", self.GRANT_TYPE.upper()):
+            with self.subTest(grant_type=grant_type):
+                self.assertRefusal(self.exchange(self.fields(grant_type=grant_type)), 400, "unsupported_grant_type")
+
+    def test_missing_grant_type_is_invalid_request(self):
+        for grant_type in (DROP, ""):
+            with self.subTest(grant_type=grant_type):
+                self.assertRefusal(self.exchange(self.fields(grant_type=grant_type)), 400, "invalid_request")
+
+    def test_missing_required_parameter_is_invalid_request(self):
+        for name in ("subject_token", "subject_token_type", "actor"):
+            for value in (DROP, ""):
+                with self.subTest(name=name, value=value):
+                    self.assertRefusal(self.exchange(self.fields(**{name: value})), 400, "invalid_request")
+
+    def test_other_token_types_are_invalid_request(self):
+        jwt_type = "urn:ietf:params:oauth:token-type:jwt"
+        for changes in ({"subject_token_type": jwt_type}, {"subject_token_type": "access_token"},
+                        {"requested_token_type": jwt_type},
+                        {"requested_token_type": "urn:ietf:params:oauth:token-type:refresh_token"}):
+            with self.subTest(changes=changes):
+                self.assertRefusal(self.exchange(self.fields(**changes)), 400, "invalid_request")
+
+    def test_repeated_parameter_is_invalid_request(self):
+        pairs = self.fields(requested_token_type=self.ACCESS_TOKEN)
+        for name, value in pairs:
+            with self.subTest(name=name):
+                self.assertRefusal(self.exchange(pairs + [(name, value)]), 400, "invalid_request")
+        self.assertNotIn("delegated", [event.type for event in self.events])
+
+    def test_other_content_type_is_invalid_request(self):
+        for content_type in ("application/json", "text/plain", "multipart/form-data; boundary=x", None):
+            with self.subTest(content_type=content_type):
+                self.assertRefusal(self.exchange(content_type=content_type), 400, "invalid_request")
+
+    def test_malformed_form_is_invalid_request(self):
+        for body in (b"\xff\xfe", b"grant_type", b"actor=%FF&grant_type=x"):
+            with self.subTest(body=body):
+                self.assertRefusal(self.exchange(body=body), 400, "invalid_request")
+
+    def test_only_post_is_allowed(self):
+        for method, body in (("GET", b""), ("GET", None), ("PUT", None), ("HEAD", b"")):
+            with self.subTest(method=method, body=body):
+                status, headers, document = self.exchange(body=body, method=method)
+                self.assertEqual(status, 405)
+                self.assertEqual(headers["allow"], "POST")
+                self.assertEqual(set(document), {"error", "error_description"})
+        self.assertNotIn("delegated", [event.type for event in self.events])
+
+    def test_body_over_64_kib_is_refused(self):
+        from urllib.parse import urlencode
+
+        base = urlencode(self.fields() + [("padding", "")]).encode("ascii")
+        exact = base + b"a" * (self.MAX_BODY - len(base))
+        self.assertEqual(len(exact), self.MAX_BODY)
+        status, _headers, _document = self.exchange(body=exact)
+        self.assertEqual(status, 200)
+        self.assertRefusal(self.exchange(body=exact + b"a"), 400, "invalid_request")
+        self.assertRefusal(self.exchange(body=exact * 4), 400, "invalid_request")
+
+    def test_refused_subject_token_is_invalid_request(self):
+        # RFC 8693 §2.2.2: an invalid subject_token MUST get invalid_request.
+        revoked = self.auth.issue(subject="user_123", agent="agent_research_bot", scopes=["email:*"])
+        self.auth.revoke(revoked.token)
+        cut = self.auth.delegate(self.parent.token, agent="agent_cut", scopes=["email:*"])
+        self.auth.revoke(agent="agent_cut")
+        short = self.auth.issue(subject="user_123", agent="agent_research_bot", scopes=["email:*"], ttl_seconds=60)
+        delegations = [event.type for event in self.events].count("delegated")
+        tokens = {
+            "tampered": tamper(self.parent.token, "signature"),
+            "forged": forge(HEADER, claims_for(scope="*"), OTHER_SECRET),
+            "garbage": "not-a-token",
+            "revoked": revoked.token,
+            "its agent revoked": cut.token,
+        }
+        for what, token in tokens.items():
+            for scope in ("email:read", DROP):
+                with self.subTest(what, scope=scope):
+                    self.assertRefusal(self.exchange(self.fields(subject_token=token, scope=scope)), 400, "invalid_request")
+        self.clock.advance(60 + TOLERANCE)
+        for scope in ("email:read", DROP):
+            with self.subTest("expired", scope=scope):
+                self.assertRefusal(self.exchange(self.fields(subject_token=short.token, scope=scope)), 400, "invalid_request")
+        self.assertEqual([event.type for event in self.events].count("delegated"), delegations)
+
+    def test_scope_beyond_the_subject_token_is_invalid_scope(self):
+        for scope in ("email:read calendar:write", "*", "calendar:*", "email:read  calendar:read", 'email"read', "email*"):
+            with self.subTest(scope=scope):
+                self.assertRefusal(self.exchange(self.fields(scope=scope)), 400, "invalid_scope")
+
+    def test_chain_too_long_is_invalid_request(self):
+        token = self.parent.token
+        for agent in ("agent_2", "agent_3", "agent_4"):
+            token = self.auth.delegate(token, agent=agent, scopes=["email:read"]).token
+        self.assertEqual(len(self.auth.verify(token).chain), 4)
+        self.assertRefusal(self.exchange(self.fields(subject_token=token)), 400, "invalid_request")
+
+    def test_malformed_actor_is_invalid_request(self):
+        for actor in ("agent\x01sub", "a" * 257):
+            with self.subTest(actor=actor[:10]):
+                self.assertRefusal(self.exchange(self.fields(actor=actor)), 400, "invalid_request")
+
+    def test_parent_in_its_grace_period_is_refused(self):
+        self.clock.advance(600)
+        self.assertEqual(self.auth.verify(self.parent.token).jti, self.parent.jti)
+        self.assertRefusal(self.exchange(), 400, "invalid_request")
+
+    def test_store_down_is_503_temporarily_unavailable(self):
+        auth = make_auth(clock=self.clock, store=AnswerStore(RuntimeError("the store is down")))
+        parent = auth.issue(subject="user_123", agent="agent_research_bot", scopes=["email:*"])
+        for scope in ("email:read", DROP):
+            with self.subTest(scope=scope):
+                answer = self.exchange(self.fields(subject_token=parent.token, scope=scope), auth=auth)
+                headers = self.assertRefusal(answer, 503, "temporarily_unavailable")
+                self.assertEqual(headers["retry-after"], "1")
+
+    def test_other_stores_are_asked(self):
+        auth = make_auth(clock=self.clock, store=AnswerStore(False))
+        parent = auth.issue(subject="user_123", agent="agent_research_bot", scopes=["email:*"])
+        status, _headers, document = self.exchange(self.fields(subject_token=parent.token), auth=auth)
+        self.assertEqual(status, 200)
+        self.assertEqual(auth.verify(document["access_token"]).chain, ("agent_research_bot", "agent_mail_sub"))
+        refusing = make_auth(clock=self.clock, store=AnswerStore(True))
+        self.assertRefusal(self.exchange(self.fields(subject_token=parent.token), auth=refusing), 400, "invalid_request")
+
+
+class TokenExchangeWsgiTests(TokenExchangeContract, unittest.TestCase):
+    def call(self, auth, body, *, method, content_type):
+        environ = {}
+        wsgiref.util.setup_testing_defaults(environ)
+        environ.update({"PATH_INFO": "/token", "REQUEST_METHOD": method, "QUERY_STRING": "", "wsgi.input": io.BytesIO(body or b"")})
+        if body is not None:
+            environ["CONTENT_LENGTH"] = str(len(body))
+        if content_type is not None:
+            environ["CONTENT_TYPE"] = content_type
+        seen = {}
+
+        def start_response(status, response_headers, exc_info=None):
+            seen["status"], seen["headers"] = status, response_headers
+
+        result = wsgiref.validate.validator(auth.token_exchange_wsgi())(environ, start_response)
+        try:
+            raw = b"".join(result)
+        finally:
+            result.close()
+        code, _, reason = seen["status"].partition(" ")
+        self.assertTrue(reason)
+        names = [name.lower() for name, _value in seen["headers"]]
+        self.assertEqual(len(names), len(set(names)))  # no header twice
+        return int(code), {name.lower(): value for name, value in seen["headers"]}, raw
+
+
+class TokenExchangeAsgiTests(TokenExchangeContract, unittest.TestCase):
+    CHUNK = 1000  # the body arrives in several http.request messages
+
+    def call(self, auth, body, *, method, content_type):
+        body = body or b""
+        headers = [(b"host", b"api.example")]
+        if content_type is not None:
+            headers.append((b"content-type", content_type.encode("latin-1")))
+        scope = {
+            "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "scheme": "https",
+            "path": "/token", "raw_path": b"/token", "root_path": "", "query_string": b"", "headers": headers,
+        }
+        chunks = [body[i: i + self.CHUNK] for i in range(0, len(body), self.CHUNK)] or [b""]
+        messages = [{"type": "http.request", "body": chunk, "more_body": i < len(chunks) - 1} for i, chunk in enumerate(chunks)]
+        sent = []
+
+        async def receive():
+            return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+        async def send(message):
+            sent.append(message)
+
+        asyncio.run(auth.token_exchange_asgi()(scope, receive, send))
+        self.assertEqual([message["type"] for message in sent], ["http.response.start", "http.response.body"])
+        self.assertFalse(sent[1].get("more_body", False))
+        for name, value in sent[0]["headers"]:
+            self.assertIsInstance(name, bytes)
+            self.assertEqual(name, name.lower())
+            self.assertIsInstance(value, bytes)
+        response_headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in sent[0]["headers"]}
+        self.assertEqual(len(response_headers), len(sent[0]["headers"]))
+        return sent[0]["status"], response_headers, sent[1]["body"]
+
+    def test_body_in_one_message_works_too(self):
+        self.CHUNK = 1 << 20
+        status, _headers, document = self.exchange()
+        self.assertEqual(status, 200)
+        self.assertEqual(self.auth.verify(document["access_token"]).agent, "agent_mail_sub")
+
+
+# ---------------------------------------------------------------------------
 # Web middleware
 # ---------------------------------------------------------------------------
 
