@@ -362,6 +362,366 @@ def jws_verify(token: str, key: bytes) -> Tuple[Dict[str, Any], bytes]:
 
 
 # ---------------------------------------------------------------------------
+# Ed25519
+# ---------------------------------------------------------------------------
+
+#: Ed25519 (RFC 8032 §5.1), pure standard library.
+#:
+#: Points are handled as plain ints and tuples rather than objects because
+#: attribute access and method calls dominate the cost of field arithmetic in
+#: CPython. Internally a point is either extended homogeneous (X, Y, Z, T) with
+#: x = X/Z, y = Y/Z, x*y = T/Z (RFC 8032 §5.1.4), or an affine "Niels" triple
+#: (y + x, y - x, 2*d*x*y) so that adding it to an extended point costs seven
+#: field multiplications.
+#:
+#: Scalar multiplication uses only fixed-base tables: for a point P, window i
+#: (0 <= i < 32) index t holds (t - 128) * 256**i * P. A scalar s < 2**253 is
+#: rewritten as s + 0x8080...80, whose 32 little-endian bytes t_i satisfy
+#: s = sum((t_i - 128) * 256**i), so [s]P is 32 table additions and no
+#: doublings. Signed digits halve the additions needed to build a table.
+#:
+#: The pure path is NOT constant-time: table indices and big-int operations
+#: depend on secret scalars when signing. It is exact (decisions are strict and
+#: deterministic), not hardened against timing side channels.
+
+_Niels = Tuple[int, int, int]
+_Table = List[List[_Niels]]
+
+#: Field prime, group order and curve constant d = -121665/121666 (RFC 8032 §5.1).
+_P = 2**255 - 19
+_L = 2**252 + 27742317777372353535851937790883648493
+_D = 37095705934669439343138083508754565189542113879843219016388785533085940283555
+_D2 = 16295367250680780974490674513165176452449235426866156013048779062215315747161
+#: sqrt(-1) = 2**((p - 1) / 4) mod p, used in decoding (RFC 8032 §5.1.3 step 3).
+_SQRT_M1 = 19681161376707505956807079304988542015446066515923890162744021073123829784752
+#: Base point B: y = 4/5, x even (RFC 8032 §5.1). Literals keep import cheap.
+_BX = 15112221349535400772501151409588531511454012693041857206046113283949847762202
+_BY = 46316835694926478169428394003475163141307993866256225615783033603165251855960
+_Y_MASK = (1 << 255) - 1
+#: Adding 128 * 256**i for every window turns bytes into signed digits.
+_DIGIT_BIAS = int.from_bytes(b"\x80" * 32, "little")
+
+#: The canonical encodings of the eight points of order dividing 8 (the whole
+#: torsion subgroup, which has order 8). Strict verification refuses them as A
+#: and as R, a rule beyond RFC 8032 that libsodium also applies: with a
+#: small-order A anyone can forge, and a small-order R lets a key holder make
+#: signatures that cofactored and cofactorless verifiers judge differently.
+#: Non-canonical encodings of these points fail the canonical-encoding rule
+#: anyway, so listing canonical forms is enough.
+_SMALL_ORDER = frozenset(
+    bytes.fromhex(h)
+    for h in (
+        "0100000000000000000000000000000000000000000000000000000000000000",
+        "ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+        "0000000000000000000000000000000000000000000000000000000000000000",
+        "0000000000000000000000000000000000000000000000000000000000000080",
+        "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a",
+        "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac03fa",
+        "26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc05",
+        "26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc85",
+    )
+)
+
+
+def _ed25519_bytes(data: bytes) -> bytes:
+    # Accept any contiguous buffer but hash and compare exact bytes; a
+    # bytearray would be unhashable in the caches and sets used below.
+    return data if type(data) is bytes else bytes(memoryview(data))
+
+
+def _ed25519_decode(encoded: bytes) -> Optional[Tuple[int, int]]:
+    # Strict point decoding (RFC 8032 §5.1.3). Refuses y >= p and x == 0 with
+    # the sign bit set, so every accepted point has exactly one encoding.
+    if len(encoded) != 32:
+        return None
+    p = _P
+    y = int.from_bytes(encoded, "little")
+    sign = y >> 255
+    y &= _Y_MASK
+    if y >= p:
+        return None
+    u = (y * y - 1) % p
+    v = (_D * y * y + 1) % p
+    # x = u * v**3 * (u * v**7)**((p - 5) / 8), the candidate root of u/v.
+    v3 = v * v % p * v % p
+    x = u * v3 % p * pow(u * v3 % p * v3 % p * v % p, (p - 5) // 8, p) % p
+    vxx = v * x % p * x % p
+    if vxx != u:
+        if vxx != p - u:
+            return None
+        x = x * _SQRT_M1 % p
+    if x == 0 and sign:
+        return None
+    if x & 1 != sign:
+        x = p - x
+    return x, y
+
+
+@functools.lru_cache(maxsize=256)
+def _ed25519_public_point(public: bytes) -> Optional[Tuple[int, int]]:
+    # Memoised per key: decoding costs a modular exponentiation, and a verifier
+    # or precheck sees the same few keys over and over.
+    if public in _SMALL_ORDER:
+        return None
+    return _ed25519_decode(public)
+
+
+def _ed25519_table(x: int, y: int) -> _Table:
+    # Window i, index t holds (t - 128) * 256**i * (x, y) as a Niels triple.
+    p = _P
+    d2 = _D2
+    table: _Table = []
+    for _ in range(32):
+        qp = (y + x) % p
+        qm = (y - x) % p
+        qt = d2 * x % p * y % p
+        X, Y, Z, T = x, y, 1, x * y % p
+        ext = [(X, Y, Z)]
+        # 2Q..128Q by mixed addition (RFC 8032 §5.1.4 with Z2 = 1); the
+        # formulas are complete, so adding Q to itself is fine.
+        for _ in range(127):
+            a = (Y - X) * qm % p
+            b = (Y + X) * qp % p
+            c = T * qt % p
+            dd = Z + Z
+            e = b - a
+            f = dd - c
+            g = dd + c
+            h = b + a
+            X = e * f % p
+            Y = g * h % p
+            Z = f * g % p
+            T = e * h % p
+            ext.append((X, Y, Z))
+        # 256Q = 2 * 128Q by the doubling formulas of RFC 8032 §5.1.4; it is
+        # the next window's Q.
+        a = X * X % p
+        b = Y * Y % p
+        c = 2 * Z * Z % p
+        h = a + b
+        e = (h - (X + Y) * (X + Y)) % p
+        g = a - b
+        f = c + g
+        ext.append((e * f % p, g * h % p, f * g % p))
+        # Montgomery's trick: one inversion normalises the whole window.
+        prefix = []
+        acc = 1
+        for pt in ext:
+            prefix.append(acc)
+            acc = acc * pt[2] % p
+        inv = pow(acc, -1, p)
+        affine: List[Tuple[int, int]] = [(0, 0)] * 129
+        for j in range(128, -1, -1):
+            X, Y, Z = ext[j]
+            zi = inv * prefix[j] % p
+            inv = inv * Z % p
+            affine[j] = (X * zi % p, Y * zi % p)
+        window: List[_Niels] = [(1, 1, 0)] * 256
+        for j in range(128):
+            ax, ay = affine[j]
+            yp = (ay + ax) % p
+            ym = (ay - ax) % p
+            t2 = d2 * ax % p * ay % p
+            if j < 127:
+                window[129 + j] = (yp, ym, t2)
+            # Negation maps (y + x, y - x, 2dxy) to (y - x, y + x, -2dxy).
+            window[127 - j] = (ym, yp, (p - t2) % p)
+        table.append(window)
+        x, y = affine[128]
+    return table
+
+
+@functools.lru_cache(maxsize=None)
+def _ed25519_base_table() -> _Table:
+    # Built on first use (32 windows of 256 entries), never at import time.
+    return _ed25519_table(_BX, _BY)
+
+
+def _ed25519_mul_encode(scalar: int, table: _Table) -> bytes:
+    # [scalar]P from P's table, then the encoding of RFC 8032 §5.1.2.
+    # scalar must be below 2**253; callers reduce modulo L first.
+    p = _P
+    X, Y, Z, T = 0, 1, 1, 0
+    for window, t in zip(table, (scalar + _DIGIT_BIAS).to_bytes(32, "little")):
+        qp, qm, qt = window[t]
+        a = (Y - X) * qm % p
+        b = (Y + X) * qp % p
+        c = T * qt % p
+        dd = Z + Z
+        e = b - a
+        f = dd - c
+        g = dd + c
+        h = b + a
+        X = e * f % p
+        Y = g * h % p
+        Z = f * g % p
+        T = e * h % p
+    zi = pow(Z, -1, p)
+    x = X * zi % p
+    return ((Y * zi % p) | ((x & 1) << 255)).to_bytes(32, "little")
+
+
+def _ed25519_expand(seed: bytes) -> Tuple[int, bytes]:
+    # RFC 8032 §5.1.5: hash the seed, prune the low half into the scalar s,
+    # keep the high half as the nonce prefix.
+    if len(seed) != 32:
+        raise ValueError("an Ed25519 seed must be 32 bytes")
+    digest = hashlib.sha512(seed).digest()
+    s = int.from_bytes(digest[:32], "little")
+    s = (s & ((1 << 254) - 8)) | (1 << 254)
+    # B has prime order L, so s mod L gives the same point and signature and
+    # fits the 253-bit limit of the signed-digit tables.
+    return s % _L, digest[32:]
+
+
+def _ed25519_public_key(seed: bytes) -> bytes:
+    scalar, _ = _ed25519_expand(_ed25519_bytes(seed))
+    return _ed25519_mul_encode(scalar, _ed25519_base_table())
+
+
+def _ed25519_split(signature: bytes) -> Optional[Tuple[bytes, int, int]]:
+    # The signature rules shared by the pure verifier and the precheck, so the
+    # two paths cannot drift apart. Returns (R, y of R, S) or None.
+    if len(signature) != 64:
+        return None
+    r = signature[:32]
+    s = int.from_bytes(signature[32:], "little")
+    # S must be below L (RFC 8032 §5.1.7 step 1); otherwise S + L is a second
+    # valid signature for the same message. It also keeps S within the
+    # 253-bit range of the signed-digit tables.
+    if s >= _L or r in _SMALL_ORDER:
+        return None
+    y = int.from_bytes(r, "little")
+    sign = y >> 255
+    y &= _Y_MASK
+    # Canonical R: y < p, and no sign bit when x == 0, which holds exactly
+    # when y is 1 or p - 1 (RFC 8032 §5.1.3 steps 1 and 4).
+    if y >= _P or (sign and (y == 1 or y == _P - 1)):
+        return None
+    return r, y, s
+
+
+def _ed25519_precheck(public: bytes, signature: bytes) -> bool:
+    # Every strictness rule of _Ed25519Verifier.verify except the group
+    # equation. R being on the curve is left to the equation on both paths:
+    # this module and OpenSSL both compare the canonical encoding of
+    # [S]B - [k]A with R, and that encoding is always of a curve point, so a
+    # separate check (a square root, about 90 us) would never change a
+    # decision. A caller may run this, then the cryptography package's
+    # Ed25519 verify, and reach the same decisions as the pure verifier.
+    try:
+        public = _ed25519_bytes(public)
+        signature = _ed25519_bytes(signature)
+    except TypeError:
+        return False
+    return _ed25519_split(signature) is not None and _ed25519_public_point(public) is not None
+
+
+class _Ed25519Signer:
+    """Deterministic Ed25519 signing (RFC 8032 §5.1.6) from a 32-byte seed."""
+
+    __slots__ = ("public", "_scalar", "_prefix", "_table")
+
+    def __init__(self, seed: bytes) -> None:
+        self._scalar, self._prefix = _ed25519_expand(_ed25519_bytes(seed))
+        self._table = _ed25519_base_table()
+        self.public: bytes = _ed25519_mul_encode(self._scalar, self._table)
+
+    def sign(self, message: bytes) -> bytes:
+        # Not constant-time (see the module comment at the top of this block).
+        sha512 = hashlib.sha512
+        r = int.from_bytes(sha512(self._prefix + message).digest(), "little") % _L
+        big_r = _ed25519_mul_encode(r, self._table)
+        k = int.from_bytes(sha512(big_r + self.public + message).digest(), "little") % _L
+        return big_r + ((r + k * self._scalar) % _L).to_bytes(32, "little")
+
+
+class _Ed25519Verifier:
+    """Strict cofactorless Ed25519 verification against one public key."""
+
+    __slots__ = ("public", "_a_table", "_b_table")
+
+    def __init__(self, public: bytes) -> None:
+        public = _ed25519_bytes(public)
+        point = _ed25519_public_point(public)
+        if point is None:
+            raise ValueError(
+                "not a valid Ed25519 public key: it must be the 32-byte canonical "
+                "encoding of a curve point that is not of small order (RFC 8032 §5.1.3)"
+            )
+        x, y = point
+        self.public: bytes = public
+        # The table holds -A, so one pass computes [S]B + [k](-A).
+        self._a_table = _ed25519_table((_P - x) % _P, y)
+        self._b_table = _ed25519_base_table()
+
+    def verify(self, message: bytes, signature: bytes) -> bool:
+        try:
+            signature = _ed25519_bytes(signature)
+            parts = _ed25519_split(signature)
+            if parts is None:
+                return False
+            r, ry, s = parts
+            # k = SHA-512(R || A || M) reduced mod L (RFC 8032 §5.1.7 step 2).
+            # Reducing matches OpenSSL and libsodium. It only changes decisions
+            # for mixed-order keys (prime-order point plus torsion), which the
+            # rules above accept.
+            digest = hashlib.sha512(r + self.public + message).digest()
+        except TypeError:
+            return False
+        k = int.from_bytes(digest, "little") % _L
+        p = _P
+        X, Y, Z, T = 0, 1, 1, 0
+        # [S]B + [k](-A): 64 mixed additions (RFC 8032 §5.1.4), no doublings.
+        for bw, aw, bt, at in zip(
+            self._b_table,
+            self._a_table,
+            (s + _DIGIT_BIAS).to_bytes(32, "little"),
+            (k + _DIGIT_BIAS).to_bytes(32, "little"),
+        ):
+            qp, qm, qt = bw[bt]
+            a = (Y - X) * qm % p
+            b = (Y + X) * qp % p
+            c = T * qt % p
+            dd = Z + Z
+            e = b - a
+            f = dd - c
+            g = dd + c
+            h = b + a
+            X = e * f % p
+            Y = g * h % p
+            Z = f * g % p
+            T = e * h % p
+            qp, qm, qt = aw[at]
+            a = (Y - X) * qm % p
+            b = (Y + X) * qp % p
+            c = T * qt % p
+            dd = Z + Z
+            e = b - a
+            f = dd - c
+            g = dd + c
+            h = b + a
+            X = e * f % p
+            Y = g * h % p
+            Z = f * g % p
+            T = e * h % p
+        # Cofactorless check [S]B - [k]A == R, which RFC 8032 §5.1.7 step 3
+        # permits instead of the cofactored one and which OpenSSL uses. R is
+        # canonical, so this equals comparing encodings (§5.1.2): y
+        # projectively first, refusing most forgeries without an inversion,
+        # then the sign of x.
+        if (Y - ry * Z) % p:
+            return False
+        x = X * pow(Z, -1, p) % p
+        return x & 1 == r[31] >> 7
+
+
+def _ed25519_public_ok(public: bytes) -> bool:
+    """Tell whether 32 bytes encode a usable Ed25519 public key (canonical, on the curve, not small-order)."""
+    return _ed25519_public_point(public) is not None
+
+
+# ---------------------------------------------------------------------------
 # Keys
 # ---------------------------------------------------------------------------
 
@@ -3003,20 +3363,31 @@ def _cmd_bench(args: Any, out: Any, err: Any) -> int:
             )
 
         stateless = make(None)
-        token = stateless.issue(subject="user_123", agent="agent_research_bot", scopes=["email:read", "calendar:read"]).token
+        grant = {"subject": "user_123", "agent": "agent_research_bot", "scopes": ["email:read", "calendar:read"]}
+        token = stateless.issue(**grant).token
+        make_memory, make_sqlite = make(memory_store), make(sqlite_store)
+        ed_key = Ed25519Key.generate()
+        eddsa = AgentAuth(signing_key=ed_key, issuer="bench", audience="bench", check_revocation=False)
+        ed_token = eddsa.issue(**grant).token
+        eddsa.verify(ed_token)  # builds the key's table (pure backend) outside the measurement
         rows: List[Tuple[str, Callable[[], Any]]] = [
-            ("issue", lambda: stateless.issue(subject="user_123", agent="agent_research_bot", scopes=["email:read"])),
+            ("issue, HS256", lambda: stateless.issue(**grant)),
             ("verify, stateless", lambda: stateless.verify(token, ["email:read"])),
             ("verify + MemoryStore", lambda: make_memory.verify(token, ["email:read"])),
             ("verify + SqliteStore", lambda: make_sqlite.verify(token, ["email:read"])),
+            ("issue, EdDSA", lambda: eddsa.issue(**grant)),
+            ("verify, EdDSA", lambda: eddsa.verify(ed_token, ["email:read"])),
         ]
-        make_memory, make_sqlite = make(memory_store), make(sqlite_store)
         results = []
         for name, op in rows:
             print(f"measuring {name}...", file=err)
             results.append((name, _measure(op, seconds / len(rows))))
         sqlite_store.close()
-    print(f"agentauth {__version__}, Python {sys.version.split()[0]}, {args.revocations} revocations in each store", file=out)
+    print(
+        f"agentauth {__version__}, Python {sys.version.split()[0]}, {args.revocations} revocations in each store,"
+        f" Ed25519 backend: {ed_key.backend}",
+        file=out,
+    )
     print(f"{'operation':<22} {'ops/s':>10} {'us/op':>8}", file=out)
     for name, per_op in results:
         print(f"{name:<22} {1 / per_op:>10,.0f} {per_op * 1e6:>8.2f}", file=out)
