@@ -3602,7 +3602,8 @@ class CommandLineTests(unittest.TestCase):
     def test_bench_with_tiny_duration_prints_a_table(self):
         code, out, err = run_main("bench", "--seconds", "0.05", "--revocations", "10", env={})
         self.assertEqual(code, 0)
-        for row in ("issue", "verify, stateless", "verify + MemoryStore", "verify + SqliteStore"):
+        rows = ("issue, HS256", "verify, stateless", "verify + MemoryStore", "verify + SqliteStore", "issue, EdDSA", "verify, EdDSA")
+        for row in rows:
             self.assertRegex(out, rf"{re.escape(row)}\s+[\d,]+\s+[\d.]+")
         self.assertIn("measuring", err)
 
