@@ -3155,7 +3155,8 @@ def _cli_auth(args: Any, store: Optional[SqliteStore] = None) -> AgentAuth:
     key_file = getattr(args, "key_file", None)
     key_text = _read_file(key_file) if key_file else os.environ.get("AGENTAUTH_PRIVATE_KEY")
     if key_text:
-        return AgentAuth(signing_key=_read_private_key(key_text), kid=args.kid or None, **options)
+        key, jwk_kid = _read_private_key(key_text)
+        return AgentAuth(signing_key=key, kid=args.kid or jwk_kid, **options)
     secret = os.environ.get("AGENTAUTH_SECRET")
     if not secret:
         raise _CliError(
@@ -3181,12 +3182,21 @@ def _parse_json_arg(text: str, what: str) -> Any:
         raise _CliError(f"{what} is not valid JSON", EXIT_USAGE) from exc
 
 
-def _read_private_key(text: str) -> Ed25519Key:
-    """A private Ed25519 key from PEM or JWK text."""
-    key = Ed25519Key.from_jwk(_parse_json_arg(text, "the key")) if text.lstrip().startswith("{") else Ed25519Key.from_pem(text)
+def _read_private_key(text: str) -> Tuple[Ed25519Key, Optional[str]]:
+    """A private Ed25519 key from PEM or JWK text, and the JWK's kid if it has one.
+
+    Without a kid (PEM) the key's RFC 7638 thumbprint is its kid, as keygen's.
+    """
+    kid = None
+    if text.lstrip().startswith("{"):
+        jwk = _parse_json_arg(text, "the key")
+        key = Ed25519Key.from_jwk(jwk)
+        kid = jwk.get("kid") if isinstance(jwk.get("kid"), str) else None
+    else:
+        key = Ed25519Key.from_pem(text)
     if not key.is_private:
         raise _CliError("the key is a public key; issuing needs the private key", EXIT_USAGE)
-    return key
+    return key, kid
 
 
 def _cmd_keygen(args: Any, out: Any, err: Any) -> int:
@@ -3194,6 +3204,9 @@ def _cmd_keygen(args: Any, out: Any, err: Any) -> int:
         print(secrets.token_urlsafe(32), file=out)  # 256 bits; its 43 ASCII bytes are the key
         return EXIT_OK
     key = Ed25519Key.generate()
+    if args.kid and not args.jwk:
+        # A PEM file cannot carry a kid: issue would stamp the thumbprint.
+        raise _CliError("--kid needs --jwk (a PEM key's kid is its thumbprint)", EXIT_USAGE)
     kid = args.kid or key.thumbprint()
     print(json.dumps(key.private_jwk(kid), indent=2) if args.jwk else key.private_pem(), end="" if not args.jwk else "\n", file=out)
     jwks = json.dumps({"keys": [key.public_jwk(kid)]}, indent=2)
@@ -3455,7 +3468,7 @@ def _parser() -> "argparse.ArgumentParser":
         sub[name].add_argument("--jwks-url", metavar="URL", help="verify EdDSA tokens with the JWK set at this https URL")
     sub["keygen"].add_argument("--ed25519", action="store_true", help="an Ed25519 private key (PEM) instead of an HS256 secret")
     sub["keygen"].add_argument("--jwk", action="store_true", help="with --ed25519: print the private key as a JWK")
-    sub["keygen"].add_argument("--kid", help="with --ed25519: the key id (default: its RFC 7638 thumbprint)")
+    sub["keygen"].add_argument("--kid", help="with --ed25519 --jwk: the key id (default: its RFC 7638 thumbprint)")
     sub["keygen"].add_argument("--jwks-file", metavar="PATH", help="with --ed25519: write the public JWKS here (default: stderr)")
     sub["issue"].add_argument("--subject", required=True, help="the user the agent acts for (sub)")
     sub["issue"].add_argument("--agent", required=True, help="the agent's id (client_id)")
