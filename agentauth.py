@@ -1,8 +1,8 @@
 """Scoped, short-lived, revocable tokens for AI agents.
 
 A user grants an agent a narrow set of scopes; agentauth mints a signed
-token (an RFC 9068 JWT access token, HS256) from that grant; the API or MCP
-server the agent calls enforces it with one call::
+token (an RFC 9068 JWT access token, HS256 or EdDSA) from that grant; the
+API or MCP server the agent calls enforces it with one call::
 
     auth = AgentAuth(secret=os.environ["AGENTAUTH_SECRET"],
                      issuer="my-app", audience="my-api")
@@ -10,6 +10,10 @@ server the agent calls enforces it with one call::
                         scopes=["email:read", "calendar:read"], ttl_seconds=600)
     claims = auth.verify(issued.token, required_scopes=["email:read"])
     auth.revoke(agent="agent_research_bot")   # "disconnect this agent"
+
+Also: revocation stores (memory, SQLite, Redis), WSGI/ASGI middleware with
+RFC 6750 challenges, an MCP token verifier, delegation chains with RFC 8693
+token exchange, and ``python -m agentauth`` for quick checks.
 
 Copy this one file; standard library only; Python >= 3.9.
 """
@@ -51,6 +55,8 @@ __all__ = [
     # JWS layer
     "jws_sign",
     "jws_verify",
+    # Keys
+    "Ed25519Key",
     # Scopes
     "scope_satisfies",
     # Claims and events
