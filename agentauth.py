@@ -267,7 +267,10 @@ def _json_object(data: bytes, what: str) -> Dict[str, Any]:
 def _as_key(secret: Union[str, bytes], what: str) -> bytes:
     """Return the key bytes of a str (UTF-8) or bytes secret, at least 32 bytes."""
     if isinstance(secret, str):
-        secret = secret.encode("utf-8")
+        try:
+            secret = secret.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InvalidConfigError(f"{what} must be valid Unicode text") from exc
     if not isinstance(secret, bytes):
         raise InvalidConfigError(f"{what} must be str or bytes")
     if len(secret) < MIN_SECRET_BYTES:
@@ -916,7 +919,7 @@ class Ed25519Key:
                 return False
             try:
                 crypto_key.verify(signature, message)
-            except InvalidSignature:
+            except (InvalidSignature, TypeError, ValueError):  # never raises, like the pure path
                 return False
             return True
 
@@ -1082,6 +1085,8 @@ class _JwksSource:
         """
         with self._lock:
             if now < self._last_attempt + self.min_refresh_seconds or (not forced and now < self.fresh_until):
+                if not self._fetched:  # too soon to ask again, and nothing to verify with
+                    raise StoreUnavailableError("the issuer's key set could not be fetched")
                 return False  # another thread refreshed, or too soon to ask again
             self._last_attempt = now
             try:
@@ -1101,8 +1106,16 @@ class _JwksSource:
     def _fetch(self) -> Any:
         import urllib.request
 
+        class NoRedirect(urllib.request.HTTPRedirectHandler):
+            # A redirect could lead past the https-only rule: refuse them all.
+            def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+                return None
+
+        opener = urllib.request.build_opener(NoRedirect)
         request = urllib.request.Request(self.url, headers={"Accept": "application/json"})
-        with urllib.request.urlopen(request, timeout=self.timeout_seconds) as response:  # noqa: S310 (scheme checked)
+        with opener.open(request, timeout=self.timeout_seconds) as response:
+            if response.status != 200:
+                raise ValueError(f"the key set answered HTTP {response.status}")
             body = response.read(self.max_bytes + 1)
         if len(body) > self.max_bytes:
             raise ValueError("the key set is larger than jwks_max_bytes")
@@ -1262,6 +1275,7 @@ class RevocationEntry(NamedTuple):
 
 
 _REQUIRED_CLAIMS = ("sub", "client_id", "jti", "scope", "exp", "iat")
+_MAX_TIME = 2**53  # seconds; beyond any date, and exact as a float
 
 
 def _number(claims: Mapping[str, Any], name: str, required: bool = True) -> Optional[float]:
@@ -1269,7 +1283,8 @@ def _number(claims: Mapping[str, Any], name: str, required: bool = True) -> Opti
     if value is None and not required and name not in claims:
         return None
     # type() rather than isinstance(): a JSON true is not a number of seconds.
-    if type(value) is int or (type(value) is float and math.isfinite(value)):
+    # The bound keeps int-float arithmetic from overflowing (no time is that far).
+    if (type(value) is int or (type(value) is float and math.isfinite(value))) and -_MAX_TIME < value < _MAX_TIME:
         return value
     raise TokenInvalidError(f"token claim {name!r} is missing or not a finite number")
 
@@ -1716,6 +1731,8 @@ class RedisStore:
             values = self._client.mget(keys)
         except Exception as exc:
             raise StoreUnavailableError(f"redis did not answer: {type(exc).__name__}") from exc
+        if len(values) != len(keys):  # never read a short answer as "not revoked"
+            raise StoreUnavailableError("redis answered MGET with the wrong number of values")
         if any(value is not None for value in values[: len(jtis)]):
             return True
         return any(value is not None and int(value) >= iat for value in values[len(jtis) :])
@@ -1737,6 +1754,10 @@ def _criterion(value: Any, kind: str) -> str:
         raise TypeError(f"{kind} must be a string")
     if not value:
         raise ValueError(f"{kind} must not be empty")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"{kind} must be valid Unicode text") from exc
     return value
 
 
@@ -1747,6 +1768,11 @@ def _name(value: Any, what: str) -> str:
         raise InvalidGrantError(f"{what} must be 1 to {MAX_NAME_CHARS} characters")
     if _CONTROL_CHARS.search(value):
         raise InvalidGrantError(f"{what} must not contain control characters")
+    if not value.isascii():
+        try:
+            value.encode("utf-8")  # a lone surrogate could never be stored or revoked
+        except UnicodeEncodeError as exc:
+            raise InvalidGrantError(f"{what} must be valid Unicode text") from exc
     return value
 
 
@@ -1877,7 +1903,10 @@ class AgentAuth:
         if (jwks is None) == (jwks_url is None):
             raise InvalidConfigError("give exactly one of jwks or jwks_url")
         self = cls.__new__(cls)
-        self._configure(issuer=issuer, audience=audience, **options)
+        # A verifier mints nothing: its default ttl only has to fit max_ttl_seconds.
+        max_ttl = options.get("max_ttl_seconds", DEFAULT_MAX_TTL_SECONDS)
+        ttl = min(DEFAULT_TTL_SECONDS, max_ttl) if type(max_ttl) is int else DEFAULT_TTL_SECONDS
+        self._configure(issuer=issuer, audience=audience, default_ttl_seconds=ttl, **options)
         self.kid = None
         self._signing_key = None
         if jwks is not None:
@@ -1886,7 +1915,6 @@ class AgentAuth:
             except ValueError as exc:
                 raise InvalidConfigError(f"jwks: {exc}") from exc
         else:
-            self._set_keys({})
             self._jwks = _JwksSource(
                 typing.cast(str, jwks_url),
                 cache_seconds=jwks_cache_seconds,
@@ -1894,6 +1922,7 @@ class AgentAuth:
                 timeout_seconds=jwks_timeout_seconds,
                 max_bytes=jwks_max_bytes,
             )
+            self._set_keys({})
         return self
 
     def _configure(
@@ -1947,6 +1976,8 @@ class AgentAuth:
         algorithms = {key.alg for key in self._keys.values()}
         if self._signing_key is not None:
             algorithms.add(self._signing_key.alg)
+        if self._jwks is not None:  # a fetched key set brings EdDSA keys only
+            algorithms.add(ALGORITHM_EDDSA)
         self._algorithms = frozenset(algorithms)
         self._header_cache: Dict[str, Union[_HmacKey, _EdDSAKey]] = {}
 
@@ -2132,7 +2163,7 @@ class AgentAuth:
         return claims
 
     def _key_for(self, head: str, now: float) -> Union[_HmacKey, _EdDSAKey]:
-        """Check a header segment and choose its key; remember the answer."""
+        """Check a header segment and choose its key."""
         header = _parse_header(head, self._algorithms)
         typ = header.get("typ")
         # RFC 9068 §2.1 / RFC 8725 §3.11: only access tokens, never an ID token.
@@ -2154,8 +2185,6 @@ class AgentAuth:
         # token checked with an Ed25519 public key, nor the reverse).
         if key.alg != header["alg"]:
             raise TokenInvalidError("token algorithm does not match its key")
-        if len(self._header_cache) < _HEADER_CACHE_SIZE:
-            self._header_cache[head] = key
         return key
 
     def _check(self, token: Any, now: float) -> AgentClaims:
@@ -2164,8 +2193,17 @@ class AgentAuth:
         jwks = self._jwks
         if jwks is not None and now >= jwks.fresh_until and jwks.refresh(now, forced=False):
             self._set_keys(jwks.keys)
-        key = self._header_cache.get(head) or self._key_for(head, now)
-        if not key.verify(token[: len(head) + 1 + len(body)].encode("ascii"), sig):
+        cache = self._header_cache  # this key set's cache, even if a refresh swaps them
+        key = cache.get(head)
+        if key is None:
+            key = self._key_for(head, now)
+            if not key.verify(token[: len(head) + 1 + len(body)].encode("ascii"), sig):
+                raise TokenInvalidError("token signature does not match")
+            # Only headers of correctly signed tokens are remembered, so
+            # unsigned junk cannot crowd them out.
+            if len(cache) < _HEADER_CACHE_SIZE:
+                cache[head] = key
+        elif not key.verify(token[: len(head) + 1 + len(body)].encode("ascii"), sig):
             raise TokenInvalidError("token signature does not match")
         claims = _json_object(_decode_payload(body), "payload")
 
@@ -2348,16 +2386,22 @@ class AgentAuth:
     def require(self, *scopes: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         """Decorate a route or MCP tool (sync or async) so it runs only if the token grants ``scopes``.
 
-        The scopes are checked, wildcard-aware, against ``current_claims()``:
-        the request's claims under the middleware, the MCP SDK's access token
-        inside a tool. The wrapped function keeps its signature (frameworks and
-        the MCP SDK read it).
+        The scopes are checked, wildcard-aware, against the request's
+        claims: those the middleware verified, or inside an MCP tool the
+        bearer token of the current request, verified again. The claims must
+        be this instance's (issuer, audience) and unexpired. The wrapped
+        function keeps its signature (frameworks and the MCP SDK read it).
+        Inside an MCP tool every refusal is also the server's ``ToolError``,
+        an error result that names no scope.
 
         Raises:
             InvalidConfigError: no scope, or a malformed one (at decoration time).
             MissingScopeError: the grant does not cover the scopes (the
                 function does not run; the message names no scope).
-            TokenInvalidError: no verified token in this context (fail closed).
+            TokenInvalidError: no verified token in this context, or one of
+                another issuer or audience (fail closed).
+            TokenExpiredError, RevokedError, StoreUnavailableError: the token
+                expired, or (in an MCP tool) was revoked or could not be checked.
         """
         required = _configured_scopes(scopes, "require()")
         if not required:
@@ -2366,18 +2410,33 @@ class AgentAuth:
         def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
             import inspect
 
+            # Inside an MCP tool the request's bearer token is verified again
+            # (signature, expiry, revocation), so a token revoked during a
+            # long MCP session stops working at its next tool call.
             if inspect.iscoroutinefunction(func):
 
                 @functools.wraps(func)
                 async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
-                    _enforce(required)
+                    in_mcp, claims, bearer = _request_token()
+                    try:
+                        if claims is None and bearer is not None:
+                            claims = await _verify_async(self, bearer, ())
+                        _check_grant(self, claims, required)
+                    except AgentAuthError as exc:
+                        raise _as_tool_error(exc) if in_mcp else exc
                     return await func(*args, **kwargs)
 
                 return async_wrapper
 
             @functools.wraps(func)
             def wrapper(*args: Any, **kwargs: Any) -> Any:
-                _enforce(required)
+                in_mcp, claims, bearer = _request_token()
+                try:
+                    if claims is None and bearer is not None:
+                        claims = self.verify(bearer)
+                    _check_grant(self, claims, required)
+                except AgentAuthError as exc:
+                    raise _as_tool_error(exc) if in_mcp else exc
                 return func(*args, **kwargs)
 
             return wrapper
@@ -2455,11 +2514,20 @@ class AgentAuth:
 
         Security: whoever holds a token can delegate from it; mount this
         behind TLS like any token endpoint.
+
+        Raises:
+            InvalidConfigError: this instance holds no signing key.
         """
+        self._require_signing_key()
         return _ExchangeWsgi(self)
 
     def token_exchange_asgi(self) -> Callable[..., Any]:
-        """Return an ASGI app: the same token exchange endpoint as ``token_exchange_wsgi``."""
+        """Return an ASGI app: the same token exchange endpoint as ``token_exchange_wsgi``.
+
+        Raises:
+            InvalidConfigError: this instance holds no signing key.
+        """
+        self._require_signing_key()
         return _ExchangeAsgi(self)
 
     # -- MCP -----------------------------------------------------------------
@@ -2568,23 +2636,39 @@ def current_claims() -> Optional[AgentClaims]:
 
     Set by the WSGI and ASGI middleware (a context variable: concurrent
     requests never see each other's claims) and, inside an MCP tool, read
-    from the access token the MCP SDK holds when ``auth.mcp()`` verified it.
+    from the current request's access token when ``auth.mcp()`` verified it.
     """
-    claims = _CURRENT_CLAIMS.get()
-    return claims if claims is not None else _mcp_current_claims()
+    in_mcp, claims, token = _mcp_current()
+    if not in_mcp and claims is None:
+        claims = _CURRENT_CLAIMS.get()
+    return claims if claims is not None else _claims_of_access_token(token)
 
 
-def _enforce(required: Tuple[str, ...]) -> None:
-    """Refuse unless the current token grants every required scope."""
-    claims, in_mcp_tool = _CURRENT_CLAIMS.get(), False
-    if claims is None:
-        claims = _mcp_current_claims()
-        in_mcp_tool = claims is not None
+def _request_token() -> Tuple[bool, Optional[AgentClaims], Optional[str]]:
+    """Return (inside an MCP tool?, claims a middleware verified, else the bearer token to verify)."""
+    in_mcp, claims, token = _mcp_current()
+    if not in_mcp:
+        claims = _CURRENT_CLAIMS.get()
+        in_mcp = claims is None and token is not None
+    return in_mcp, claims, None if claims is not None else getattr(token, "token", None)
+
+
+def _check_grant(auth: "AgentAuth", claims: Optional[AgentClaims], required: Tuple[str, ...]) -> None:
+    """Refuse unless ``claims`` are ``auth``'s, unexpired, and grant every required scope.
+
+    Claims a middleware set are checked again here: they must come from this
+    instance's issuer and audience, and a WebSocket outlives its token.
+    """
     if claims is None:
         raise TokenInvalidError("no verified token in this context")
+    audience = claims.aud if type(claims.aud) is tuple else (claims.aud,)
+    if claims.iss != auth.issuer or auth.audience not in audience:
+        raise TokenInvalidError("the request's token was not minted for this AgentAuth")
+    if claims.exp <= auth._clock() - auth.clock_tolerance_seconds:
+        raise TokenExpiredError("token has expired", expired_at=claims.exp)
     missing = tuple(s for s in required if not scope_satisfies(claims.scopes, s))
     if missing:
-        raise _mcp_scope_refusal(missing) if in_mcp_tool else MissingScopeError(missing=missing)
+        raise MissingScopeError(missing=missing)
 
 
 def _bearer_token(values: List[str]) -> str:
@@ -2737,18 +2821,39 @@ class _WsgiMiddleware:
         except AgentAuthError as exc:
             return self._respond(protection.refuse(exc), start_response)
         environ["agentauth.claims"] = claims
-        # A copied context: the claims are visible to the app and gone after.
-        return contextvars.copy_context().run(self._call_app, claims, environ, start_response)
-
-    def _call_app(self, claims: AgentClaims, environ: Dict[str, Any], start_response: Callable[..., Any]) -> Any:
-        _CURRENT_CLAIMS.set(claims)
-        return self._app(environ, start_response)
+        # A copied context: the claims are visible to the app, also while
+        # its response streams, and gone after.
+        context = contextvars.copy_context()
+        context.run(_CURRENT_CLAIMS.set, claims)
+        return _ContextIterable(context, context.run(self._app, environ, start_response))
 
     @staticmethod
     def _respond(refusal: _Refusal, start_response: Callable[..., Any]) -> List[bytes]:
         status, headers, body = refusal
         start_response(f"{status} {_STATUS_TEXT[status]}", headers + [("Content-Length", str(len(body)))])
         return [body]
+
+
+class _ContextIterable:
+    """A WSGI response iterated, and closed, inside the request's context."""
+
+    def __init__(self, context: contextvars.Context, iterable: Iterable[bytes]) -> None:
+        self._context = context
+        self._iterable = iterable
+
+    def __iter__(self) -> typing.Iterator[bytes]:
+        run = self._context.run
+        iterator = run(iter, self._iterable)
+        while True:
+            try:
+                yield run(next, iterator)
+            except StopIteration:
+                return
+
+    def close(self) -> None:
+        close = getattr(self._iterable, "close", None)
+        if close is not None:
+            self._context.run(close)
 
 
 class _AsgiMiddleware:
@@ -2837,7 +2942,9 @@ def _exchange_form(method: str, content_type: str, body: bytes) -> Dict[str, str
         values = fields.get(name, [])
         if len(values) > 1:  # RFC 6749 §3.2: parameters must not repeat
             raise _ExchangeRefusal(400, "invalid_request", f"{name} is repeated")
-        if values and values[0]:
+        # An empty parameter counts as absent, except scope: an empty scope
+        # asks for nothing, which is no grant (RFC 6749 §3.3).
+        if values and (values[0] or name == "scope"):
             form[name] = values[0]
     return form
 
@@ -2879,20 +2986,26 @@ def _exchange(auth: "AgentAuth", form: Mapping[str, str]) -> _Refusal:
     })
 
 
+def _content_length(value: Optional[str]) -> int:
+    try:
+        length = int(value or 0)
+    except ValueError:
+        length = -1
+    if not 0 <= length <= _MAX_FORM_BYTES:
+        raise _ExchangeRefusal(400, "invalid_request", "the body is missing or too large")
+    return length
+
+
 class _ExchangeWsgi:
     def __init__(self, auth: "AgentAuth") -> None:
         self._auth = auth
 
     def __call__(self, environ: Dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         try:
-            length = int(environ.get("CONTENT_LENGTH") or 0)
-            if not 0 <= length <= _MAX_FORM_BYTES:
-                raise _ExchangeRefusal(400, "invalid_request", "the body is missing or too large")
+            length = _content_length(environ.get("CONTENT_LENGTH"))
             body = environ["wsgi.input"].read(length) if length else b""
             form = _exchange_form(environ.get("REQUEST_METHOD", "GET"), environ.get("CONTENT_TYPE", ""), body)
             answer = _exchange(self._auth, form)
-        except ValueError:
-            answer = _ExchangeRefusal(400, "invalid_request", "bad Content-Length").answer()
         except _ExchangeRefusal as refusal:
             answer = refusal.answer()
         return _WsgiMiddleware._respond(answer, start_response)
@@ -2938,8 +3051,23 @@ class _ExchangeAsgi:
 _MCP_TOKEN_MODULES = ("mcp.server.auth.middleware.auth_context", "fastmcp.server.dependencies")
 
 
-def _mcp_current_claims() -> Optional[AgentClaims]:
-    """Rebuild the claims of the MCP SDK's current access token, if it holds ours."""
+def _mcp_current() -> Tuple[bool, Optional[AgentClaims], Any]:
+    """Return (in an mcp 1.x request?, claims a middleware set on it, the SDK's access token).
+
+    mcp 1.x runs tools in the session's own task, where context variables
+    still hold what the request that opened the session set: there the
+    current message's HTTP request is the only truthful source. Elsewhere
+    the SDK's (or FastMCP's) own accessor answers for the current request.
+    """
+    server = sys.modules.get("mcp.server.lowlevel.server")
+    request_ctx = getattr(server, "request_ctx", None)
+    if request_ctx is not None:
+        context = request_ctx.get(None)
+        scope = getattr(getattr(context, "request", None), "scope", None)
+        if isinstance(scope, dict):
+            claims = scope.get("state", {}).get("agentauth.claims")
+            token = getattr(scope.get("user"), "access_token", None)
+            return True, claims if isinstance(claims, AgentClaims) else None, token
     for name in _MCP_TOKEN_MODULES:
         module = sys.modules.get(name)
         if module is None:
@@ -2948,33 +3076,50 @@ def _mcp_current_claims() -> Optional[AgentClaims]:
             token = module.get_access_token()
         except Exception:  # outside a request some versions raise rather than return None
             continue
-        claims = _claims_from_raw(getattr(token, "claims", None))
-        if claims is not None:
-            return claims
-    return None
+        if token is not None:
+            return False, None, token
+    return False, None, None
+
+
+def _claims_of_access_token(token: Any) -> Optional[AgentClaims]:
+    """The claims ``auth.mcp()`` stored in an access token it made; None for any other."""
+    if type(token).__name__ != "AgentAccessToken" or type(token).__module__ != __name__:
+        return None  # another verifier's token: its claims are not ours to vouch for
+    return _claims_from_raw(getattr(token, "claims", None))
 
 
 #: The tool error classes of the MCP SDK (2.x, 1.x) and of FastMCP.
 _MCP_TOOL_ERROR_MODULES = ("mcp.server.mcpserver.exceptions", "mcp.server.fastmcp.exceptions", "fastmcp.exceptions")
 
 
-def _mcp_scope_refusal(missing: Tuple[str, ...]) -> MissingScopeError:
-    """A MissingScopeError that the MCP servers loaded also take as a tool error.
+def _as_tool_error(exc: AgentAuthError) -> AgentAuthError:
+    """The same refusal, also an instance of the loaded MCP servers' ToolError.
 
-    They then answer with an error result naming no scope, and log no
-    traceback, as for any expected refusal.
+    They then answer with an error result (whose text names no scope) and
+    log no traceback, as for any expected refusal.
     """
     bases = tuple(
         cls
         for cls in (getattr(sys.modules.get(name), "ToolError", None) for name in _MCP_TOOL_ERROR_MODULES)
         if isinstance(cls, type) and issubclass(cls, Exception)
     )
-    return _scope_refusal_class(bases)(missing=missing)
+    if not bases:
+        return exc
+    cls = _tool_error_class(type(exc), bases)
+    refusal = cls.__new__(cls)
+    for base in bases:  # their own attributes (FastMCP's log_level), from the message alone
+        try:
+            base.__init__(refusal, *exc.args)
+        except TypeError:
+            pass
+    refusal.__dict__.update(exc.__dict__)  # the refusal's data: missing, jti, expired_at
+    refusal.args = exc.args
+    return typing.cast(AgentAuthError, refusal)
 
 
 @functools.lru_cache(maxsize=None)
-def _scope_refusal_class(tool_errors: Tuple[type, ...]) -> Any:
-    return type("MissingScopeToolError", (MissingScopeError, *tool_errors), {"__module__": __name__})
+def _tool_error_class(error: type, tool_errors: Tuple[type, ...]) -> Any:
+    return type(error.__name__, (error, *tool_errors), {"__module__": __name__})
 
 
 def _claims_from_raw(raw: Any) -> Optional[AgentClaims]:
@@ -3008,13 +3153,19 @@ async def _verify_async(auth: "AgentAuth", token: str, required: Tuple[str, ...]
     return await asyncio.get_running_loop().run_in_executor(None, auth.verify, token, required)
 
 
+@functools.lru_cache(maxsize=None)
+def _agent_access_token_class(access_token_class: type) -> Any:
+    """A subclass of the SDK's AccessToken that marks the tokens ``auth.mcp()`` made."""
+    return type("AgentAccessToken", (access_token_class,), {"__module__": __name__})
+
+
 async def _access_token(auth: "AgentAuth", token: str, access_token_class: Any) -> Any:
     """Verify ``token`` and fill the SDK's AccessToken; None when refused."""
     try:
         claims = await _verify_async(auth, token, ())
     except AgentAuthError:
         return None  # refused, expired, revoked, or the store is down: fail closed
-    return access_token_class(
+    return _agent_access_token_class(access_token_class)(
         token=token,
         client_id=claims.agent,
         scopes=list(claims.scopes),
@@ -3113,7 +3264,10 @@ def _duration(seconds: float) -> str:
 
 
 def _utc(timestamp: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(timestamp))
+    try:
+        return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(timestamp))
+    except (OverflowError, OSError, ValueError):  # a pasted token may say anything
+        return f"{timestamp!r} (not a representable date)"
 
 
 def _relative(timestamp: float, now: float) -> str:
@@ -3152,14 +3306,22 @@ def _cli_auth(args: Any, store: Optional[SqliteStore] = None) -> AgentAuth:
         store=store,
         check_revocation=store is not None,
     )
+    if args.max_ttl < DEFAULT_TTL_SECONDS:  # --ttl still says how long a token lives
+        options["default_ttl_seconds"] = args.max_ttl
     jwks_file, jwks_url = getattr(args, "jwks_file", None), getattr(args, "jwks_url", None)
-    jwks_text = _read_file(jwks_file) if jwks_file else os.environ.get("AGENTAUTH_JWKS")
+    key_file = getattr(args, "key_file", None)
+    verifies_only = hasattr(args, "jwks_file")  # verify and revoke; issue always needs a private key
+    if jwks_url or jwks_file:
+        options.pop("default_ttl_seconds", None)  # a verifier mints nothing
     if jwks_url:
         return AgentAuth.verifier(jwks_url=jwks_url, **options)
-    if jwks_text:
-        return AgentAuth.verifier(jwks=_parse_json_arg(jwks_text, "the JWK set"), **options)
-    key_file = getattr(args, "key_file", None)
-    key_text = _read_file(key_file) if key_file else os.environ.get("AGENTAUTH_PRIVATE_KEY")
+    if jwks_file:
+        return AgentAuth.verifier(jwks=_parse_json_arg(_read_file(jwks_file), "the JWK set"), **options)
+    key_text = _read_file(key_file) if key_file else None
+    if key_text is None and verifies_only and os.environ.get("AGENTAUTH_JWKS"):
+        options.pop("default_ttl_seconds", None)
+        return AgentAuth.verifier(jwks=_parse_json_arg(os.environ["AGENTAUTH_JWKS"], "the JWK set"), **options)
+    key_text = key_text or os.environ.get("AGENTAUTH_PRIVATE_KEY")
     if key_text:
         key, jwk_kid = _read_private_key(key_text)
         return AgentAuth(signing_key=key, kid=args.kid or jwk_kid, **options)
@@ -3238,9 +3400,13 @@ def _cmd_issue(args: Any, out: Any, err: Any) -> int:
 
 
 def _cmd_verify(args: Any, out: Any, err: Any) -> int:
+    try:
+        required = _required_scopes(args.require or ())
+    except ValueError as exc:
+        raise _CliError(f"--require: {exc}", EXIT_USAGE) from exc
     store = _open_store(args.db, create=False)
     auth = _cli_auth(args, store)
-    claims = auth.verify(_read_token(args.token), required_scopes=args.require or ())
+    claims = auth.verify(_read_token(args.token), required_scopes=required)
     print(json.dumps(dict(claims.raw), indent=2), file=out)
     print(f"valid for {_duration(claims.exp - time.time())}", file=err)
     if store is None:
@@ -3438,6 +3604,16 @@ _COMMANDS = {
 }
 
 
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise _CliError(f"{name} must be a whole number of seconds", EXIT_USAGE) from None
+
+
 def _parser() -> "argparse.ArgumentParser":
     import argparse
 
@@ -3464,8 +3640,8 @@ def _parser() -> "argparse.ArgumentParser":
         group.add_argument("--audience", default=os.environ.get("AGENTAUTH_AUDIENCE", CLI_DEFAULT_AUDIENCE),
                            help=f"aud claim (env AGENTAUTH_AUDIENCE, default {CLI_DEFAULT_AUDIENCE!r})")
         group.add_argument("--kid", default=os.environ.get("AGENTAUTH_KID"), help="key id (env AGENTAUTH_KID)")
-        group.add_argument("--max-ttl", type=int, default=DEFAULT_MAX_TTL_SECONDS, metavar="SECONDS",
-                           help="the server's max_ttl_seconds (default %(default)s)")
+        group.add_argument("--max-ttl", type=int, default=_env_int("AGENTAUTH_MAX_TTL", DEFAULT_MAX_TTL_SECONDS),
+                           metavar="SECONDS", help="the server's max_ttl_seconds (env AGENTAUTH_MAX_TTL, default %(default)s)")
     for name in ("issue", "verify", "revoke"):
         sub[name].add_argument("--key-file", metavar="PATH",
                                help="Ed25519 private key, PEM or JWK (env AGENTAUTH_PRIVATE_KEY); default: AGENTAUTH_SECRET")
@@ -3507,10 +3683,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     """
     out, err = sys.stdout, sys.stderr
     try:
-        args = _parser().parse_args(argv)
-    except SystemExit as exc:  # --help, --version, or a usage error (already printed)
-        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
-    try:
+        try:
+            args = _parser().parse_args(argv)
+        except SystemExit as exc:  # --help, --version, or a usage error (already printed)
+            return exc.code if isinstance(exc.code, int) else EXIT_USAGE
         return _COMMANDS[args.command][0](args, out, err)
     except _CliError as exc:
         print(f"agentauth: {exc}", file=err)

@@ -5,12 +5,14 @@ import base64
 import contextvars
 import hashlib
 import hmac
+import http.server
 import importlib.util
 import inspect
 import io
 import json
 import multiprocessing
 import os
+import random
 import re
 import shutil
 import sqlite3
@@ -33,6 +35,7 @@ from agentauth import (
     AgentAuthError,
     AgentClaims,
     AgentEvent,
+    Ed25519Key,
     InvalidConfigError,
     InvalidGrantError,
     IssuedToken,
@@ -410,6 +413,1625 @@ class JwsTests(unittest.TestCase):
                     checked += 1
         self.assertEqual(checked, 38)  # 40 cases kept, 2 skipped
         self.assertEqual(valid, 8)
+
+
+# ---------------------------------------------------------------------------
+# Ed25519 and keys
+# ---------------------------------------------------------------------------
+
+WYCHEPROOF_ED25519 = os.path.join(HERE, "vectors", "wycheproof", "ed25519_test.json")
+WYCHEPROOF_JWK = os.path.join(HERE, "vectors", "wycheproof", "json_web_key_test_subset.json")
+HAVE_CRYPTOGRAPHY = importlib.util.find_spec("cryptography") is not None
+NEEDS_CRYPTOGRAPHY = "needs the cryptography package for the Ed25519 cryptography backend (pip install cryptography)"
+ED_P = 2**255 - 19  # RFC 8032 §5.1: the field prime
+ED_L = 2**252 + 27742317777372353535851937790883648493  # RFC 8032 §5.1: the group order
+ED_SEED = bytes(range(32))  # the issuer key of the EdDSA tests
+ED_OLD_SEED = bytes(range(100, 132))  # a rotated-out issuer key
+ED_OTHER_SEED = bytes(range(200, 232))  # a key no configuration knows
+ED_KID = "ed1"
+ED_HEADER = {"alg": "EdDSA", "typ": "at+jwt", "kid": ED_KID}
+#: The eight canonical encodings of the points of order 1, 2, 4 and 8 (the torsion subgroup).
+ED_SMALL_ORDER = tuple(
+    bytes.fromhex(h)
+    for h in (
+        "0100000000000000000000000000000000000000000000000000000000000000",  # identity
+        "ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",  # order 2
+        "0000000000000000000000000000000000000000000000000000000000000000",  # order 4
+        "0000000000000000000000000000000000000000000000000000000000000080",  # order 4
+        "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a",  # order 8
+        "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac03fa",
+        "26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc05",
+        "26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc85",
+    )
+)
+#: RFC 8410 §10.1 and §10.3: one key pair, as PEM.
+RFC8410_PUBLIC_PEM = "-----BEGIN PUBLIC KEY-----\nMCowBQYDK2VwAyEAGb9ECWmEzf6FQbrBZ9w7lshQhqowtrbLDFw4rXAxZuE=\n-----END PUBLIC KEY-----\n"
+RFC8410_PRIVATE_PEM = (
+    "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEINTuctv5E1hK1bbY8fdp+K06/nwoy/HU++CXqI9EdVhC\n-----END PRIVATE KEY-----\n"
+)
+RFC8410_SEED = bytes.fromhex("d4ee72dbf913584ad5b6d8f1f769f8ad3afe7c28cbf1d4fbe097a88f44755842")
+#: RFC 8037 Appendix A: the RFC 8032 TEST 1 key as a JWK, its RFC 7638 thumbprint (A.3), and a JWS (A.4).
+RFC8037_JWK = {
+    "kty": "OKP",
+    "crv": "Ed25519",
+    "d": "nWGxne_9WmC6hEr0kuwsxERJxWl7MmkZcDusAxyuf2A",
+    "x": "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo",
+}
+RFC8037_THUMBPRINT = "kPrK_qmxVWaYVA9wwBF6Iuo3vVzz7TxHCTwXBygrS4k"
+RFC8037_JWS = (
+    "eyJhbGciOiJFZERTQSJ9.RXhhbXBsZSBvZiBFZDI1NTE5IHNpZ25pbmc"
+    ".hgyY0il_MGCjP0JzlnLWG1PPOt7-09PGcvMg3AIbQR6dWbhijcNR4ki4iylGjg5BhVsPt9g7sVvpAr_MuM0KAg"
+)
+RFC8032_TEST_1024_MSG = (
+    "08b8b2b733424243760fe426a4b54908632110a66c2f6591eabd3345e3e4eb98"
+    "fa6e264bf09efe12ee50f8f54e9f77b1e355f6c50544e23fb1433ddf73be84d8"
+    "79de7c0046dc4996d9e773f4bc9efe5738829adb26c81b37c93a1b270b20329d"
+    "658675fc6ea534e0810a4432826bf58c941efb65d57a338bbd2e26640f89ffbc"
+    "1a858efcb8550ee3a5e1998bd177e93a7363c344fe6b199ee5d02e82d522c4fe"
+    "ba15452f80288a821a579116ec6dad2b3b310da903401aa62100ab5d1a36553e"
+    "06203b33890cc9b832f79ef80560ccb9a39ce767967ed628c6ad573cb116dbef"
+    "efd75499da96bd68a8a97b928a8bbc103b6621fcde2beca1231d206be6cd9ec7"
+    "aff6f6c94fcd7204ed3455c68c83f4a41da4af2b74ef5c53f1d8ac70bdcb7ed1"
+    "85ce81bd84359d44254d95629e9855a94a7c1958d1f8ada5d0532ed8a5aa3fb2"
+    "d17ba70eb6248e594e1a2297acbbb39d502f1a8c6eb6f1ce22b3de1a1f40cc24"
+    "554119a831a9aad6079cad88425de6bde1a9187ebb6092cf67bf2b13fd65f270"
+    "88d78b7e883c8759d2c4f5c65adb7553878ad575f9fad878e80a0c9ba63bcbcc"
+    "2732e69485bbc9c90bfbd62481d9089beccf80cfe2df16a2cf65bd92dd597b07"
+    "07e0917af48bbb75fed413d238f5555a7a569d80c3414a8d0859dc65a46128ba"
+    "b27af87a71314f318c782b23ebfe808b82b0ce26401d2e22f04d83d1255dc51a"
+    "ddd3b75a2b1ae0784504df543af8969be3ea7082ff7fc9888c144da2af58429e"
+    "c96031dbcad3dad9af0dcbaaaf268cb8fcffead94f3c7ca495e056a9b47acdb7"
+    "51fb73e666c6c655ade8297297d07ad1ba5e43f1bca32301651339e22904cc8c"
+    "42f58c30c04aafdb038dda0847dd988dcda6f3bfd15c4b4c4525004aa06eeff8"
+    "ca61783aacec57fb3d1f92b0fe2fd1a85f6724517b65e614ad6808d6f6ee34df"
+    "f7310fdc82aebfd904b01e1dc54b2927094b2db68d6f903b68401adebf5a7e08"
+    "d78ff4ef5d63653a65040cf9bfd4aca7984a74d37145986780fc0b16ac451649"
+    "de6188a7dbdf191f64b5fc5e2ab47b57f7f7276cd419c17a3ca8e1b939ae49e4"
+    "88acba6b965610b5480109c8b17b80e1b7b750dfc7598d5d5011fd2dcc5600a3"
+    "2ef5b52a1ecc820e308aa342721aac0943bf6686b64b2579376504ccc493d97e"
+    "6aed3fb0f9cd71a43dd497f01f17c0e2cb3797aa2a2f256656168e6c496afc5f"
+    "b93246f6b1116398a346f1a641f3b041e989f7914f90cc2c7fff357876e506b5"
+    "0d334ba77c225bc307ba537152f3f1610e4eafe595f6d9d90d11faa933a15ef1"
+    "369546868a7f3a45a96768d40fd9d03412c091c6315cf4fde7cb68606937380d"
+    "b2eaaa707b4c4185c32eddcdd306705e4dc1ffc872eeee475a64dfac86aba41c"
+    "0618983f8741c5ef68d3a101e8a3b8cac60c905c15fc910840b94c00a0b9d0"
+)
+#: RFC 8032 §7.1: (name, secret key, public key, message, signature), all hex.
+RFC8032_VECTORS = (
+    (
+        "TEST 1",
+        "9d61b19deffd5a60ba844af492ec2cc44449c5697b326919703bac031cae7f60",
+        "d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a",
+        "",
+        "e5564300c360ac729086e2cc806e828a84877f1eb8e5d974d873e06522490155"
+        "5fb8821590a33bacc61e39701cf9b46bd25bf5f0595bbe24655141438e7a100b",
+    ),
+    (
+        "TEST 2",
+        "4ccd089b28ff96da9db6c346ec114e0f5b8a319f35aba624da8cf6ed4fb8a6fb",
+        "3d4017c3e843895a92b70aa74d1b7ebc9c982ccf2ec4968cc0cd55f12af4660c",
+        "72",
+        "92a009a9f0d4cab8720e820b5f642540a2b27b5416503f8fb3762223ebdb69da"
+        "085ac1e43e15996e458f3613d0f11d8c387b2eaeb4302aeeb00d291612bb0c00",
+    ),
+    (
+        "TEST 3",
+        "c5aa8df43f9f837bedb7442f31dcb7b166d38535076f094b85ce3a2e0b4458f7",
+        "fc51cd8e6218a1a38da47ed00230f0580816ed13ba3303ac5deb911548908025",
+        "af82",
+        "6291d657deec24024827e69c3abe01a30ce548a284743a445e3680d7db5ac3ac"
+        "18ff9b538d16f290ae67f760984dc6594a7c15e9716ed28dc027beceea1ec40a",
+    ),
+    (
+        "TEST 1024",
+        "f5e5767cf153319517630f226876b86c8160cc583bc013744c6bf255f5cc0ee5",
+        "278117fc144c72340f67d0f2316e8386ceffbf2b2428c9c51fef7c597f1d426e",
+        RFC8032_TEST_1024_MSG,
+        "0aab4c900501b3e24d7cdf4663326a3a87df5e4843b2cbdb67cbf6e460fec350"
+        "aa5371b1508f9f4528ecea23c436d94b5e8fcd4f681e30a6ac00a9704a188a03",
+    ),
+    (
+        "TEST SHA(abc)",
+        "833fe62409237b9d62ec77587520911e9a759cec1d19755b7da901b96dca3d42",
+        "ec172b93ad5e563bf4932c70e1245034c35467ef2efd4d64ebf819683467e2bf",
+        "ddaf35a193617abacc417349ae20413112e6fa4e89a97ea20a9eeee64b55d39a"
+        "2192992a274fc1a836ba3c23a3feebbd454d4423643ce80e2a9ac94fa54ca49f",
+        "dc2a4459e7369633a52b1bf277839a00201009a3efbf3ecb69bea2186c26b589"
+        "09351fc9ac90b3ecfdfbc7c66431e0303dca179c138ac17ad9bef1177331a704",
+    ),
+)
+
+
+def pure_backend():
+    """Patch agentauth so Ed25519 keys built inside use the standard-library path."""
+    return unittest.mock.patch.object(agentauth, "_crypto_ed25519", lambda: None)
+
+
+def ed_encoding(y: int, sign: int = 0) -> bytes:
+    """The 32-byte point encoding of RFC 8032 §5.1.2 for any y and sign bit, canonical or not."""
+    return (y | sign << 255).to_bytes(32, "little")
+
+
+def ed_secret_scalar(seed: bytes) -> int:
+    """The secret scalar a of a seed (RFC 8032 §5.1.5), computed here, independently of agentauth."""
+    digest = hashlib.sha512(seed).digest()
+    return ((int.from_bytes(digest[:32], "little") & ((1 << 254) - 8)) | (1 << 254)) % ED_L
+
+
+def ed_forge(seed: bytes, r_bytes: bytes, message: bytes) -> bytes:
+    """R || S with S = k * a: the group equation holds when R encodes the identity, whatever its encoding."""
+    public = Ed25519Key.from_seed(seed).public_bytes
+    k = int.from_bytes(hashlib.sha512(r_bytes + public + message).digest(), "little") % ED_L
+    return r_bytes + (k * ed_secret_scalar(seed) % ED_L).to_bytes(32, "little")
+
+
+def ed_thumbprint(x: str) -> str:
+    """RFC 7638 §3 for an OKP key, computed here: SHA-256 of the required members, sorted, no white space."""
+    canonical = json.dumps({"kty": "OKP", "crv": "Ed25519", "x": x}, sort_keys=True, separators=(",", ":"))
+    return b64url(hashlib.sha256(canonical.encode("ascii")).digest())
+
+
+def forge_eddsa(header: dict, claims: dict, key: "Ed25519Key") -> str:
+    """Sign arbitrary header and claims with Ed25519, without agentauth's token code."""
+    compact = {"separators": (",", ":")}
+    head = b64url(json.dumps(header, **compact).encode("utf-8"))
+    body = b64url(json.dumps(claims, **compact).encode("utf-8"))
+    return f"{head}.{body}.{b64url(key.sign(f'{head}.{body}'.encode('ascii')))}"
+
+
+def make_ed_auth(**overrides) -> AgentAuth:
+    """An EdDSA issuer on ED_SEED with kid ED_KID, the test issuer and audience and a FixedClock at T0."""
+    options = dict(
+        signing_key=Ed25519Key.from_seed(ED_SEED),
+        issuer=ISSUER,
+        audience=AUDIENCE,
+        kid=ED_KID,
+        max_ttl_seconds=MAX_TTL,
+        clock_tolerance_seconds=TOLERANCE,
+        clock=FixedClock(),
+    )
+    options.update(overrides)
+    return AgentAuth(**options)
+
+
+def make_verifier(jwks=None, **overrides) -> AgentAuth:
+    """AgentAuth.verifier() with the test issuer, audience, limits and a FixedClock at T0."""
+    options = dict(issuer=ISSUER, audience=AUDIENCE, max_ttl_seconds=MAX_TTL, clock_tolerance_seconds=TOLERANCE,
+                   clock=FixedClock())
+    if jwks is not None:
+        options["jwks"] = jwks
+    options.update(overrides)
+    return AgentAuth.verifier(**options)
+
+
+def load_wycheproof_ed25519() -> dict:
+    with open(WYCHEPROOF_ED25519, encoding="utf-8") as f:
+        return json.load(f)
+
+
+class Ed25519Contract:
+    """Ed25519 behaviour both backends share; mixed into one TestCase per backend."""
+
+    backend = ""  # "pure" or "cryptography"
+
+    def setUp(self):
+        if self.backend == "pure":
+            patcher = pure_backend()
+            patcher.start()
+            self.addCleanup(patcher.stop)
+        self.key = Ed25519Key.from_seed(ED_SEED)
+        self.message = b"strictness"
+        self.signature = self.key.sign(self.message)
+
+    def test_keys_use_this_backend(self):
+        self.assertEqual(self.key.backend, self.backend)
+        self.assertEqual(Ed25519Key.from_public_bytes(self.key.public_bytes).backend, self.backend)
+        self.assertEqual(Ed25519Key.generate().backend, self.backend)
+
+    def test_rfc8032_section_7_1_vectors(self):
+        for name, sk, pk, msg, sig in RFC8032_VECTORS:
+            with self.subTest(name=name):
+                seed, public, message, signature = (bytes.fromhex(v) for v in (sk, pk, msg, sig))
+                key = Ed25519Key.from_seed(seed)
+                self.assertEqual(key.public_bytes, public)
+                self.assertEqual(key.sign(message), signature)
+                verifying = Ed25519Key.from_public_bytes(public)
+                self.assertIs(verifying.verify(message, signature), True)
+                self.assertIs(key.verify(message, signature), True)
+                self.assertIs(verifying.verify(message + b"\x00", signature), False)
+                flipped = bytearray(signature)
+                flipped[5] ^= 1
+                self.assertIs(verifying.verify(message, bytes(flipped)), False)
+
+    def test_rfc8032_vector_messages(self):
+        self.assertEqual(RFC8032_VECTORS[4][3], hashlib.sha512(b"abc").hexdigest())
+        self.assertEqual(len(bytes.fromhex(RFC8032_TEST_1024_MSG)), 1023)
+
+    def test_rfc8037_appendix_a4_jws_signature(self):
+        key = Ed25519Key.from_jwk(RFC8037_JWK)
+        head, body, sig = RFC8037_JWS.split(".")
+        self.assertEqual(b64url(key.sign(f"{head}.{body}".encode("ascii"))), sig)
+        self.assertIs(key.public_key().verify(f"{head}.{body}".encode("ascii"), unb64url(sig)), True)
+        self.assertEqual(unb64url(body), b"Example of Ed25519 signing")
+
+    def test_wycheproof_every_case(self):
+        data = load_wycheproof_ed25519()
+        keys = {}  # one key per public key: on the pure path each builds a table once
+        counts = {"valid": 0, "invalid": 0}
+        for group in data["testGroups"]:
+            pk = bytes.fromhex(group["publicKey"]["pk"])
+            if pk not in keys:
+                try:
+                    keys[pk] = Ed25519Key.from_public_bytes(pk)
+                except InvalidConfigError:
+                    keys[pk] = None  # refused: no case may then be valid for it
+            for case in group["tests"]:
+                with self.subTest(tcId=case["tcId"], comment=case["comment"], flags=case["flags"]):
+                    self.assertIn(case["result"], counts)
+                    if keys[pk] is None:
+                        self.assertEqual(case["result"], "invalid")
+                    else:
+                        valid = keys[pk].verify(bytes.fromhex(case["msg"]), bytes.fromhex(case["sig"]))
+                        self.assertIs(valid, case["result"] == "valid")
+                counts[case["result"]] += 1
+        self.assertEqual(counts, {"valid": 88, "invalid": 63})
+        self.assertEqual(sum(counts.values()), data["numberOfTests"])
+        self.assertEqual(len(keys), 52)
+
+    def test_wycheproof_public_keys_load_from_pem_and_jwk_too(self):
+        for group in load_wycheproof_ed25519()["testGroups"]:
+            pk = bytes.fromhex(group["publicKey"]["pk"])
+            with self.subTest(pk=group["publicKey"]["pk"]):
+                self.assertEqual(Ed25519Key.from_pem(group["publicKeyPem"]).public_bytes, pk)
+                self.assertEqual(Ed25519Key.from_jwk(group["publicKeyJwk"]).public_bytes, pk)
+
+    def test_verify_refuses_s_not_below_l(self):
+        s = int.from_bytes(self.signature[32:], "little")
+        self.assertLess(s, ED_L)
+        for name, bad in (("S + L", s + ED_L), ("S = L", ED_L), ("S + 8L", s + 8 * ED_L), ("all ones", 2**256 - 1)):
+            with self.subTest(name=name):
+                self.assertIs(self.key.verify(self.message, self.signature[:32] + bad.to_bytes(32, "little")), False)
+        self.assertIs(self.key.verify(self.message, self.signature), True)
+
+    def test_verify_refuses_non_canonical_r(self):
+        s = self.signature[32:]
+        for y in range(19):  # y + p still fits in 255 bits only for these
+            with self.subTest(y=y):
+                self.assertIs(self.key.verify(self.message, ed_encoding(y + ED_P) + s), False)
+        # The identity, encoded as y = 1 + p or as "-0": the group equation
+        # holds (S = k * a), only the canonical-encoding rule refuses them.
+        for r in (ed_encoding(1 + ED_P), ed_encoding(1, sign=1), ed_encoding(ED_P - 1, sign=1), ed_encoding(1 + ED_P, sign=1)):
+            with self.subTest(r=r.hex()):
+                self.assertIs(self.key.verify(self.message, ed_forge(ED_SEED, r, self.message)), False)
+
+    def test_verify_refuses_small_order_r(self):
+        # For the identity the equation holds (S = k * a): a key holder's
+        # signature that cofactored and cofactorless verifiers judge apart.
+        for r in ED_SMALL_ORDER:
+            with self.subTest(r=r.hex()):
+                self.assertIs(self.key.verify(self.message, ed_forge(ED_SEED, r, self.message)), False)
+                self.assertIs(self.key.verify(self.message, r + self.signature[32:]), False)
+
+    def test_verify_refuses_r_off_the_curve(self):
+        self.assertIs(self.key.verify(self.message, ed_encoding(2) + self.signature[32:]), False)
+
+    def test_verify_refuses_wrong_lengths(self):
+        for signature in (b"", self.signature[:63], self.signature + b"\x00", self.signature * 2, self.signature[:32]):
+            with self.subTest(length=len(signature)):
+                self.assertIs(self.key.verify(self.message, signature), False)
+
+    def test_verify_refuses_garbage_and_never_raises(self):
+        rng = random.Random(3)
+        for length in list(range(0, 70)) + [128, 1000]:
+            self.assertIs(self.key.verify(self.message, bytes(rng.getrandbits(8) for _ in range(length))), False)
+        for _ in range(100):
+            self.assertIs(self.key.verify(self.message, rng.getrandbits(512).to_bytes(64, "little")), False)
+        for signature in (None, "x" * 64, 64, [self.signature], b64url(self.signature)):
+            with self.subTest(signature=type(signature).__name__):
+                self.assertIs(self.key.verify(self.message, signature), False)
+
+    def test_verify_with_a_non_bytes_message_returns_false(self):
+        # "Never raises" (the docstring), on both backends alike.
+        for message in (None, "strictness", 5, ["strictness"]):
+            with self.subTest(message=type(message).__name__):
+                self.assertIs(self.key.verify(message, self.signature), False)
+
+    def test_verify_refuses_another_key_and_message(self):
+        other = Ed25519Key.from_seed(ED_OTHER_SEED)
+        self.assertIs(other.verify(self.message, self.signature), False)
+        self.assertIs(self.key.verify(self.message + b"!", self.signature), False)
+        self.assertIs(self.key.verify(b"", self.signature), False)
+
+    def test_public_keys_of_small_order_are_refused(self):
+        for public in ED_SMALL_ORDER:
+            with self.subTest(public=public.hex()):
+                with self.assertRaises(InvalidConfigError) as cm:
+                    Ed25519Key.from_public_bytes(public)
+                self.assertIs(type(cm.exception), InvalidConfigError)
+
+    def test_non_canonical_and_off_curve_public_keys_are_refused(self):
+        bad = [ed_encoding(y + ED_P) for y in range(19)]  # y >= p
+        bad += [ed_encoding(y + ED_P, sign=1) for y in range(19)]
+        bad += [ed_encoding(1, sign=1), ed_encoding(ED_P - 1, sign=1)]  # x = 0 with the sign bit: "-0"
+        bad.append(ed_encoding(2))  # y = 2 is on no point of the curve
+        for public in bad:
+            with self.subTest(public=public.hex()):
+                with self.assertRaises(InvalidConfigError):
+                    Ed25519Key.from_public_bytes(public)
+
+    def test_public_keys_of_wrong_length_or_type_are_refused(self):
+        public = self.key.public_bytes
+        for bad in (b"", public[:31], public + b"\x00", bytearray(public), public.hex(), None, 5):
+            with self.subTest(bad=type(bad).__name__, length=len(bad) if hasattr(bad, "__len__") else None):
+                with self.assertRaises(InvalidConfigError):
+                    Ed25519Key.from_public_bytes(bad)
+
+    def test_seeds_of_wrong_length_or_type_are_refused(self):
+        for bad in (b"", ED_SEED[:31], ED_SEED + b"\x00", bytearray(ED_SEED), ED_SEED.hex(), None):
+            with self.subTest(bad=type(bad).__name__):
+                with self.assertRaises(InvalidConfigError):
+                    Ed25519Key.from_seed(bad)
+
+    def test_token_round_trip(self):
+        issuer = make_ed_auth()
+        issued = issuer.issue(subject="user_123", agent="agent_research_bot", scopes=["email:read"])
+        verifier = make_verifier(issuer.jwks())
+        self.assertEqual(verifier.verify(issued.token, ["email:read"]).jti, issued.jti)
+        self.assertEqual(issuer.verify(issued.token).jti, issued.jti)
+        for part in ("header", "payload", "signature"):
+            with self.subTest(part=part):
+                with self.assertRaises(TokenInvalidError):
+                    verifier.verify(tamper(issued.token, part))
+
+
+class PureEd25519Tests(Ed25519Contract, unittest.TestCase):
+    backend = "pure"
+
+
+@unittest.skipUnless(HAVE_CRYPTOGRAPHY, NEEDS_CRYPTOGRAPHY)
+class CryptographyEd25519Tests(Ed25519Contract, unittest.TestCase):
+    backend = "cryptography"
+
+    def test_precheck_refuses_what_openssl_alone_accepts(self):
+        # Raw OpenSSL accepts a canonical small-order R when the equation
+        # holds; Ed25519Key on this backend must refuse it like the pure path.
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+        forged = ed_forge(ED_SEED, ED_SMALL_ORDER[0], self.message)
+        Ed25519PublicKey.from_public_bytes(self.key.public_bytes).verify(forged, self.message)  # no exception
+        self.assertIs(self.key.verify(self.message, forged), False)
+
+    def test_both_backends_agree_on_random_keys_and_messages(self):
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+        rng = random.Random(5)
+        cases = []
+        for _ in range(50):
+            seed = bytes(rng.getrandbits(8) for _ in range(32))
+            message = bytes(rng.getrandbits(8) for _ in range(rng.choice((0, 1, 32, 300, rng.randrange(2000)))))
+            position, bit = rng.randrange(64), 1 << rng.randrange(8)
+            key = Ed25519Key.from_seed(seed)
+            signature = key.sign(message)
+            tampered = bytearray(signature)
+            tampered[position] ^= bit
+            cases.append((seed, message, key, signature, bytes(tampered)))
+        with pure_backend():
+            for i, (seed, message, key, signature, tampered) in enumerate(cases):
+                with self.subTest(i=i):
+                    pure = Ed25519Key.from_seed(seed)
+                    self.assertEqual((pure.backend, key.backend), ("pure", "cryptography"))
+                    self.assertEqual(pure.public_bytes, key.public_bytes)
+                    pure_signature = pure.sign(message)
+                    self.assertEqual(pure_signature, signature)  # deterministic: byte-identical
+                    self.assertIs(pure.verify(message, signature), True)
+                    self.assertIs(pure.verify(message, tampered), False)
+                    cases[i] = (seed, message, key, pure_signature, tampered)
+        for i, (_seed, message, key, pure_signature, tampered) in enumerate(cases):
+            with self.subTest(i=i):
+                self.assertIs(key.verify(message, pure_signature), True)
+                self.assertIs(key.verify(message, tampered), False)
+                Ed25519PublicKey.from_public_bytes(key.public_bytes).verify(pure_signature, message)
+
+
+class Ed25519KeyTests(unittest.TestCase):
+    """The Ed25519Key API: constructors, formats, JWK, thumbprint, repr (whatever the backend)."""
+
+    def test_generate_makes_distinct_private_keys(self):
+        first, second = Ed25519Key.generate(), Ed25519Key.generate()
+        self.assertIs(first.is_private, True)
+        self.assertNotEqual(first.public_bytes, second.public_bytes)
+        self.assertEqual(len(first.public_bytes), 32)
+        self.assertIs(first.public_key().verify(b"m", first.sign(b"m")), True)
+
+    def test_from_seed_round_trips_through_pem_and_jwk(self):
+        key = Ed25519Key.from_seed(ED_SEED)
+        for copy in (Ed25519Key.from_pem(key.private_pem()), Ed25519Key.from_jwk(key.private_jwk())):
+            with self.subTest(copy=copy):
+                self.assertIs(copy.is_private, True)
+                self.assertEqual(copy.public_bytes, key.public_bytes)
+                self.assertEqual(copy.private_jwk()["d"], b64url(ED_SEED))
+                self.assertEqual(copy.sign(b"m"), key.sign(b"m"))
+        for copy in (Ed25519Key.from_pem(key.public_pem()), Ed25519Key.from_jwk(key.public_jwk()),
+                     Ed25519Key.from_public_bytes(key.public_bytes), key.public_key()):
+            with self.subTest(copy=copy):
+                self.assertIs(copy.is_private, False)
+                self.assertEqual(copy.public_bytes, key.public_bytes)
+                self.assertIs(copy.verify(b"m", key.sign(b"m")), True)
+
+    def test_a_public_key_cannot_sign_or_export_a_private_part(self):
+        public = Ed25519Key.from_seed(ED_SEED).public_key()
+        for call in (lambda: public.sign(b"m"), public.private_pem, public.private_jwk):
+            with self.assertRaises(InvalidConfigError) as cm:
+                call()
+            self.assertIs(type(cm.exception), InvalidConfigError)
+
+    def test_private_pem_is_rfc8410_pkcs8_exactly(self):
+        key = Ed25519Key.from_seed(RFC8410_SEED)
+        self.assertEqual(key.private_pem(), RFC8410_PRIVATE_PEM)
+        der = base64.b64decode(key.private_pem().splitlines()[1])
+        self.assertEqual(der, bytes.fromhex("302e020100300506032b657004220420") + RFC8410_SEED)
+
+    def test_public_pem_is_rfc8410_spki_exactly(self):
+        key = Ed25519Key.from_seed(RFC8410_SEED)
+        self.assertEqual(key.public_pem(), RFC8410_PUBLIC_PEM)
+        self.assertEqual(Ed25519Key.from_pem(RFC8410_PUBLIC_PEM).public_bytes, key.public_bytes)
+        der = base64.b64decode(key.public_pem().splitlines()[1])
+        self.assertEqual(der, bytes.fromhex("302a300506032b6570032100") + key.public_bytes)
+
+    def test_from_pem_accepts_bytes_crlf_and_surrounding_text(self):
+        for text in (RFC8410_PRIVATE_PEM.encode("ascii"), RFC8410_PRIVATE_PEM.replace("\n", "\r\n"),
+                     "a comment line\n" + RFC8410_PRIVATE_PEM + "trailing text\n"):
+            with self.subTest(text=text[:20]):
+                self.assertEqual(Ed25519Key.from_pem(text).private_jwk()["d"], b64url(RFC8410_SEED))
+
+    def test_from_pem_refuses_other_keys_and_garbage(self):
+        body = RFC8410_PRIVATE_PEM.splitlines()[1]
+        der = base64.b64decode(body)
+        x25519 = der.replace(bytes.fromhex("06032b6570"), bytes.fromhex("06032b656e"))  # OID 1.3.101.110
+        small_order_spki = bytes.fromhex("302a300506032b6570032100") + ED_SMALL_ORDER[0]
+        for text in (
+            "",
+            "not a key",
+            RFC8410_PRIVATE_PEM.replace("PRIVATE KEY", "EC PRIVATE KEY"),
+            RFC8410_PRIVATE_PEM.replace("END PRIVATE", "END PUBLIC"),
+            RFC8410_PRIVATE_PEM.replace(body, base64.b64encode(x25519).decode()),
+            RFC8410_PRIVATE_PEM.replace(body, base64.b64encode(der[:-1]).decode()),
+            RFC8410_PRIVATE_PEM.replace(body, base64.b64encode(der + b"\x00").decode()),
+            RFC8410_PRIVATE_PEM.replace("PRIVATE KEY", "PUBLIC KEY"),  # a PKCS#8 body under the SPKI label
+            RFC8410_PUBLIC_PEM.replace("PUBLIC KEY", "PRIVATE KEY"),
+            RFC8410_PUBLIC_PEM.replace(RFC8410_PUBLIC_PEM.splitlines()[1], base64.b64encode(small_order_spki).decode()),
+            "-----BEGIN PRIVATE KEY-----\n-----END PRIVATE KEY-----\n",
+            None,
+            5,
+        ):
+            with self.subTest(text=text):
+                with self.assertRaises(InvalidConfigError) as cm:
+                    Ed25519Key.from_pem(text)
+                self.assertIs(type(cm.exception), InvalidConfigError)
+                self.assertNotIn(body, str(cm.exception))
+
+    def test_from_jwk_refuses_mismatched_x_and_d(self):
+        jwk = Ed25519Key.from_seed(ED_SEED).private_jwk()
+        jwk["x"] = Ed25519Key.from_seed(ED_OTHER_SEED).public_jwk()["x"]
+        with self.assertRaises(InvalidConfigError) as cm:
+            Ed25519Key.from_jwk(jwk)
+        self.assertIs(type(cm.exception), InvalidConfigError)
+        self.assertNotIn(jwk["d"], str(cm.exception))
+
+    def test_from_jwk_refuses_malformed_jwks(self):
+        good = Ed25519Key.from_seed(ED_SEED).private_jwk()
+        x, d = good["x"], good["d"]
+        bad = [
+            dict(good, kty="EC"),
+            dict(good, kty="oct"),
+            dict(good, crv="X25519"),
+            dict(good, crv="Ed448"),
+            {k: v for k, v in good.items() if k != "kty"},
+            {k: v for k, v in good.items() if k not in ("x", "d")},
+            dict(good, x=x + "="),
+            dict(good, x="+" + x[1:]),
+            dict(good, x=non_canonical(x)),
+            dict(good, x=x[:-2]),
+            dict(good, x=""),
+            dict(good, x=None),
+            dict(good, d=d[:-2]),
+            dict(good, d=""),
+            dict(good, d=5),
+            dict(good, d=non_canonical(d)),
+            {"kty": "OKP", "crv": "Ed25519", "x": b64url(ED_SMALL_ORDER[0])},
+        ]
+        for jwk in bad + [None, [good], json.dumps(good)]:
+            with self.subTest(jwk=jwk):
+                with self.assertRaises(InvalidConfigError) as cm:
+                    Ed25519Key.from_jwk(jwk)
+                self.assertIs(type(cm.exception), InvalidConfigError)
+
+    def test_public_and_private_jwk_layout(self):
+        key = Ed25519Key.from_seed(ED_SEED)
+        x = b64url(key.public_bytes)
+        self.assertEqual(key.public_jwk(), {"kty": "OKP", "crv": "Ed25519", "x": x, "use": "sig", "alg": "EdDSA"})
+        self.assertEqual(key.public_jwk("k9"), {"kty": "OKP", "crv": "Ed25519", "x": x, "kid": "k9", "use": "sig", "alg": "EdDSA"})
+        self.assertEqual(key.private_jwk("k9"), dict(key.public_jwk("k9"), d=b64url(ED_SEED)))
+        self.assertNotIn("d", key.public_key().public_jwk())
+
+    def test_rfc8037_jwk_loads_as_the_rfc8032_test_1_key(self):
+        key = Ed25519Key.from_jwk(RFC8037_JWK)
+        self.assertEqual(key.public_bytes.hex(), RFC8032_VECTORS[0][2])
+        self.assertEqual(key.private_jwk()["d"], RFC8037_JWK["d"])
+
+    def test_thumbprint_is_rfc7638(self):
+        key = Ed25519Key.from_jwk(RFC8037_JWK)
+        self.assertEqual(key.thumbprint(), RFC8037_THUMBPRINT)  # RFC 8037 Appendix A.3
+        self.assertEqual(ed_thumbprint(RFC8037_JWK["x"]), RFC8037_THUMBPRINT)
+        for seed in (ED_SEED, ED_OTHER_SEED):
+            key = Ed25519Key.from_seed(seed)
+            self.assertEqual(key.thumbprint(), ed_thumbprint(b64url(key.public_bytes)))
+            self.assertEqual(key.public_key().thumbprint(), key.thumbprint())
+
+    def test_repr_never_shows_private_material(self):
+        key = Ed25519Key.from_seed(ED_SEED)
+        pem_body = "".join(key.private_pem().splitlines()[1:-1])
+        forbidden = [b64url(ED_SEED), base64.b64encode(ED_SEED).decode(), ED_SEED.hex(), ED_SEED.hex().upper(),
+                     pem_body, pem_body[-44:], repr(ED_SEED)]
+        auth = make_ed_auth(signing_key=key, previous_keys={"ed0": Ed25519Key.from_seed(ED_OLD_SEED)})
+        for text in (repr(key), str(key), repr([key]), f"{key}", repr(auth), str(auth)):
+            for secret in forbidden:
+                with self.subTest(text=text[:30], secret=secret[:8]):
+                    self.assertNotIn(secret, text)
+            self.assertNotIn(b64url(ED_OLD_SEED), text)
+        self.assertIn("private", repr(key))
+        self.assertIn("public", repr(key.public_key()))
+
+
+def openssl(*args, data=None):
+    """Run the openssl binary; return its CompletedProcess (stdout and stderr as bytes)."""
+    return subprocess.run(["openssl", *args], input=data, capture_output=True, timeout=30)
+
+
+@unittest.skipUnless(shutil.which("openssl"), "needs the openssl binary")
+class OpenSslInteropTests(unittest.TestCase):
+    def setUp(self):
+        folder = tempfile.TemporaryDirectory()
+        self.addCleanup(folder.cleanup)
+        self.folder = folder.name
+        if openssl("genpkey", "-algorithm", "ed25519").returncode != 0:
+            self.skipTest("this openssl cannot make Ed25519 keys")
+
+    def write(self, name, data):
+        path = os.path.join(self.folder, name)
+        with open(path, "wb") as f:
+            f.write(data if isinstance(data, bytes) else data.encode("ascii"))
+        return path
+
+    def run_openssl(self, *args, data=None):
+        done = openssl(*args, data=data)
+        self.assertEqual(done.returncode, 0, done.stderr.decode(errors="replace"))
+        return done.stdout
+
+    def test_openssl_genpkey_key_loads_and_matches_openssl_public_key(self):
+        pem = self.run_openssl("genpkey", "-algorithm", "ed25519").decode("ascii")
+        key = Ed25519Key.from_pem(pem)
+        self.assertIs(key.is_private, True)
+        self.assertEqual(key.private_pem(), pem)  # the same PKCS#8 v1 layout, byte for byte
+        public_pem = self.run_openssl("pkey", "-in", self.write("key.pem", pem), "-pubout").decode("ascii")
+        self.assertEqual(key.public_pem(), public_pem)
+        self.assertEqual(Ed25519Key.from_pem(public_pem).public_bytes, key.public_bytes)
+
+    def test_our_private_pem_parses_in_openssl(self):
+        key = Ed25519Key.from_seed(ED_SEED)
+        path = self.write("ours.pem", key.private_pem())
+        text = self.run_openssl("pkey", "-in", path, "-noout", "-text").decode("ascii")
+        self.assertIn("ED25519 Private-Key", text)
+        self.assertEqual(self.run_openssl("pkey", "-in", path, "-pubout").decode("ascii"), key.public_pem())
+        der = self.run_openssl("pkey", "-in", path, "-outform", "DER")
+        self.assertEqual(der, base64.b64decode("".join(key.private_pem().splitlines()[1:-1])))
+
+    def test_our_public_pem_parses_in_openssl(self):
+        key = Ed25519Key.from_seed(ED_SEED)
+        path = self.write("pub.pem", key.public_pem())
+        self.assertEqual(self.run_openssl("pkey", "-pubin", "-in", path, "-pubout").decode("ascii"), key.public_pem())
+
+    def test_signatures_interoperate_with_openssl(self):
+        key = Ed25519Key.from_seed(ED_SEED)
+        message = b"eyJhbGciOiJFZERTQSJ9.eyJzdWIiOiJ1In0"
+        key_path, pub_path = self.write("key.pem", key.private_pem()), self.write("pub.pem", key.public_pem())
+        msg_path, sig_path = self.write("msg", message), self.write("sig", key.sign(message))
+        out = self.run_openssl("pkeyutl", "-verify", "-pubin", "-inkey", pub_path, "-rawin", "-in", msg_path,
+                               "-sigfile", sig_path)
+        self.assertIn(b"Signature Verified Successfully", out)
+        bad = bytearray(key.sign(message))
+        bad[40] ^= 1
+        refused = openssl("pkeyutl", "-verify", "-pubin", "-inkey", pub_path, "-rawin", "-in", msg_path,
+                          "-sigfile", self.write("bad", bytes(bad)))
+        self.assertNotEqual(refused.returncode, 0)
+        theirs = self.run_openssl("pkeyutl", "-sign", "-inkey", key_path, "-rawin", "-in", msg_path)
+        self.assertEqual(theirs, key.sign(message))  # Ed25519 is deterministic
+        self.assertIs(Ed25519Key.from_pem(key.public_pem()).verify(message, theirs), True)
+
+
+# -- AgentAuth with an Ed25519 signing key -------------------------------------
+
+
+class EdDSATokenTests(unittest.TestCase):
+    def setUp(self):
+        self.key = Ed25519Key.from_seed(ED_SEED)
+        self.auth = make_ed_auth(signing_key=self.key)
+        self.issued = self.auth.issue(subject="user_123", agent="agent_research_bot", scopes=["email:read"], ttl_seconds=600)
+
+    def test_token_header_layout(self):
+        self.assertEqual(json_segment(self.issued.token.split(".")[0]), {"alg": "EdDSA", "typ": "at+jwt", "kid": ED_KID})
+
+    def test_kid_defaults_to_the_rfc7638_thumbprint(self):
+        auth = make_ed_auth(kid=None)
+        expected = ed_thumbprint(b64url(self.key.public_bytes))
+        self.assertEqual(auth.kid, expected)
+        token = auth.issue(subject="u", agent="a", scopes=["x"]).token
+        self.assertEqual(json_segment(token.split(".")[0]), {"alg": "EdDSA", "typ": "at+jwt", "kid": expected})
+        self.assertEqual(auth.jwks()["keys"][0]["kid"], expected)
+
+    def test_token_is_ed25519_over_the_signing_input(self):
+        head, body, sig = self.issued.token.split(".")
+        self.assertEqual(len(unb64url(sig)), 64)
+        public = Ed25519Key.from_public_bytes(self.key.public_bytes)
+        self.assertIs(public.verify(f"{head}.{body}".encode("ascii"), unb64url(sig)), True)
+        self.assertEqual(unb64url(sig), self.key.sign(f"{head}.{body}".encode("ascii")))
+        self.assertNotIn("=", self.issued.token)
+
+    def test_claims_layout_matches_hs256(self):
+        hs256 = make_auth().issue(subject="user_123", agent="agent_research_bot", scopes=["email:read"], ttl_seconds=600)
+        ours, theirs = json_segment(self.issued.token.split(".")[1]), json_segment(hs256.token.split(".")[1])
+        self.assertEqual(set(ours), set(theirs))
+        self.assertEqual({k: v for k, v in ours.items() if k != "jti"}, {k: v for k, v in theirs.items() if k != "jti"})
+
+    def test_issuer_verifies_its_own_tokens(self):
+        claims = self.auth.verify(self.issued.token, ["email:read"])
+        self.assertEqual((claims.sub, claims.agent, claims.jti, claims.scopes),
+                         ("user_123", "agent_research_bot", self.issued.jti, ("email:read",)))
+
+    def test_tampered_or_foreign_signatures_are_refused(self):
+        for part in ("header", "payload", "signature"):
+            with self.subTest(part=part):
+                with self.assertRaises(TokenInvalidError) as cm:
+                    self.auth.verify(tamper(self.issued.token, part))
+                self.assertIs(type(cm.exception), TokenInvalidError)
+        foreign = forge_eddsa(ED_HEADER, claims_for(), Ed25519Key.from_seed(ED_OTHER_SEED))
+        with self.assertRaises(TokenInvalidError):
+            self.auth.verify(foreign)
+        self.assertEqual(self.auth.verify(forge_eddsa(ED_HEADER, claims_for(), self.key)).sub, "user_123")
+
+    def test_jwks_publishes_the_public_key_only(self):
+        x = b64url(self.key.public_bytes)
+        self.assertEqual(self.auth.jwks(),
+                         {"keys": [{"kty": "OKP", "crv": "Ed25519", "x": x, "kid": ED_KID, "use": "sig", "alg": "EdDSA"}]})
+
+    def test_jwks_can_hold_no_private_material(self):
+        old, older = Ed25519Key.from_seed(ED_OLD_SEED), Ed25519Key.from_seed(ED_OTHER_SEED)
+        auth = make_ed_auth(signing_key=self.key, previous_keys={"ed0": old, "ed-1": older},
+                            previous_secrets={"hs0": SECRET})
+        jwks = auth.jwks()
+        text = json.dumps(jwks)
+        for key in jwks["keys"]:
+            self.assertLessEqual(set(key), {"kty", "crv", "x", "kid", "use", "alg"})
+            self.assertNotIn("d", key)
+        for seed in (ED_SEED, ED_OLD_SEED, ED_OTHER_SEED):
+            for form in (b64url(seed), base64.b64encode(seed).decode(), seed.hex(), b64url(seed)[:20]):
+                with self.subTest(form=form[:8]):
+                    self.assertNotIn(form, text)
+        for form in (SECRET.decode(), b64url(SECRET), SECRET.hex(), "oct", "hs0"):
+            self.assertNotIn(form, text)
+        self.assertEqual([key["kid"] for key in jwks["keys"]], [ED_KID, "ed0", "ed-1"])
+
+    def test_previous_keys_verify_old_tokens_and_are_published(self):
+        old = Ed25519Key.from_seed(ED_OLD_SEED)
+        old_token = make_ed_auth(signing_key=old, kid="ed0").issue(subject="u", agent="a", scopes=["x"]).token
+        rotated = make_ed_auth(signing_key=self.key, kid=ED_KID, previous_keys={"ed0": old})
+        self.assertEqual(rotated.verify(old_token).sub, "u")
+        self.assertEqual([k["kid"] for k in rotated.jwks()["keys"]], [ED_KID, "ed0"])
+        self.assertEqual(rotated.jwks()["keys"][1]["x"], b64url(old.public_bytes))
+        verifier = make_verifier(rotated.jwks())
+        self.assertEqual(verifier.verify(old_token).sub, "u")
+        self.assertEqual(verifier.verify(rotated.issue(subject="v", agent="a", scopes=["x"]).token).sub, "v")
+        # Retired: once ed0 leaves the set, its tokens are refused.
+        retired = make_verifier(make_ed_auth(signing_key=self.key).jwks())
+        with self.assertRaises(TokenInvalidError):
+            retired.verify(old_token)
+
+    def test_rotation_signs_with_the_newest_key(self):
+        old = Ed25519Key.from_seed(ED_OLD_SEED)
+        rotated = make_ed_auth(signing_key=self.key, kid="ed2", previous_keys={"ed0": old})
+        token = rotated.issue(subject="u", agent="a", scopes=["x"]).token
+        head, body, sig = token.split(".")
+        self.assertEqual(json_segment(head)["kid"], "ed2")
+        self.assertIs(self.key.public_key().verify(f"{head}.{body}".encode(), unb64url(sig)), True)
+        self.assertIs(old.public_key().verify(f"{head}.{body}".encode(), unb64url(sig)), False)
+
+    def test_previous_keys_must_be_valid(self):
+        old = Ed25519Key.from_seed(ED_OLD_SEED)
+        for previous in ({"ed0": ED_OLD_SEED}, {"ed0": old.private_pem()}, {"ed0": None}, {"": old}, {5: old},
+                         {ED_KID: old}, [("ed0", old)], "ed0"):
+            with self.subTest(previous=previous):
+                with self.assertRaises(InvalidConfigError) as cm:
+                    make_ed_auth(previous_keys=previous)
+                self.assertIs(type(cm.exception), InvalidConfigError)
+
+    def test_secret_and_signing_key_are_exclusive_and_one_is_required(self):
+        for overrides in ({"secret": SECRET}, {"signing_key": None}):
+            with self.subTest(overrides=list(overrides)):
+                with self.assertRaises(InvalidConfigError) as cm:
+                    make_ed_auth(**overrides)
+                self.assertIs(type(cm.exception), InvalidConfigError)
+        with self.assertRaises(InvalidConfigError):
+            AgentAuth(issuer=ISSUER, audience=AUDIENCE)
+
+    def test_signing_key_must_be_a_private_ed25519_key(self):
+        for signing_key in (self.key.public_key(), ED_SEED, self.key.private_pem(), self.key.private_jwk(), SECRET):
+            with self.subTest(signing_key=type(signing_key).__name__):
+                with self.assertRaises(InvalidConfigError) as cm:
+                    make_ed_auth(signing_key=signing_key)
+                self.assertIs(type(cm.exception), InvalidConfigError)
+
+    def test_kid_must_be_a_non_empty_string(self):
+        for kid in ("", 5, b"ed1"):
+            with self.subTest(kid=kid):
+                with self.assertRaises(InvalidConfigError):
+                    make_ed_auth(kid=kid)
+
+    def test_hs256_instance_has_no_jwks(self):
+        for auth in (make_auth(), make_auth(previous_secrets={"k0": OLD_SECRET})):
+            with self.assertRaises(InvalidConfigError) as cm:
+                auth.jwks()
+            self.assertIs(type(cm.exception), InvalidConfigError)
+            self.assertNotIn(SECRET.decode(), str(cm.exception))
+
+    def test_delegation_chains_verify_with_the_public_keys(self):
+        parent = self.auth.issue(subject="user_123", agent="agent_orchestrator", scopes=["email:*"]).token
+        child = self.auth.delegate(parent, agent="agent_mail", scopes=["email:read"])
+        claims = make_verifier(self.auth.jwks()).verify(child.token, ["email:read"])
+        self.assertEqual(claims.chain, ("agent_orchestrator", "agent_mail"))
+        self.assertEqual(json_segment(child.token.split(".")[0])["alg"], "EdDSA")
+
+
+class AlgorithmConfusionTests(unittest.TestCase):
+    """RFC 8725 §2.1 / §3.1: a key verifies only its own algorithm, whatever the header says."""
+
+    def setUp(self):
+        self.key = Ed25519Key.from_seed(ED_SEED)
+        self.issuer = make_ed_auth(signing_key=self.key)
+        self.verifier = make_verifier(self.issuer.jwks())
+
+    def assertRefused(self, auth, token):
+        with self.assertRaises(TokenInvalidError) as cm:
+            auth.verify(token)
+        self.assertIs(type(cm.exception), TokenInvalidError)
+
+    def test_hs256_token_keyed_with_the_public_key_is_refused(self):
+        jwk = self.key.public_jwk(ED_KID)
+        hmac_keys = {
+            "raw public bytes": self.key.public_bytes,
+            "x": jwk["x"].encode("ascii"),
+            "public PEM": self.key.public_pem().encode("ascii"),
+            "SPKI DER": base64.b64decode("".join(self.key.public_pem().splitlines()[1:-1])),
+            "JWK text": json.dumps(jwk).encode("ascii"),
+        }
+        headers = {"kid of the EdDSA key": header_for(kid=ED_KID), "no kid": header_for(kid=DROP),
+                   "thumbprint kid": header_for(kid=self.key.thumbprint())}
+        for key_name, hmac_key in hmac_keys.items():
+            for header_name, header in headers.items():
+                token = forge(header, claims_for(), hmac_key)
+                for auth_name, auth in (("issuer", self.issuer), ("verifier", self.verifier)):
+                    with self.subTest(key=key_name, header=header_name, auth=auth_name):
+                        self.assertRefused(auth, token)
+
+    def test_eddsa_token_is_refused_by_an_hs256_instance(self):
+        hs256 = make_auth(kid=ED_KID)
+        token = self.issuer.issue(subject="u", agent="a", scopes=["x"]).token
+        self.assertRefused(hs256, token)
+        self.assertRefused(hs256, forge_eddsa(header_for(alg="EdDSA", kid=DROP), claims_for(), self.key))
+        # An "EdDSA" header over an HMAC tag made with the instance's own secret.
+        self.assertRefused(hs256, forge(header_for(alg="EdDSA", kid=ED_KID), claims_for(), SECRET))
+
+    def test_kid_of_an_hs256_key_with_an_eddsa_header_is_refused(self):
+        both = make_ed_auth(signing_key=self.key, previous_secrets={"hs0": SECRET})
+        # Controls: each key verifies its own algorithm.
+        self.assertEqual(both.verify(forge(header_for(kid="hs0"), claims_for(), SECRET)).sub, "user_123")
+        self.assertEqual(both.verify(forge_eddsa(ED_HEADER, claims_for(), self.key)).sub, "user_123")
+        for name, token in (
+            ("EdDSA header, HS256 kid", forge_eddsa(header_for(alg="EdDSA", kid="hs0"), claims_for(), self.key)),
+            ("HS256 header, EdDSA kid, the secret", forge(header_for(kid=ED_KID), claims_for(), SECRET)),
+            ("HS256 header, EdDSA kid, the public key", forge(header_for(kid=ED_KID), claims_for(), self.key.public_bytes)),
+            ("HS256 header, no kid", forge(header_for(kid=DROP), claims_for(), SECRET)),
+            ("EdDSA header, HS256 kid, an HMAC tag", forge(header_for(alg="EdDSA", kid="hs0"), claims_for(), SECRET)),
+        ):
+            with self.subTest(name=name):
+                self.assertRefused(both, token)
+
+    def test_kid_of_an_eddsa_key_with_an_hs256_header_is_refused(self):
+        both = make_auth(previous_keys={"ed0": self.key})
+        self.assertEqual(both.verify(forge(HEADER, claims_for(), SECRET)).sub, "user_123")
+        self.assertEqual(both.verify(forge_eddsa(header_for(alg="EdDSA", kid="ed0"), claims_for(), self.key)).sub, "user_123")
+        for name, token in (
+            ("EdDSA header, HS256 kid", forge_eddsa(header_for(alg="EdDSA"), claims_for(), self.key)),
+            ("HS256 header, EdDSA kid, the public key", forge(header_for(kid="ed0"), claims_for(), self.key.public_bytes)),
+            ("HS256 header, EdDSA kid, the secret", forge(header_for(kid="ed0"), claims_for(), SECRET)),
+            ("EdDSA header, no kid", forge_eddsa(header_for(alg="EdDSA", kid=DROP), claims_for(), self.key)),
+        ):
+            with self.subTest(name=name):
+                self.assertRefused(both, token)
+
+    def test_other_algorithm_names_are_refused(self):
+        for alg in ("none", "None", "eddsa", "EDDSA", "Ed25519", "ed25519", "EdDSA ", " EdDSA", "ES256", "HS256", "",
+                    None, ["EdDSA"]):
+            token = forge_eddsa(header_for(alg=alg, kid=ED_KID), claims_for(), self.key)
+            for auth_name, auth in (("issuer", self.issuer), ("verifier", self.verifier)):
+                with self.subTest(alg=alg, auth=auth_name):
+                    self.assertRefused(auth, token)
+
+    def test_unsecured_token_is_refused(self):
+        head = b64url(json.dumps({"alg": "none", "typ": "at+jwt", "kid": ED_KID}).encode())
+        body = b64url(json.dumps(claims_for()).encode())
+        for token in (f"{head}.{body}.", f"{head}.{body}", f"{head}.{body}.AA"):
+            for auth in (self.issuer, self.verifier):
+                with self.subTest(token=token[-4:]):
+                    self.assertRefused(auth, token)
+
+    def test_crit_and_non_access_token_types_are_refused(self):
+        for header in (dict(ED_HEADER, crit=["exp"], exp=1), dict(ED_HEADER, typ="JWT"), header_for(alg="EdDSA", typ=DROP)):
+            token = forge_eddsa(header, claims_for(), self.key)
+            with self.subTest(header=header):
+                self.assertRefused(self.verifier, token)
+
+
+class VerifierTests(unittest.TestCase):
+    """AgentAuth.verifier(jwks=...): public keys only, the same checks as any instance."""
+
+    def setUp(self):
+        self.key = Ed25519Key.from_seed(ED_SEED)
+        self.clock = FixedClock()
+        self.issuer = make_ed_auth(signing_key=self.key, clock=self.clock)
+        self.verifier = make_verifier(self.issuer.jwks(), clock=self.clock)
+        self.issued = self.issuer.issue(subject="user_123", agent="agent_research_bot", scopes=["email:read"], ttl_seconds=600)
+
+    def test_verifies_the_issuers_tokens(self):
+        claims = self.verifier.verify(self.issued.token, ["email:read"])
+        self.assertEqual(claims, self.issuer.verify(self.issued.token))
+        self.assertEqual((claims.sub, claims.agent, claims.jti), ("user_123", "agent_research_bot", self.issued.jti))
+        self.assertIsNone(self.verifier.kid)
+
+    def test_cannot_mint(self):
+        for call in (lambda: self.verifier.issue(subject="u", agent="a", scopes=["x"]),
+                     lambda: self.verifier.delegate(self.issued.token, agent="b", scopes=["email:read"])):
+            with self.assertRaises(InvalidConfigError) as cm:
+                call()
+            self.assertIs(type(cm.exception), InvalidConfigError)
+
+    def test_republishes_the_keys_it_holds(self):
+        self.assertEqual(self.verifier.jwks(), self.issuer.jwks())
+
+    def test_requires_a_kid(self):
+        token = forge_eddsa(header_for(alg="EdDSA", kid=DROP), claims_for(), self.key)
+        self.assertEqual(self.issuer.verify(token).sub, "user_123")  # the issuer: its current key
+        with self.assertRaises(TokenInvalidError) as cm:
+            self.verifier.verify(token)
+        self.assertIs(type(cm.exception), TokenInvalidError)
+        for kid in ("unknown", "", 5, None, ["ed1"]):
+            with self.subTest(kid=kid):
+                with self.assertRaises(TokenInvalidError):
+                    self.verifier.verify(forge_eddsa(header_for(alg="EdDSA", kid=kid), claims_for(), self.key))
+
+    def test_options_that_do_not_apply_are_refused(self):
+        for option in ({"secret": SECRET}, {"signing_key": self.key}, {"kid": ED_KID}, {"default_ttl_seconds": 60},
+                       {"previous_keys": {}}, {"previous_secrets": {}}, {"jwks_uri": "https://issuer.example/jwks"}):
+            with self.subTest(option=list(option)):
+                with self.assertRaises(InvalidConfigError) as cm:
+                    make_verifier(self.issuer.jwks(), **option)
+                self.assertIs(type(cm.exception), InvalidConfigError)
+                self.assertNotIn(SECRET.decode(), str(cm.exception))
+
+    def test_jwks_and_jwks_url_are_exclusive_and_one_is_required(self):
+        with self.assertRaises(InvalidConfigError):
+            make_verifier()
+        with self.assertRaises(InvalidConfigError):
+            make_verifier(self.issuer.jwks(), jwks_url="https://issuer.example/jwks.json")
+
+    def test_issuer_and_audience_are_checked(self):
+        for overrides in ({"issuer": ""}, {"audience": None}):
+            with self.subTest(overrides=overrides):
+                with self.assertRaises(InvalidConfigError):
+                    make_verifier(self.issuer.jwks(), **overrides)
+        with self.assertRaises(TokenInvalidError):
+            make_verifier(self.issuer.jwks(), audience="https://other.example").verify(self.issued.token)
+        with self.assertRaises(TokenInvalidError):
+            make_verifier(self.issuer.jwks(), issuer="https://other.example").verify(self.issued.token)
+
+    def test_malformed_key_sets_are_configuration_errors(self):
+        good = self.key.public_jwk(ED_KID)
+        for jwks in ([], "keys", {"keys": {}}, {"keys": good}, {"nokeys": []}, {"keys": [5]}, {"keys": [good, "x"]},
+                     {"keys": [{k: v for k, v in good.items() if k != "kid"}]},
+                     {"keys": [dict(good, kid="")]},
+                     {"keys": [dict(good, x=b64url(ED_SMALL_ORDER[0]))]},
+                     {"keys": [dict(good, x="not base64url!")]}):
+            with self.subTest(jwks=jwks):
+                with self.assertRaises(InvalidConfigError) as cm:
+                    make_verifier(jwks)
+                self.assertIs(type(cm.exception), InvalidConfigError)
+
+    def test_max_ttl_seconds_below_the_constructors_default_ttl(self):
+        # A verifier mints nothing, so no default_ttl_seconds (900) can conflict with its max_ttl_seconds.
+        verifier = make_verifier(self.issuer.jwks(), clock=self.clock, max_ttl_seconds=300)
+        with self.assertRaises(TokenInvalidError):  # a 600 s token outlives max_ttl_seconds
+            verifier.verify(self.issued.token)
+        short = self.issuer.issue(subject="u", agent="a", scopes=["x"], ttl_seconds=300)
+        self.assertEqual(verifier.verify(short.token).jti, short.jti)
+
+    def test_verifier_options_apply(self):
+        events = []
+        long_lived = self.issuer.issue(subject="u", agent="a", scopes=["x"], ttl_seconds=1200)
+        with self.assertRaises(TokenInvalidError):  # it outlives this verifier's max_ttl_seconds
+            make_verifier(self.issuer.jwks(), clock=self.clock, max_ttl_seconds=1000).verify(long_lived.token)
+        verifier = make_verifier(self.issuer.jwks(), clock=self.clock, on_event=events.append, clock_tolerance_seconds=0)
+        self.assertEqual(verifier.verify(self.issued.token).jti, self.issued.jti)
+        with self.assertRaises(MissingScopeError):
+            verifier.verify(self.issued.token, ["email:send"])
+        self.assertEqual([event.type for event in events], ["verified", "denied"])
+        with self.assertRaises(TokenInvalidError):
+            make_verifier(self.issuer.jwks(), max_token_bytes=len(self.issued.token) - 1).verify(self.issued.token)
+        self.clock.advance(600)
+        with self.assertRaises(TokenExpiredError):
+            verifier.verify(self.issued.token)
+        unchecked = make_verifier(self.issuer.jwks(), clock=self.clock, check_revocation=False)
+        self.assertIs(unchecked.check_revocation, False)
+
+    def test_same_errors_as_hs256(self):
+        hs256 = make_auth(clock=self.clock)
+        hs256_token = hs256.issue(subject="user_123", agent="agent_research_bot", scopes=["email:read"], ttl_seconds=600).token
+        cases = []
+        for auth, token in ((hs256, hs256_token), (self.verifier, self.issued.token)):
+            outcomes = []
+            for attempt in (lambda: auth.verify(tamper(token, "signature")),
+                            lambda: auth.verify(token, ["email:send"]),
+                            lambda: auth.verify(token + "x"),
+                            lambda: auth.verify(token.split(".")[0])):
+                try:
+                    attempt()
+                    outcomes.append(None)
+                except AgentAuthError as exc:
+                    outcomes.append((type(exc), exc.code))
+            cases.append(outcomes)
+        self.assertEqual(cases[0], cases[1])
+        self.assertEqual(cases[1][1], (MissingScopeError, "insufficient_scope"))
+
+    def test_memory_store_revocation(self):
+        self.verifier.revoke(self.issued.token)
+        with self.assertRaises(RevokedError) as cm:
+            self.verifier.verify(self.issued.token)
+        self.assertEqual(cm.exception.jti, self.issued.jti)
+        self.assertEqual(self.verifier.verify(self.issued.token, check_revocation=False).jti, self.issued.jti)
+
+    def test_sqlite_store_shared_by_issuer_and_verifier(self):
+        folder = tempfile.TemporaryDirectory()
+        self.addCleanup(folder.cleanup)
+        path = os.path.join(folder.name, "revocations.db")
+        issuer_store, verifier_store = SqliteStore(path), SqliteStore(path)
+        self.addCleanup(issuer_store.close)
+        self.addCleanup(verifier_store.close)
+        issuer = make_ed_auth(signing_key=self.key, store=issuer_store, clock=self.clock)
+        verifier = make_verifier(issuer.jwks(), store=verifier_store, clock=self.clock)
+        first = issuer.issue(subject="user_1", agent="agent_1", scopes=["email:read"])
+        second = issuer.issue(subject="user_2", agent="agent_2", scopes=["email:read"])
+        self.assertEqual(verifier.verify(first.token).jti, first.jti)
+        issuer.revoke(agent="agent_1")
+        with self.assertRaises(RevokedError):
+            verifier.verify(first.token)
+        verifier.revoke(second.token)
+        with self.assertRaises(RevokedError):
+            issuer.verify(second.token)
+
+    def test_wsgi_middleware_answers_as_for_hs256(self):
+        hs256 = make_auth(clock=self.clock)
+        hs256_token = hs256.issue(subject="user_123", agent="bot", scopes=["email:read"], ttl_seconds=600).token
+        ed_token = self.issuer.issue(subject="user_123", agent="bot", scopes=["email:read"], ttl_seconds=600).token
+        answers = []
+        for auth, token in ((hs256, hs256_token), (self.verifier, ed_token)):
+            app = auth.wsgi(echo_app, ["email:read"])
+            scoped = auth.wsgi(echo_app, ["email:send"])
+            answers.append([
+                wsgi_call(app, headers={"HTTP_AUTHORIZATION": f"Bearer {token}"}),
+                wsgi_call(app, headers={"HTTP_AUTHORIZATION": f"Bearer {tamper(token, 'signature')}"}),
+                wsgi_call(scoped, headers={"HTTP_AUTHORIZATION": f"Bearer {token}"}),
+                wsgi_call(app),
+            ])
+        self.assertEqual(answers[0], answers[1])
+        self.assertEqual(answers[1][0][0], "200 OK")
+        self.assertEqual(answers[1][0][2], b"user_123|user_123")
+        self.assertEqual([answer[0] for answer in answers[1][1:]], ["401 Unauthorized", "403 Forbidden", "401 Unauthorized"])
+
+
+class JwksRulesTests(unittest.TestCase):
+    """RFC 7517 key-set rules as a verifier reads a JWKS (jwks=...)."""
+
+    def setUp(self):
+        self.key = Ed25519Key.from_seed(ED_SEED)
+        self.good = self.key.public_jwk(ED_KID)
+
+    def test_duplicate_kid_is_refused(self):
+        other = Ed25519Key.from_seed(ED_OTHER_SEED).public_jwk(ED_KID)
+        oct_key = {"kty": "oct", "k": b64url(SECRET), "kid": ED_KID}
+        rsa = {"kty": "RSA", "n": "AQAB", "e": "AQAB", "kid": "dup"}
+        for name, keys in (("two Ed25519 keys", [self.good, other]), ("the same key twice", [self.good, self.good]),
+                           ("an Ed25519 key and an oct key", [self.good, oct_key]),
+                           ("two ignored keys", [self.good, rsa, dict(rsa)])):
+            with self.subTest(name=name):
+                with self.assertRaises(InvalidConfigError) as cm:
+                    make_verifier({"keys": keys})
+                self.assertIs(type(cm.exception), InvalidConfigError)
+                self.assertNotIn(b64url(SECRET), str(cm.exception))
+
+    def test_keys_of_other_types_uses_and_algorithms_are_ignored(self):
+        ed = dict(self.good)
+        ignored = {
+            "oct": {"kty": "oct", "k": b64url(SECRET), "alg": "HS256", "use": "sig"},
+            "RSA": {"kty": "RSA", "n": b64url(b"\x01" * 256), "e": "AQAB", "alg": "RS256"},
+            "EC": {"kty": "EC", "crv": "P-256", "x": b64url(b"\x01" * 32), "y": b64url(b"\x02" * 32)},
+            "X25519": dict(ed, crv="X25519"),
+            "Ed448": dict(ed, crv="Ed448"),
+            "use enc": dict(ed, use="enc"),
+            "alg RS256": dict(ed, alg="RS256"),
+            "alg HS256": dict(ed, alg="HS256"),
+            "alg Ed25519": dict(ed, alg="Ed25519"),
+            "key_ops sign": dict(ed, key_ops=["sign"]),
+            "key_ops encrypt": dict(ed, key_ops=["encrypt"]),
+            "key_ops not a list": dict(ed, key_ops="verify"),
+        }
+        keys = [self.good] + [dict(jwk, kid=name) for name, jwk in ignored.items()]
+        verifier = make_verifier({"keys": keys})
+        self.assertEqual(verifier.jwks(), {"keys": [self.good]})
+        self.assertEqual(verifier.verify(forge_eddsa(ED_HEADER, claims_for(), self.key)).sub, "user_123")
+        for name in ignored:
+            # A genuine Ed25519 signature, but the kid names a key the set may not use.
+            with self.subTest(kid=name):
+                with self.assertRaises(TokenInvalidError):
+                    verifier.verify(forge_eddsa(header_for(alg="EdDSA", kid=name), claims_for(), self.key))
+
+    def test_usable_key_forms(self):
+        for name, jwk in (("no use or alg", {"kty": "OKP", "crv": "Ed25519", "x": self.good["x"], "kid": ED_KID}),
+                          ("key_ops verify", dict(self.good, key_ops=["verify"])),
+                          ("key_ops sign and verify", dict(self.good, key_ops=["sign", "verify"]))):
+            with self.subTest(name=name):
+                verifier = make_verifier({"keys": [jwk]})
+                self.assertEqual(verifier.verify(forge_eddsa(ED_HEADER, claims_for(), self.key)).sub, "user_123")
+
+    def test_private_members_in_a_jwks_never_make_a_minting_verifier(self):
+        try:
+            verifier = make_verifier({"keys": [self.key.private_jwk(ED_KID)]})
+        except InvalidConfigError:
+            return  # refusing a set that leaks a private key is right too
+        self.assertNotIn("d", verifier.jwks()["keys"][0])
+        with self.assertRaises(InvalidConfigError):
+            verifier.issue(subject="u", agent="a", scopes=["x"])
+
+    def test_oct_keys_never_become_verification_keys(self):
+        oct_key = {"kty": "oct", "k": b64url(SECRET), "kid": KID, "alg": "HS256", "use": "sig"}
+        for keys in ([oct_key], [oct_key, self.good]):
+            verifier = make_verifier({"keys": keys})
+            with self.subTest(keys=len(keys)):
+                with self.assertRaises(TokenInvalidError):
+                    verifier.verify(forge(HEADER, claims_for(), SECRET))
+                with self.assertRaises(TokenInvalidError):
+                    verifier.verify(forge(header_for(kid=DROP), claims_for(), SECRET))
+        with self.assertRaises(InvalidConfigError):  # nothing to publish: it holds no key
+            make_verifier({"keys": [oct_key]}).jwks()
+
+    def test_wycheproof_json_web_key_groups(self):
+        with open(WYCHEPROOF_JWK, encoding="utf-8") as f:
+            data = json.load(f)
+        seen = set()
+        for group in data["testGroups"]:
+            keys = group["private"]
+            for case in group["tests"]:
+                seen.add(case["tcId"])
+                with self.subTest(group=group["comment"], tcId=case["tcId"], comment=case["comment"]):
+                    if group["comment"] == "jws_duplicate_kid":
+                        with self.assertRaises(InvalidConfigError):
+                            make_verifier(keys)
+                        continue
+                    # jws_keyset, jws_mixedSymmetryKeyset and HS256: the sets hold only
+                    # oct (and EC) keys, so a verifier gets no usable key from them.
+                    verifier = make_verifier(keys)
+                    with self.assertRaises(InvalidConfigError):
+                        verifier.jwks()
+                    with self.assertRaises(TokenInvalidError):
+                        verifier.verify(case["jws"])
+                    if group["comment"] == "HS256":
+                        key = unb64url(keys["keys"][0]["k"])
+                        if case["comment"] in ("key_too_short", "empty_key"):
+                            self.assertLess(len(key), 32)
+                            with self.assertRaises(ValueError) as cm:
+                                jws_verify(case["jws"], key)
+                            self.assertIs(type(cm.exception), ValueError)
+                        else:
+                            self.assertEqual(case["comment"], "long_key")
+                            header, payload = jws_verify(case["jws"], key)
+                            self.assertEqual((header, payload), ({"alg": "HS256", "kid": "long_hs256_key"}, b"foo"))
+                    elif case["comment"] != "rejectsModifiedSignature":
+                        # The token itself is a genuine HS256 JWS under the oct key:
+                        # only the key-set rule refuses it.
+                        oct_key = next(k for k in keys["keys"] if k["kty"] == "oct")
+                        self.assertEqual(jws_verify(case["jws"], unb64url(oct_key["k"]))[1], b"foo")
+        self.assertEqual(seen, {1, 2, 3, 4, 10, 13, 16})
+        self.assertEqual({g["comment"] for g in data["testGroups"]},
+                         {"jws_keyset", "jws_duplicate_kid", "jws_mixedSymmetryKeyset", "HS256"})
+
+
+# -- Fetching a JWKS from a URL ------------------------------------------------
+
+
+class JwksServer:
+    """A JWK set served by http.server on 127.0.0.1 from a background thread.
+
+    ``body`` and ``status`` may be changed at any time; ``stall`` makes each
+    answer wait (on an event, never a sleep) until the test ends, so a client
+    with a short timeout gives up.
+    """
+
+    def __init__(self, document):
+        self.lock = threading.Lock()
+        self.requests = []  # (path, Accept header) of every request
+        self.status = 200
+        self.stall = False
+        self.release = threading.Event()
+        self.serve(document)
+        owner = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                with owner.lock:
+                    owner.requests.append((self.path, self.headers.get("Accept")))
+                    body, status, stall = owner.body, owner.status, owner.stall
+                if stall:
+                    owner.release.wait(30)
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.handle_error = lambda request, address: None  # a client that timed out has gone
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/.well-known/jwks.json"
+        # A short poll interval: shutdown() waits for the serving loop to look.
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)
+        self.thread.start()
+        self.running = True
+
+    def serve(self, document):
+        """Answer with this document (a dict is sent as JSON, bytes as they are)."""
+        body = document if isinstance(document, bytes) else json.dumps(document).encode("utf-8")
+        with self.lock:
+            self.body = body
+
+    @property
+    def count(self):
+        with self.lock:
+            return len(self.requests)
+
+    def stop(self):
+        if self.running:
+            self.running = False
+            self.release.set()
+            self.httpd.shutdown()
+            self.httpd.server_close()
+            self.thread.join(timeout=10)
+
+
+class JwksUrlTests(unittest.TestCase):
+    def setUp(self):
+        # urllib honours *_proxy variables; a loopback test must not go through a proxy.
+        patcher = unittest.mock.patch.dict(os.environ)
+        patcher.start()
+        self.addCleanup(patcher.stop)
+        for name in [name for name in os.environ if name.lower().endswith("_proxy")]:
+            del os.environ[name]
+        self.clock = FixedClock()
+        self.key1, self.key2 = Ed25519Key.from_seed(ED_SEED), Ed25519Key.from_seed(ED_OLD_SEED)
+        self.issuer1 = make_ed_auth(signing_key=self.key1, kid="k1", clock=self.clock)
+        self.issuer2 = make_ed_auth(signing_key=self.key2, kid="k2", clock=self.clock)
+        grant = dict(subject="user_123", agent="agent_research_bot", scopes=["email:read"], ttl_seconds=MAX_TTL)
+        self.token1, self.token2 = self.issuer1.issue(**grant).token, self.issuer2.issue(**grant).token
+        self.server = JwksServer(self.issuer1.jwks())
+        self.addCleanup(self.server.stop)
+
+    def url_verifier(self, url=None, **overrides):
+        options = dict(jwks_url=url or self.server.url, clock=self.clock, jwks_cache_seconds=300,
+                       jwks_min_refresh_seconds=30, jwks_timeout_seconds=5)
+        options.update(overrides)
+        return make_verifier(**options)
+
+    def unknown_kid_token(self, kid):
+        return forge_eddsa(header_for(alg="EdDSA", kid=kid), claims_for(), self.key1)
+
+    def assertFetchFails(self, verifier, token, error=StoreUnavailableError):
+        with self.assertLogs("agentauth", "WARNING") as logs:
+            with self.assertRaises(error) as cm:
+                verifier.verify(token)
+        self.assertIs(type(cm.exception), error)
+        self.assertIn("JWKS refresh", logs.output[0])
+        return cm.exception
+
+    def test_url_must_be_https_unless_loopback(self):
+        for url in ("http://issuer.example/jwks.json", "http://10.0.0.1/jwks.json", "http://192.168.1.1/jwks",
+                    "http://127.0.0.1.evil.example/jwks", "http://localhost.evil.example/jwks",
+                    "ftp://127.0.0.1/jwks", "file:///etc/jwks.json", "https:///jwks.json", "jwks.json", "",
+                    b"https://issuer.example/jwks", 5):
+            with self.subTest(url=url):
+                with self.assertRaises(InvalidConfigError) as cm:
+                    make_verifier(jwks_url=url)
+                self.assertIs(type(cm.exception), InvalidConfigError)
+        for url in ("https://issuer.example/.well-known/jwks.json", "http://127.0.0.1:9/jwks", "http://localhost/jwks",
+                    "http://[::1]:9/jwks", "http://127.0.0.2/jwks", "HTTPS://issuer.example/jwks"):
+            with self.subTest(url=url):
+                self.assertIsNone(make_verifier(jwks_url=url).kid)  # built without fetching anything
+
+    def test_fetch_options_are_checked(self):
+        for option in ({"jwks_cache_seconds": 0}, {"jwks_cache_seconds": 1.5}, {"jwks_min_refresh_seconds": -1},
+                       {"jwks_timeout_seconds": 0}, {"jwks_timeout_seconds": "5"}, {"jwks_max_bytes": 0}):
+            with self.subTest(option=option):
+                with self.assertRaises(InvalidConfigError):
+                    self.url_verifier(**option)
+        self.assertEqual(self.server.count, 0)
+
+    def test_first_fetch_is_lazy(self):
+        verifier = self.url_verifier()
+        self.assertEqual(self.server.count, 0)
+        self.assertEqual(verifier.verify(self.token1).sub, "user_123")
+        self.assertEqual(self.server.requests, [("/.well-known/jwks.json", "application/json")])
+        self.assertEqual(verifier.verify(self.token1).sub, "user_123")
+        self.assertEqual(self.server.count, 1)
+
+    def test_cache_ttl(self):
+        verifier = self.url_verifier()
+        verifier.verify(self.token1)
+        self.clock.advance(299)
+        verifier.verify(self.token1)
+        self.assertEqual(self.server.count, 1)
+        self.clock.advance(1)
+        verifier.verify(self.token1)
+        self.assertEqual(self.server.count, 2)
+        verifier.verify(self.token1)
+        self.assertEqual(self.server.count, 2)
+        self.clock.advance(300)
+        verifier.verify(self.token1)
+        self.assertEqual(self.server.count, 3)
+
+    def test_unknown_kid_triggers_exactly_one_refetch(self):
+        verifier = self.url_verifier()
+        verifier.verify(self.token1)
+        self.clock.advance(30)
+        with self.assertRaises(TokenInvalidError):
+            verifier.verify(self.unknown_kid_token("nope"))
+        self.assertEqual(self.server.count, 2)
+        with self.assertRaises(TokenInvalidError):
+            verifier.verify(self.unknown_kid_token("nope"))
+        self.assertEqual(self.server.count, 2)
+        self.assertEqual(verifier.verify(self.token1).sub, "user_123")
+        self.assertEqual(self.server.count, 2)
+
+    def test_a_burst_of_random_kids_refetches_at_most_once(self):
+        verifier = self.url_verifier()
+        verifier.verify(self.token1)
+        self.clock.advance(30)
+        rng = random.Random(7)
+        for _ in range(100):
+            kid = "".join(rng.choice(_ALPHABET) for _ in range(16))
+            with self.assertRaises(TokenInvalidError):
+                verifier.verify(self.unknown_kid_token(kid))
+            self.clock.advance(0.25)  # 100 tokens in 25 s: within jwks_min_refresh_seconds
+        self.assertEqual(self.server.count, 2)
+        self.clock.advance(5)
+        with self.assertRaises(TokenInvalidError):
+            verifier.verify(self.unknown_kid_token("one-more"))
+        self.assertEqual(self.server.count, 3)
+
+    def test_a_burst_before_the_first_fetch_fetches_once(self):
+        verifier = self.url_verifier()
+        for i in range(100):
+            with self.assertRaises(TokenInvalidError):
+                verifier.verify(self.unknown_kid_token(f"random-{i}"))
+        self.assertEqual(self.server.count, 1)
+
+    def test_rotation_is_picked_up_on_an_unknown_kid(self):
+        verifier = self.url_verifier()
+        self.assertEqual(verifier.verify(self.token1).sub, "user_123")
+        self.server.serve({"keys": self.issuer2.jwks()["keys"] + self.issuer1.jwks()["keys"]})
+        self.clock.advance(10)
+        with self.assertRaises(TokenInvalidError):  # too soon after the last fetch to ask again
+            verifier.verify(self.token2)
+        self.assertEqual(self.server.count, 1)
+        self.clock.advance(20)
+        self.assertEqual(verifier.verify(self.token2).sub, "user_123")
+        self.assertEqual(self.server.count, 2)
+        self.assertEqual(verifier.verify(self.token1).sub, "user_123")
+        self.assertEqual(self.server.count, 2)
+
+    def test_a_first_key_set_without_usable_keys_still_refetches_on_an_unknown_kid(self):
+        self.server.serve({"keys": [{"kty": "RSA", "n": b64url(b"\x01" * 256), "e": "AQAB", "kid": "rsa1"}]})
+        verifier = self.url_verifier()
+        with self.assertRaises(TokenInvalidError):
+            verifier.verify(self.token1)
+        self.assertEqual(self.server.count, 1)
+        self.server.serve(self.issuer1.jwks())
+        self.clock.advance(30)
+        self.assertEqual(verifier.verify(self.token1).sub, "user_123")
+        self.assertEqual(self.server.count, 2)
+
+    def test_a_failed_refresh_keeps_the_last_good_set(self):
+        good = self.issuer1.jwks()
+        failures = {
+            "HTTP 500": dict(status=500),
+            "HTTP 404": dict(status=404),
+            "invalid JSON": dict(body=b'{"keys": [}'),
+            "not a key set": dict(body=b'["k1"]'),
+            "duplicate kid": dict(body=json.dumps({"keys": good["keys"] * 2}).encode()),
+            "oversized": dict(body=json.dumps(good).encode() + b" " * 70000),
+            "timeout": dict(stall=True),
+        }
+        for name, failure in failures.items():
+            with self.subTest(failure=name):
+                self.server.stop()
+                self.server = JwksServer(good)
+                self.addCleanup(self.server.stop)
+                self.clock.now = T0
+                verifier = self.url_verifier(jwks_timeout_seconds=0.2)
+                self.assertEqual(verifier.verify(self.token1).sub, "user_123")
+                self.server.status = failure.get("status", 200)
+                self.server.stall = failure.get("stall", False)
+                if "body" in failure:
+                    self.server.serve(failure["body"])
+                self.clock.advance(300)
+                with self.assertLogs("agentauth", "WARNING"):
+                    self.assertEqual(verifier.verify(self.token1).sub, "user_123")
+                self.assertEqual(self.server.count, 2)
+                self.clock.advance(29)  # a failed refresh is retried only jwks_min_refresh_seconds later
+                self.assertEqual(verifier.verify(self.token1).sub, "user_123")
+                self.assertEqual(self.server.count, 2)
+                self.server.status, self.server.stall = 200, False
+                self.server.serve({"keys": self.issuer2.jwks()["keys"]})
+                self.clock.advance(1)
+                self.assertEqual(verifier.verify(self.token2).sub, "user_123")  # the recovered set
+                self.assertEqual(self.server.count, 3)
+
+    def test_never_fetched_and_server_down_is_store_unavailable(self):
+        verifier = self.url_verifier()
+        self.server.stop()
+        self.assertFetchFails(verifier, self.token1)
+        # Still no key set: every verify says so, none calls a valid token invalid.
+        for advance in (0, 1, 28):
+            self.clock.advance(advance)
+            with self.subTest(at=self.clock.now - T0):
+                with self.assertRaises(StoreUnavailableError):
+                    verifier.verify(self.token1)
+
+    def test_never_fetched_then_recovers(self):
+        self.server.status = 503
+        verifier = self.url_verifier()
+        self.assertFetchFails(verifier, self.token1)
+        self.assertEqual(self.server.count, 1)
+        self.server.status = 200
+        self.clock.advance(30)
+        self.assertEqual(verifier.verify(self.token1).sub, "user_123")
+        self.assertEqual(self.server.count, 2)
+
+    def test_never_fetched_is_503_in_the_middleware(self):
+        self.server.stop()
+        app = self.url_verifier().wsgi(echo_app)
+        with self.assertLogs("agentauth", "WARNING"):
+            status, headers, _ = wsgi_call(app, headers={"HTTP_AUTHORIZATION": f"Bearer {self.token1}"})
+        self.assertEqual(status, "503 Service Unavailable")
+
+    def test_slow_server_times_out_as_a_failed_fetch(self):
+        self.server.stall = True
+        verifier = self.url_verifier(jwks_timeout_seconds=0.1)
+        self.assertFetchFails(verifier, self.token1)
+
+    def test_oversized_response_is_a_failed_fetch(self):
+        body = json.dumps(self.issuer1.jwks()).encode()
+        self.server.serve(body + b" " * 10)
+        self.assertFetchFails(self.url_verifier(jwks_max_bytes=len(body) + 9), self.token1)
+        self.assertEqual(self.url_verifier(jwks_max_bytes=len(body) + 10).verify(self.token1).sub, "user_123")
+
+    def test_invalid_json_is_a_failed_fetch(self):
+        for body in (b"not json", b'{"keys": [1, 2', b'{"keys": [], "keys": []}', b"\xff\xfe", b'{"keys": NaN}'):
+            with self.subTest(body=body):
+                self.server.serve(body)
+                self.assertFetchFails(self.url_verifier(), self.token1)
+
+    def test_a_removed_key_stops_verifying_after_the_next_refresh(self):
+        self.server.serve({"keys": self.issuer1.jwks()["keys"] + self.issuer2.jwks()["keys"]})
+        verifier = self.url_verifier()
+        self.assertEqual(verifier.verify(self.token2).sub, "user_123")
+        self.server.serve(self.issuer1.jwks())
+        self.clock.advance(299)
+        self.assertEqual(verifier.verify(self.token2).sub, "user_123")  # cached until the TTL
+        self.clock.advance(1)
+        with self.assertRaises(TokenInvalidError):
+            verifier.verify(self.token2)
+        self.assertEqual(self.server.count, 2)
+        self.assertEqual(verifier.verify(self.token1).sub, "user_123")
+        self.clock.advance(30)
+        with self.assertRaises(TokenInvalidError):  # its forced refetch does not bring it back
+            verifier.verify(self.token2)
+        self.assertEqual(self.server.count, 3)
+
+
+# -- Command line with Ed25519 keys --------------------------------------------
+
+
+class EdDSACommandLineTests(unittest.TestCase):
+    def setUp(self):
+        folder = tempfile.TemporaryDirectory()
+        self.addCleanup(folder.cleanup)
+        self.folder = folder.name
+        self.key = Ed25519Key.from_seed(ED_SEED)
+
+    def path(self, name):
+        return os.path.join(self.folder, name)
+
+    def write(self, name, text):
+        with open(self.path(name), "w", encoding="utf-8") as f:
+            f.write(text)
+        return self.path(name)
+
+    def issue(self, *extra, env=None):
+        code, out, err = run_main("issue", "--subject", "user_123", "--agent", "bot", "--scope", "email:read", *extra,
+                                  env={} if env is None else env)
+        self.assertEqual(code, 0, err)
+        return out.strip()
+
+    @staticmethod
+    def stderr_jwks(err):
+        return json.loads(err[err.index("{"):])
+
+    def test_keygen_ed25519_prints_a_pem_key_and_the_public_jwks(self):
+        code, out, err = run_main("keygen", "--ed25519", env={})
+        self.assertEqual(code, 0, err)
+        key = Ed25519Key.from_pem(out)
+        self.assertIs(key.is_private, True)
+        self.assertTrue(out.startswith("-----BEGIN PRIVATE KEY-----\n"))
+        self.assertEqual(self.stderr_jwks(err), {"keys": [key.public_jwk(key.thumbprint())]})
+        self.assertNotIn("".join(out.splitlines()[1:-1]), err)
+        self.assertNotEqual(run_main("keygen", "--ed25519", env={})[1], out)
+
+    def test_keygen_ed25519_writes_the_jwks_file(self):
+        code, out, err = run_main("keygen", "--ed25519", "--jwks-file", self.path("jwks.json"), env={})
+        self.assertEqual(code, 0, err)
+        key = Ed25519Key.from_pem(out)
+        with open(self.path("jwks.json"), encoding="utf-8") as f:
+            self.assertEqual(json.load(f), {"keys": [key.public_jwk(key.thumbprint())]})
+        self.assertNotIn('"keys"', err)
+
+    def test_keygen_kid_needs_jwk(self):
+        # A PEM file cannot carry a kid, so issue would stamp the thumbprint instead.
+        code, out, err = run_main("keygen", "--ed25519", "--kid", "ed1", env={})
+        self.assertEqual((code, out), (2, ""))
+        self.assertIn("--jwk", err)
+
+    def test_keygen_ed25519_jwk_prints_a_private_jwk(self):
+        code, out, err = run_main("keygen", "--ed25519", "--jwk", "--kid", "ed1", env={})
+        self.assertEqual(code, 0, err)
+        jwk = json.loads(out)
+        key = Ed25519Key.from_jwk(jwk)
+        self.assertIs(key.is_private, True)
+        self.assertEqual(jwk, key.private_jwk("ed1"))
+        self.assertEqual(self.stderr_jwks(err), {"keys": [key.public_jwk("ed1")]})
+        self.assertNotIn(jwk["d"], err)
+
+    def test_keygen_jwks_file_that_cannot_be_written_exits_2(self):
+        code, _, err = run_main("keygen", "--ed25519", "--jwks-file", self.path("missing/dir/jwks.json"), env={})
+        self.assertEqual(code, 2)
+        self.assertNotIn("Traceback", err)
+
+    def test_issue_with_key_file_then_verify_with_jwks_file(self):
+        key_file = self.write("issuer.pem", self.key.private_pem())
+        jwks_file = self.write("jwks.json", json.dumps({"keys": [self.key.public_jwk(self.key.thumbprint())]}))
+        token = self.issue("--key-file", key_file)
+        self.assertEqual(json_segment(token.split(".")[0]), {"alg": "EdDSA", "typ": "at+jwt", "kid": self.key.thumbprint()})
+        code, out, err = run_main("verify", token, "--jwks-file", jwks_file, "--require", "email:read", env={})
+        self.assertEqual(code, 0, err)
+        self.assertEqual(json.loads(out)["sub"], "user_123")
+
+    def test_keygen_output_feeds_issue_and_verify(self):
+        for flags, kid in (((), None), (("--jwk", "--kid", "ed1"), "ed1")):
+            with self.subTest(flags=flags):
+                code, key_text, err = run_main("keygen", "--ed25519", *flags, "--jwks-file", self.path("jwks.json"), env={})
+                self.assertEqual(code, 0, err)
+                token = self.issue("--key-file", self.write("issuer.key", key_text))
+                with open(self.path("jwks.json"), encoding="utf-8") as f:
+                    published = json.load(f)["keys"][0]["kid"]
+                self.assertEqual(json_segment(token.split(".")[0])["kid"], published)  # the JWK's kid, or the thumbprint
+                if kid is not None:
+                    self.assertEqual(published, kid)
+                code, _, err = run_main("verify", token, "--jwks-file", self.path("jwks.json"), env={})
+                self.assertEqual(code, 0, err)
+
+    def test_keys_from_the_environment(self):
+        env = {"AGENTAUTH_PRIVATE_KEY": json.dumps(self.key.private_jwk(ED_KID))}
+        token = self.issue(env=env)
+        self.assertEqual(json_segment(token.split(".")[0])["kid"], ED_KID)  # the JWK's own kid
+        code, out, err = run_main("verify", token, env={"AGENTAUTH_JWKS": json.dumps({"keys": [self.key.public_jwk(ED_KID)]})})
+        self.assertEqual(code, 0, err)
+        self.assertEqual(json.loads(out)["client_id"], "bot")
+        code, _, err = run_main("verify", token, "--kid", ED_KID, env={"AGENTAUTH_PRIVATE_KEY": self.key.private_pem()})
+        self.assertEqual(code, 0, err)
+
+    def test_verify_with_jwks_refuses_hs256_tokens(self):
+        hs256 = run_main("issue", "--subject", "u", "--agent", "bot", "--scope", "s", "--kid", ED_KID)[1].strip()
+        jwks_file = self.write("jwks.json", json.dumps({"keys": [self.key.public_jwk(ED_KID)]}))
+        code, out, err = run_main("verify", hs256, "--jwks-file", jwks_file, env=dict(CLI_ENV))
+        self.assertEqual((code, out), (1, ""))
+        self.assertIn("token_invalid", err)
+
+    def test_revoke_and_verify_with_jwks_file(self):
+        db = self.path("revocations.db")
+        token = self.issue("--key-file", self.write("issuer.pem", self.key.private_pem()))
+        jwks_file = self.write("jwks.json", json.dumps({"keys": [self.key.public_jwk(self.key.thumbprint())]}))
+        code, _, err = run_main("revoke", "--db", db, "--jwks-file", jwks_file, token, env={})
+        self.assertEqual(code, 0, err)
+        code, _, err = run_main("verify", token, "--jwks-file", jwks_file, "--db", db, env={})
+        self.assertEqual(code, 1)
+        self.assertIn("token_revoked", err)
+
+    def test_issue_with_a_public_key_exits_2(self):
+        for name, text in (("public PEM", self.key.public_pem()), ("public JWK", json.dumps(self.key.public_jwk()))):
+            with self.subTest(name=name):
+                code, out, err = run_main("issue", "--subject", "u", "--agent", "b", "--scope", "s",
+                                          "--key-file", self.write("key", text), env={})
+                self.assertEqual((code, out), (2, ""))
+                self.assertIn("public key", err)
+                self.assertNotIn("Traceback", err)
+
+    def test_bad_key_material_exits_2_without_traceback(self):
+        body = "".join(self.key.private_pem().splitlines()[1:-1])
+        mismatched = dict(self.key.private_jwk(), x=Ed25519Key.from_seed(ED_OTHER_SEED).public_jwk()["x"])
+        for name, text in (
+            ("not a key", "not a key"),
+            ("truncated PEM", self.key.private_pem().replace(body, body[:20])),
+            ("EC PEM label", self.key.private_pem().replace("PRIVATE KEY", "EC PRIVATE KEY")),
+            ("broken JSON", "{not json"),
+            ("mismatched JWK", json.dumps(mismatched)),
+            ("binary", "\x00\x01garbage"),
+        ):
+            with self.subTest(name=name):
+                code, out, err = run_main("issue", "--subject", "u", "--agent", "b", "--scope", "s",
+                                          "--key-file", self.write("key", text), env={})
+                self.assertEqual((code, out), (2, ""))
+                self.assertNotIn("Traceback", err)
+                self.assertNotIn(body, err)
+                self.assertNotIn(mismatched["d"], err)
+        code, _, err = run_main("issue", "--subject", "u", "--agent", "b", "--scope", "s",
+                                "--key-file", self.path("missing.pem"), env={})
+        self.assertEqual(code, 2)
+        self.assertNotIn("Traceback", err)
+
+    def test_bad_jwks_exits_2_without_traceback(self):
+        token = self.issue("--key-file", self.write("issuer.pem", self.key.private_pem()))
+        jwk = self.key.public_jwk(self.key.thumbprint())
+        for name, text in (("duplicate kid", json.dumps({"keys": [jwk, jwk]})), ("broken JSON", "{"), ("a list", "[]")):
+            with self.subTest(name=name):
+                code, out, err = run_main("verify", token, "--jwks-file", self.write("jwks.json", text), env={})
+                self.assertEqual((code, out), (2, ""))
+                self.assertNotIn("Traceback", err)
+        code, _, err = run_main("verify", token, "--jwks-url", "http://issuer.example/jwks.json", env={})
+        self.assertEqual(code, 2)
+        self.assertIn("invalid_config", err)
+
+    def test_issue_uses_the_key_file_even_when_agentauth_jwks_is_set(self):
+        # A shell that exports AGENTAUTH_JWKS for verify must not turn an
+        # explicit --key-file into a verify-only instance.
+        env = {"AGENTAUTH_JWKS": json.dumps({"keys": [self.key.public_jwk(ED_KID)]})}
+        token = self.issue("--key-file", self.write("issuer.pem", self.key.private_pem()), "--kid", ED_KID, env=env)
+        self.assertEqual(json_segment(token.split(".")[0])["kid"], ED_KID)
 
 
 # ---------------------------------------------------------------------------
@@ -2001,6 +3623,21 @@ class ImportTests(unittest.TestCase):
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertEqual(result.stdout.split("\n")[:2], ["[]", "[]"])
 
+    def test_import_loads_no_cryptography_and_builds_no_ed25519_table(self):
+        # -S skips .pth hooks; PYTHONPATH still puts site-packages on the path,
+        # so cryptography would be importable if agentauth imported it.
+        code = (
+            "import importlib.util, sys; import agentauth; "
+            "print(importlib.util.find_spec('cryptography') is not None); "
+            "print([m for m in ('cryptography', 'ipaddress', 'logging') if m in sys.modules]); "
+            "print(agentauth._ed25519_base_table.cache_info().currsize, agentauth._crypto_ed25519.cache_info().currsize)"
+        )
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([HERE] + [p for p in sys.path if p]))
+        result = subprocess.run([sys.executable, "-S", "-c", code], cwd=HERE, env=env, capture_output=True, text=True,
+                                timeout=60)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(result.stdout.split("\n")[:3], [str(HAVE_CRYPTOGRAPHY), "[]", "0 0"])
+
 
 # ---------------------------------------------------------------------------
 # AgentAuth: delegation (RFC 8693 act chains)
@@ -3424,7 +5061,7 @@ def run_main(*argv, env=CLI_ENV, stdin=""):
     with unittest.mock.patch.dict(os.environ, env, clear=False), \
             unittest.mock.patch("sys.stdout", out), unittest.mock.patch("sys.stderr", err), \
             unittest.mock.patch("sys.stdin", io.StringIO(stdin)):
-        for name in ("AGENTAUTH_ISSUER", "AGENTAUTH_AUDIENCE", "AGENTAUTH_KID"):
+        for name in ("AGENTAUTH_ISSUER", "AGENTAUTH_AUDIENCE", "AGENTAUTH_KID", "AGENTAUTH_PRIVATE_KEY", "AGENTAUTH_JWKS"):
             if name not in env:
                 os.environ.pop(name, None)
         if "AGENTAUTH_SECRET" not in env:
