@@ -902,7 +902,7 @@ class Ed25519Key:
         crypto = _crypto_ed25519()
         public = self.public_bytes
         if crypto is None:
-            return _Ed25519Verifier(public).verify  # builds this key's table once
+            return _pure_verifier(public).verify
         crypto_key = crypto.Ed25519PublicKey.from_public_bytes(public)
         from cryptography.exceptions import InvalidSignature
 
@@ -953,6 +953,13 @@ class Ed25519Key:
         return f"Ed25519Key({kind}, x={_b64encode(self.public_bytes)!r}, backend={self.backend!r})"
 
 
+@functools.lru_cache(maxsize=8)
+def _pure_verifier(public: bytes) -> "_Ed25519Verifier":
+    """One table per public key (about 25 ms and 1.6 MB to build), shared by
+    every Ed25519Key of it: a JWKS refresh makes new key objects, not new tables."""
+    return _Ed25519Verifier(public)
+
+
 def _b64decode_checked(value: Any) -> bytes:
     """Decode a base64url JWK member, refusing non-strings and stray characters."""
     if type(value) is not str or not value or _B64URL.fullmatch(value) is None:
@@ -997,10 +1004,12 @@ def _parse_jwks(document: Any) -> Dict[str, _EdDSAKey]:
 
     Keys of another type, curve, ``use``, ``alg`` or ``key_ops`` are ignored:
     never a symmetric key, which would let a published "public" key mint.
-    A kid used twice makes the whole set ambiguous, so it is refused.
+    A kid used twice makes the whole set ambiguous, and an Ed25519 key with
+    its private part shows a broken publisher: either refuses the whole set.
 
     Raises:
-        ValueError: not a key set, a duplicate kid, or an unusable Ed25519 key.
+        ValueError: not a key set, a duplicate kid, private key material, or
+            an unusable Ed25519 key.
     """
     if not isinstance(document, Mapping) or type(document.get("keys")) is not list:
         raise ValueError('a JWK set is an object with a "keys" array')
@@ -1025,6 +1034,8 @@ def _parse_jwks(document: Any) -> Dict[str, _EdDSAKey]:
             continue
         if type(kid) is not str or not kid:
             raise ValueError("an Ed25519 key in the set has no kid")
+        if "d" in jwk:  # a published set with a private key is an issuer's mistake: use none of it
+            raise ValueError(f"key {kid!r} carries private key material")
         try:
             public = Ed25519Key.from_jwk({"kty": "OKP", "crv": "Ed25519", "x": jwk.get("x")})
         except InvalidConfigError as exc:
@@ -1105,12 +1116,18 @@ class _JwksSource:
             def redirect_request(self, *args: Any, **kwargs: Any) -> None:
                 return None
 
+        import urllib.error
+
         opener = urllib.request.build_opener(NoRedirect)
         request = urllib.request.Request(self.url, headers={"Accept": "application/json"})
-        with opener.open(request, timeout=self.timeout_seconds) as response:
-            if response.status != 200:
-                raise ValueError(f"the key set answered HTTP {response.status}")
-            body = response.read(self.max_bytes + 1)
+        try:
+            with opener.open(request, timeout=self.timeout_seconds) as response:
+                if response.status != 200:
+                    raise ValueError(f"the key set answered HTTP {response.status}")
+                body = response.read(self.max_bytes + 1)
+        except urllib.error.HTTPError as exc:
+            exc.close()  # free the socket now, not at garbage collection
+            raise ValueError(f"the key set answered HTTP {exc.code}") from None
         if len(body) > self.max_bytes:
             raise ValueError("the key set is larger than jwks_max_bytes")
         return _JSON_DECODER.decode(body.decode("utf-8"))
@@ -1905,9 +1922,12 @@ class AgentAuth:
         self._signing_key = None
         if jwks is not None:
             try:
-                self._set_keys(_parse_jwks(jwks))
+                keys = _parse_jwks(jwks)
             except ValueError as exc:
                 raise InvalidConfigError(f"jwks: {exc}") from exc
+            if not keys:
+                raise InvalidConfigError("jwks holds no usable EdDSA key: this verifier could accept nothing")
+            self._set_keys(keys)
         else:
             self._jwks = _JwksSource(
                 typing.cast(str, jwks_url),
@@ -3276,22 +3296,27 @@ def _read_token(value: str) -> str:
     return value.strip()
 
 
-def _open_store(path: Optional[str], *, create: bool) -> Optional[SqliteStore]:
+def _open_store(args: Any, *, create: bool) -> Optional[SqliteStore]:
+    """Open ``--db``; main() closes it when the command is done."""
+    path = args.db
     if path is None:
         return None
     if not create and not os.path.exists(path):
         # A mistyped path must not silently become an empty revocation list.
         raise _CliError(f"no revocation database at {path!r}", EXIT_STORE)
-    return SqliteStore(path)
+    store = SqliteStore(path)
+    args.stores.append(store)
+    return store
 
 
 def _cli_auth(args: Any, store: Optional[SqliteStore] = None) -> AgentAuth:
     """Build the AgentAuth the subcommands share, from the environment and flags.
 
-    The key, in this order: a JWK set (``--jwks-file``, ``--jwks-url`` or
-    ``AGENTAUTH_JWKS``: verify only), an Ed25519 private key (``--key-file`` or
-    ``AGENTAUTH_PRIVATE_KEY``, PEM or JWK), else ``AGENTAUTH_SECRET``. Never
-    key material on the command line.
+    The key, in this order: a JWK set named on the command line
+    (``--jwks-file``, ``--jwks-url``: verify only), ``--key-file``, the
+    ``AGENTAUTH_JWKS`` set (verify and revoke only), ``AGENTAUTH_PRIVATE_KEY``
+    (PEM or JWK), else ``AGENTAUTH_SECRET``. Never key material on the
+    command line.
     """
     options: Dict[str, Any] = dict(
         issuer=args.issuer,
@@ -3398,7 +3423,7 @@ def _cmd_verify(args: Any, out: Any, err: Any) -> int:
         required = _required_scopes(args.require or ())
     except ValueError as exc:
         raise _CliError(f"--require: {exc}", EXIT_USAGE) from exc
-    store = _open_store(args.db, create=False)
+    store = _open_store(args, create=False)
     auth = _cli_auth(args, store)
     claims = auth.verify(_read_token(args.token), required_scopes=required)
     print(json.dumps(dict(claims.raw), indent=2), file=out)
@@ -3434,7 +3459,7 @@ def _cmd_revoke(args: Any, out: Any, err: Any) -> int:
     given = [x for x in (args.token, args.jti) if x is not None]
     if len(given) > 1 or (given and (args.agent or args.subject)) or not (given or args.agent or args.subject):
         raise _CliError("give exactly one of: TOKEN, --jti, or --agent/--subject", EXIT_USAGE)
-    auth = _cli_auth(args, _open_store(args.db, create=True))
+    auth = _cli_auth(args, _open_store(args, create=True))
     try:
         if args.token is not None:
             entry = auth.revoke(_read_token(args.token))
@@ -3461,7 +3486,7 @@ def _describe(entry: RevocationEntry) -> str:
 
 
 def _cmd_revocations(args: Any, out: Any, err: Any) -> int:
-    store = _open_store(args.db, create=False)
+    store = _open_store(args, create=False)
     entries = typing.cast(SqliteStore, store).entries(now=time.time())
     if args.json:
         print(json.dumps([e._asdict() for e in entries], indent=2), file=out)
@@ -3649,8 +3674,8 @@ def _parser() -> "argparse.ArgumentParser":
     sub["issue"].add_argument("--subject", required=True, help="the user the agent acts for (sub)")
     sub["issue"].add_argument("--agent", required=True, help="the agent's id (client_id)")
     sub["issue"].add_argument("--scope", action="append", required=True, help="a granted scope; repeat for more")
-    sub["issue"].add_argument("--ttl", type=int, default=DEFAULT_TTL_SECONDS, metavar="SECONDS",
-                              help="lifetime (default %(default)s)")
+    sub["issue"].add_argument("--ttl", type=int, metavar="SECONDS",
+                              help=f"lifetime (default {DEFAULT_TTL_SECONDS}, or --max-ttl if that is shorter)")
     sub["issue"].add_argument("--json", action="store_true", help="print {token, jti, expires_at}")
     sub["verify"].add_argument("token", metavar="TOKEN", help="the token, or - to read it from stdin")
     sub["verify"].add_argument("--require", action="append", metavar="SCOPE", help="a required scope; repeatable")
@@ -3681,7 +3706,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             args = _parser().parse_args(argv)
         except SystemExit as exc:  # --help, --version, or a usage error (already printed)
             return exc.code if isinstance(exc.code, int) else EXIT_USAGE
-        return _COMMANDS[args.command][0](args, out, err)
+        args.stores = []
+        try:
+            return _COMMANDS[args.command][0](args, out, err)
+        finally:
+            for store in args.stores:
+                store.close()
     except _CliError as exc:
         print(f"agentauth: {exc}", file=err)
         return exc.exit_code

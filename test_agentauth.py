@@ -21,6 +21,7 @@ import sys
 import tempfile
 import threading
 import traceback
+import types
 import unittest
 import unittest.mock
 import urllib.error
@@ -1297,6 +1298,12 @@ class VerifierTests(unittest.TestCase):
         self.assertEqual((claims.sub, claims.agent, claims.jti), ("user_123", "agent_research_bot", self.issued.jti))
         self.assertIsNone(self.verifier.kid)
 
+    def test_a_verifier_cannot_serve_token_exchange(self):
+        with self.assertRaises(InvalidConfigError):
+            self.verifier.token_exchange_wsgi()
+        with self.assertRaises(InvalidConfigError):
+            self.verifier.token_exchange_asgi()
+
     def test_cannot_mint(self):
         for call in (lambda: self.verifier.issue(subject="u", agent="a", scopes=["x"]),
                      lambda: self.verifier.delegate(self.issued.token, agent="b", scopes=["email:read"])):
@@ -1453,6 +1460,14 @@ class JwksRulesTests(unittest.TestCase):
         self.key = Ed25519Key.from_seed(ED_SEED)
         self.good = self.key.public_jwk(ED_KID)
 
+    def test_a_set_publishing_a_private_key_is_refused(self):
+        leaked = self.key.private_jwk(ED_KID)
+        with self.assertRaises(InvalidConfigError):
+            make_verifier({"keys": [leaked]})
+        other = Ed25519Key.from_seed(ED_OTHER_SEED).private_jwk("other")
+        with self.assertRaises(InvalidConfigError):  # even beside a good public key
+            make_verifier({"keys": [self.good, other]})
+
     def test_duplicate_kid_is_refused(self):
         other = Ed25519Key.from_seed(ED_OTHER_SEED).public_jwk(ED_KID)
         oct_key = {"kty": "oct", "k": b64url(SECRET), "kid": ED_KID}
@@ -1511,15 +1526,14 @@ class JwksRulesTests(unittest.TestCase):
 
     def test_oct_keys_never_become_verification_keys(self):
         oct_key = {"kty": "oct", "k": b64url(SECRET), "kid": KID, "alg": "HS256", "use": "sig"}
-        for keys in ([oct_key], [oct_key, self.good]):
-            verifier = make_verifier({"keys": keys})
-            with self.subTest(keys=len(keys)):
-                with self.assertRaises(TokenInvalidError):
-                    verifier.verify(forge(HEADER, claims_for(), SECRET))
-                with self.assertRaises(TokenInvalidError):
-                    verifier.verify(forge(header_for(kid=DROP), claims_for(), SECRET))
-        with self.assertRaises(InvalidConfigError):  # nothing to publish: it holds no key
-            make_verifier({"keys": [oct_key]}).jwks()
+        verifier = make_verifier({"keys": [oct_key, self.good]})
+        with self.assertRaises(TokenInvalidError):
+            verifier.verify(forge(HEADER, claims_for(), SECRET))
+        with self.assertRaises(TokenInvalidError):
+            verifier.verify(forge(header_for(kid=DROP), claims_for(), SECRET))
+        self.assertEqual([k["kty"] for k in verifier.jwks()["keys"]], ["OKP"])
+        with self.assertRaises(InvalidConfigError):  # no usable key at all: refused at startup
+            make_verifier({"keys": [oct_key]})
 
     def test_wycheproof_json_web_key_groups(self):
         with open(WYCHEPROOF_JWK, encoding="utf-8") as f:
@@ -1535,12 +1549,10 @@ class JwksRulesTests(unittest.TestCase):
                             make_verifier(keys)
                         continue
                     # jws_keyset, jws_mixedSymmetryKeyset and HS256: the sets hold only
-                    # oct (and EC) keys, so a verifier gets no usable key from them.
-                    verifier = make_verifier(keys)
+                    # oct (and EC) keys, so a verifier gets no usable key from them
+                    # and refuses to start.
                     with self.assertRaises(InvalidConfigError):
-                        verifier.jwks()
-                    with self.assertRaises(TokenInvalidError):
-                        verifier.verify(case["jws"])
+                        make_verifier(keys)
                     if group["comment"] == "HS256":
                         key = unb64url(keys["keys"][0]["k"])
                         if case["comment"] in ("key_too_short", "empty_key"):
@@ -1568,15 +1580,16 @@ class JwksRulesTests(unittest.TestCase):
 class JwksServer:
     """A JWK set served by http.server on 127.0.0.1 from a background thread.
 
-    ``body`` and ``status`` may be changed at any time; ``stall`` makes each
-    answer wait (on an event, never a sleep) until the test ends, so a client
-    with a short timeout gives up.
+    ``body``, ``status`` and ``location`` (a redirect target) may be changed at
+    any time; ``stall`` makes each answer wait (on an event, never a sleep)
+    until the test ends, so a client with a short timeout gives up.
     """
 
     def __init__(self, document):
         self.lock = threading.Lock()
         self.requests = []  # (path, Accept header) of every request
         self.status = 200
+        self.location = None
         self.stall = False
         self.release = threading.Event()
         self.serve(document)
@@ -1586,10 +1599,12 @@ class JwksServer:
             def do_GET(self):
                 with owner.lock:
                     owner.requests.append((self.path, self.headers.get("Accept")))
-                    body, status, stall = owner.body, owner.status, owner.stall
+                    body, status, stall, location = owner.body, owner.status, owner.stall, owner.location
                 if stall:
                     owner.release.wait(30)
                 self.send_response(status)
+                if location is not None and self.path != "/moved":
+                    self.send_header("Location", location)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
@@ -1834,6 +1849,16 @@ class JwksUrlTests(unittest.TestCase):
         self.server.stall = True
         verifier = self.url_verifier(jwks_timeout_seconds=0.1)
         self.assertFetchFails(verifier, self.token1)
+
+    def test_redirects_are_not_followed(self):
+        # A redirect could lead past the https-only rule: the fetch fails instead.
+        for status in (301, 302, 307, 308):
+            with self.subTest(status=status):
+                self.server.requests.clear()
+                self.server.status = status
+                self.server.location = self.server.url.replace("/.well-known/jwks.json", "/moved")
+                self.assertFetchFails(self.url_verifier(), self.token1)
+                self.assertEqual([path for path, _ in self.server.requests], ["/.well-known/jwks.json"])
 
     def test_oversized_response_is_a_failed_fetch(self):
         body = json.dumps(self.issuer1.jwks()).encode()
@@ -2688,6 +2713,14 @@ class ConfigTests(unittest.TestCase):
 
 
 class IssueTests(unittest.TestCase):
+    def test_names_with_a_lone_surrogate_are_refused(self):
+        # They could be neither stored nor revoked (SQLite and Redis need UTF-8).
+        for field in ("subject", "agent"):
+            with self.subTest(field=field):
+                self.assertGrantError(says="unicode", **{field: "user\ud800"})
+        with self.assertRaises(ValueError):
+            make_auth().revoke(subject="user\ud800")
+
     def assertGrantError(self, auth=None, *, says, **kwargs):
         auth = auth or make_auth()
         grant = dict(subject="user_123", agent="agent_research_bot", scopes=["email:read"])
@@ -2836,6 +2869,14 @@ class VerifyTests(unittest.TestCase):
             (auth or self.auth).verify(token)
         self.assertIs(type(cm.exception), error)
         return cm.exception
+
+    def test_only_headers_of_verified_tokens_are_cached(self):
+        for n in range(40):  # unsigned junk with well-formed headers
+            self.assertRefused(forge(header_for(x="j" * n), claims_for(), OTHER_SECRET))
+        self.assertEqual(self.auth._header_cache, {})
+        token = self.auth.issue(subject="u", agent="a", scopes=["s"]).token
+        self.auth.verify(token)
+        self.assertEqual(list(self.auth._header_cache), [token.split(".")[0]])
 
     def assertForgedRefused(self, header=None, error=TokenInvalidError, **claim_changes):
         """A token signed with the right key whose only flaw is the given change."""
@@ -4592,6 +4633,15 @@ class WsgiMiddlewareTests(unittest.TestCase):
         self.token = self.auth.issue(subject="user_123", agent="bot", scopes=["email:read"]).token
         self.app = self.auth.wsgi(echo_app)
 
+    def test_a_streamed_response_still_sees_the_claims(self):
+        def streaming_app(environ, start_response):
+            start_response("200 OK", [("Content-Type", "text/plain")])
+            return (f"{agentauth.current_claims().sub}|{n}".encode() for n in range(2))
+
+        status, _, body = wsgi_call(self.auth.wsgi(streaming_app), headers={"HTTP_AUTHORIZATION": f"Bearer {self.token}"})
+        self.assertEqual((status, body), ("200 OK", b"user_123|0user_123|1"))
+        self.assertIsNone(agentauth.current_claims())
+
     def test_valid_token_reaches_app_with_claims_in_environ_and_context(self):
         status, _, body = wsgi_call(self.app, headers={"HTTP_AUTHORIZATION": f"Bearer {self.token}"})
         self.assertEqual(status, "200 OK")
@@ -4842,6 +4892,53 @@ class RequireTests(unittest.TestCase):
 
         self.assertEqual(self.run_with_claims(read, "inbox"), "read inbox")
 
+    def test_claims_of_another_issuer_or_audience_are_refused(self):
+        ran = []
+
+        @self.auth.require("email:read")
+        def read():
+            ran.append(True)
+
+        for other in (make_auth(issuer="https://other-issuer.example"), make_auth(audience="https://other-api.example")):
+            with self.subTest(issuer=other.issuer, audience=other.audience):
+                self.claims = other.verify(other.issue(subject="u", agent="bot", scopes=["*"]).token)
+                with self.assertRaises(TokenInvalidError) as cm:
+                    self.run_with_claims(read)
+                self.assertIs(type(cm.exception), TokenInvalidError)
+        self.assertEqual(ran, [])
+
+    def test_claims_that_expired_since_the_request_began_are_refused(self):
+        clock = FixedClock()
+        auth = make_auth(clock=clock)
+        self.claims = auth.verify(auth.issue(subject="u", agent="bot", scopes=["email:*"], ttl_seconds=60).token)
+
+        @auth.require("email:read")
+        def read():
+            return "read"
+
+        self.assertEqual(self.run_with_claims(read), "read")
+        clock.advance(60 + TOLERANCE)  # a WebSocket outlives its token
+        with self.assertRaises(TokenExpiredError):
+            self.run_with_claims(read)
+
+    def test_inside_an_mcp_tool_the_request_token_is_verified_again(self):
+        token = self.auth.issue(subject="u", agent="bot", scopes=["email:*"]).token
+        module = types.ModuleType("fake_mcp_auth_context")
+        module.get_access_token = lambda: types.SimpleNamespace(token=token, claims={})
+        ran = []
+
+        @self.auth.require("email:send")
+        def send():
+            ran.append(True)
+            return "sent"
+
+        with unittest.mock.patch.dict(sys.modules, {agentauth._MCP_TOKEN_MODULES[0]: module}):
+            self.assertEqual(send(), "sent")
+            self.auth.revoke(token)  # mid-session: the next tool call is refused
+            with self.assertRaises(RevokedError):
+                send()
+        self.assertEqual(ran, [True])
+
     def test_function_does_not_run_without_the_scope(self):
         ran = []
 
@@ -4980,6 +5077,15 @@ class RedisStoreTests(unittest.TestCase):
     def test_client_without_redis_methods_is_refused(self):
         with self.assertRaises(agentauth.InvalidConfigError):
             agentauth.RedisStore(object())
+
+    def test_a_short_mget_answer_fails_closed(self):
+        class ShortRedis(FakeRedis):
+            def mget(self, keys):
+                return super().mget(keys)[:1]
+
+        store = agentauth.RedisStore(ShortRedis())
+        with self.assertRaises(StoreUnavailableError):
+            store.is_revoked(agent_claims())
 
     def test_chain_revocation_cuts_every_descendant(self):
         # The StoreContract chain cases, against RedisStore: [root, middle, leaf] of user_1, then of user_2.
@@ -5224,6 +5330,33 @@ class CommandLineTests(unittest.TestCase):
         code, _, err = run_main("decode", "not-a-token")
         self.assertEqual(code, 1)
         self.assertIn("token_invalid", err)
+
+    def test_decode_of_an_absurd_date_has_no_traceback(self):
+        code, out, err = run_main("decode", forge(HEADER, claims_for(exp=1e20, iat=-1e20), OTHER_SECRET))
+        self.assertEqual(code, 0, err)
+        self.assertIn("not a representable date", out)
+
+    def test_malformed_required_scope_is_a_usage_error(self):
+        token = self.issue()
+        code, _, err = run_main("verify", token, "--require", 'a"b')
+        self.assertEqual(code, 2)
+        self.assertNotIn("Traceback", err)
+
+    def test_secret_that_is_not_unicode_is_a_configuration_error(self):
+        code, _, err = run_main("issue", "--subject", "u", "--agent", "b", "--scope", "s",
+                                env={"AGENTAUTH_SECRET": "x" * 40 + "\udcff"})
+        self.assertEqual(code, 2)
+        self.assertIn("invalid_config", err)
+
+    def test_max_ttl_below_the_default_ttl_works(self):
+        env = dict(CLI_ENV, AGENTAUTH_MAX_TTL="600")
+        code, out, err = run_main("issue", "--subject", "u", "--agent", "b", "--scope", "s", env=env)
+        self.assertEqual(code, 0, err)
+        claims = json_segment(out.strip().split(".")[1])
+        self.assertEqual(claims["exp"] - claims["iat"], 600)
+        self.assertEqual(run_main("verify", out.strip(), env=env)[0], 0)
+        self.assertEqual(run_main("issue", "--subject", "u", "--agent", "b", "--scope", "s",
+                                  env=dict(CLI_ENV, AGENTAUTH_MAX_TTL="soon"))[0], 2)
 
     def test_demo_runs_the_whole_story(self):
         code, out, _ = run_main("demo", env={})

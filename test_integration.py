@@ -20,6 +20,7 @@ import time
 import unittest
 import urllib.error
 import urllib.request
+import warnings
 
 import agentauth
 
@@ -162,6 +163,109 @@ class JoseInteropTests(unittest.TestCase):
         auth = agentauth.AgentAuth(secret=SECRET, issuer=ISSUER, audience="api")
         claims = auth.verify(token, ["calendar:read"])
         self.assertEqual((claims.sub, claims.agent, claims.jti), ("user_123", "bot", "jose-1"))
+
+
+EDDSA_PEERS = ("jwt", "joserfc", "cryptography")
+
+
+@unittest.skipIf([m for m in EDDSA_PEERS if importlib.util.find_spec(m) is None],
+                 "needs PyJWT, joserfc and cryptography (pip install PyJWT joserfc cryptography)")
+class EdDSAInteropTests(unittest.TestCase):
+    """EdDSA (RFC 8037) tokens and JWKs both ways with PyJWT and joserfc."""
+
+    def setUp(self):
+        # joserfc flags "EdDSA" as superseded by RFC 9864's "Ed25519"; RFC 8037's name is the one used here.
+        catcher = warnings.catch_warnings()
+        catcher.__enter__()
+        self.addCleanup(catcher.__exit__, None, None, None)
+        warnings.filterwarnings("ignore", message="EdDSA is deprecated")
+        self.key = agentauth.Ed25519Key.generate()
+        self.issuer = agentauth.AgentAuth(signing_key=self.key, kid="ed1", issuer=ISSUER, audience="api")
+        self.issued = self.issuer.issue(subject="user_123", agent="bot", scopes=["email:read", "calendar:read"])
+
+    def claims(self, **changes):
+        now = int(time.time())
+        claims = {"iss": ISSUER, "aud": "api", "sub": "user_123", "client_id": "bot", "scope": "email:read",
+                  "jti": "peer-1", "iat": now, "exp": now + 300}
+        claims.update(changes)
+        return claims
+
+    def verifier(self, jwks):
+        return agentauth.AgentAuth.verifier(jwks=jwks, issuer=ISSUER, audience="api")
+
+    def test_agentauth_token_verifies_in_pyjwt(self):
+        import jwt
+
+        public_jwk = self.issuer.jwks()["keys"][0]
+        claims = jwt.decode(self.issued.token, jwt.PyJWK(public_jwk).key, algorithms=["EdDSA"], audience="api",
+                            issuer=ISSUER)
+        self.assertEqual((claims["sub"], claims["client_id"], claims["jti"]), ("user_123", "bot", self.issued.jti))
+        self.assertEqual(jwt.get_unverified_header(self.issued.token), {"alg": "EdDSA", "typ": "at+jwt", "kid": "ed1"})
+        forged = self.issued.token[:-4] + ("AAAA" if not self.issued.token.endswith("AAAA") else "BBBB")
+        with self.assertRaises(jwt.InvalidSignatureError):
+            jwt.decode(forged, jwt.PyJWK(public_jwk).key, algorithms=["EdDSA"], audience="api", issuer=ISSUER)
+
+    def test_agentauth_token_verifies_in_joserfc(self):
+        from joserfc import jwk, jwt
+        from joserfc.errors import BadSignatureError
+
+        key_set = jwk.KeySet.import_key_set(self.issuer.jwks())  # the published JWKS, as joserfc reads it
+        for key in (key_set, jwk.OKPKey.import_key(self.issuer.jwks()["keys"][0])):
+            with self.subTest(key=type(key).__name__):
+                token = jwt.decode(self.issued.token, key, algorithms=["EdDSA"])
+                jwt.JWTClaimsRegistry(iss={"essential": True, "value": ISSUER},
+                                      aud={"essential": True, "value": "api"}).validate(token.claims)
+                self.assertEqual(token.claims["jti"], self.issued.jti)
+                self.assertEqual(token.header, {"alg": "EdDSA", "typ": "at+jwt", "kid": "ed1"})
+        other = agentauth.AgentAuth(signing_key=agentauth.Ed25519Key.generate(), kid="ed1", issuer=ISSUER, audience="api")
+        with self.assertRaises(BadSignatureError):
+            jwt.decode(other.issue(subject="u", agent="b", scopes=["s"]).token, key_set, algorithms=["EdDSA"])
+
+    def test_pyjwt_token_verifies_here(self):
+        import jwt
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+        from jwt.algorithms import OKPAlgorithm
+
+        private = Ed25519PrivateKey.generate()
+        public_jwk = dict(OKPAlgorithm.to_jwk(private.public_key(), as_dict=True), kid="pyjwt-ed")
+        token = jwt.encode(self.claims(), private, algorithm="EdDSA", headers={"typ": "at+jwt", "kid": "pyjwt-ed"})
+        verified = self.verifier({"keys": [public_jwk]}).verify(token, ["email:read"])
+        self.assertEqual((verified.sub, verified.agent, verified.jti), ("user_123", "bot", "peer-1"))
+        plain_jwt = jwt.encode(self.claims(), private, algorithm="EdDSA", headers={"kid": "pyjwt-ed"})  # typ JWT
+        with self.assertRaises(agentauth.TokenInvalidError):
+            self.verifier({"keys": [public_jwk]}).verify(plain_jwt)
+
+    def test_joserfc_token_verifies_here(self):
+        from joserfc import jwk, jwt
+
+        key = jwk.OKPKey.generate_key("Ed25519", parameters={"kid": "joserfc-ed"})
+        token = jwt.encode({"alg": "EdDSA", "typ": "at+jwt", "kid": "joserfc-ed"}, self.claims(), key,
+                           algorithms=["EdDSA"])
+        jwks = jwk.KeySet([key]).as_dict(private=False)
+        self.assertNotIn("d", jwks["keys"][0])
+        verified = self.verifier(jwks).verify(token, ["email:read"])
+        self.assertEqual((verified.sub, verified.agent, verified.jti), ("user_123", "bot", "peer-1"))
+        with self.assertRaises(agentauth.TokenInvalidError):  # a key of the set, another kid's token
+            self.verifier(jwks).verify(self.issued.token)
+
+    def test_private_jwks_load_both_ways(self):
+        import jwt
+        from joserfc import jwk
+        from joserfc import jwt as jose_jwt
+
+        # agentauth's private JWK signs in PyJWT; the token verifies here.
+        private_jwk = self.key.private_jwk("ed1")
+        token = jwt.encode(self.claims(), jwt.PyJWK(private_jwk).key, algorithm="EdDSA",
+                           headers={"typ": "at+jwt", "kid": "ed1"})
+        self.assertEqual(self.verifier(self.issuer.jwks()).verify(token).jti, "peer-1")
+        # joserfc's private JWK loads as an Ed25519Key that signs what joserfc verifies.
+        theirs = jwk.OKPKey.generate_key("Ed25519")
+        ours = agentauth.Ed25519Key.from_jwk(theirs.as_dict(private=True))
+        self.assertIs(ours.is_private, True)
+        self.assertEqual(ours.public_jwk()["x"], theirs.as_dict(private=False)["x"])
+        issuer = agentauth.AgentAuth(signing_key=ours, kid="k", issuer=ISSUER, audience="api")
+        decoded = jose_jwt.decode(issuer.issue(subject="u", agent="b", scopes=["s"]).token, theirs, algorithms=["EdDSA"])
+        self.assertEqual(decoded.claims["sub"], "u")
 
 
 # ---------------------------------------------------------------------------
