@@ -387,18 +387,47 @@ def mcp_initialize(url, headers):
     return http("POST", url, headers, body)
 
 
-@installed("mcp", "uvicorn", "httpx2")
+def mcp_major():
+    from importlib.metadata import version
+
+    return int(version("mcp").split(".")[0])
+
+
+def mcp_rpc(url, token, body, session_id=None):
+    """One JSON-RPC message over streamable HTTP, as raw as a client can send it."""
+    headers = {"Authorization": f"Bearer {token}", "MCP-Protocol-Version": "2025-06-18"}
+    if session_id:
+        headers["Mcp-Session-Id"] = session_id
+    status, response_headers, raw = http("POST", url, {"Accept": "application/json, text/event-stream",
+                                                        "Content-Type": "application/json", **headers},
+                                         json.dumps(body).encode())
+    text = raw.decode()
+    data = [line[5:].strip() for line in text.splitlines() if line.startswith("data:")]
+    return status, response_headers, json.loads(data[-1] if data else text) if text.strip() else None
+
+
+@installed("mcp", "uvicorn")
 class McpSdkTests(unittest.TestCase):
+    """The official SDK: MCPServer in mcp 2.x, FastMCP in mcp 1.x (CI runs both)."""
+
     @classmethod
     def setUpClass(cls):
         from mcp.server.auth.settings import AuthSettings
-        from mcp.server.mcpserver import MCPServer
 
         def make_app(base):
             cls.url = f"{base}/mcp"
             auth = cls.auth = agentauth.AgentAuth(secret=SECRET, issuer=ISSUER, audience=cls.url)
-            server = MCPServer(name="mail", log_level="WARNING", token_verifier=auth.mcp(), auth=AuthSettings(
-                issuer_url="https://auth.example.com", resource_server_url=cls.url, validate_token_resource=True))
+            settings = AuthSettings(issuer_url="https://auth.example.com", resource_server_url=cls.url,
+                                    validate_token_resource=True)
+            if mcp_major() >= 2:
+                from mcp.server.mcpserver import MCPServer
+
+                server = MCPServer(name="mail", log_level="WARNING", token_verifier=auth.mcp(), auth=settings)
+            else:
+                from mcp.server.fastmcp import FastMCP
+
+                server = FastMCP("mail", log_level="WARNING", token_verifier=auth.mcp(), auth=settings,
+                                 host="127.0.0.1")
 
             @server.tool()
             @auth.require("email:read")
@@ -411,7 +440,9 @@ class McpSdkTests(unittest.TestCase):
             async def send_email(to: str) -> str:
                 return f"sent to {to}"
 
-            return server.streamable_http_app(host="127.0.0.1")
+            if mcp_major() >= 2:
+                return server.streamable_http_app(host="127.0.0.1")
+            return server.streamable_http_app()
 
         cls.server = UvicornThread(make_app)
 
@@ -420,22 +451,51 @@ class McpSdkTests(unittest.TestCase):
         cls.server.stop()
 
     def call_tools(self, token, calls):
-        import httpx2
+        """Call tools through the SDK's own client."""
         from mcp import ClientSession
-        from mcp.client.streamable_http import streamable_http_client
+
+        headers = {"Authorization": f"Bearer {token}"}
+
+        async def session_calls(read, write):
+            async with ClientSession(read, write) as session:
+                await session.initialize()
+                return [await session.call_tool(name, arguments) for name, arguments in calls]
 
         async def run():
-            results = []
-            headers = {"Authorization": f"Bearer {token}"}
-            async with httpx2.AsyncClient(headers=headers, timeout=httpx2.Timeout(20, read=30)) as client:
-                async with streamable_http_client(self.url, http_client=client) as (read, write):
-                    async with ClientSession(read, write) as session:
-                        await session.initialize()
-                        for name, arguments in calls:
-                            results.append(await session.call_tool(name, arguments))
-            return results
+            if mcp_major() >= 2:
+                import httpx2
+                from mcp.client.streamable_http import streamable_http_client
 
-        return asyncio.run(run())
+                async with httpx2.AsyncClient(headers=headers, timeout=httpx2.Timeout(20, read=30)) as client:
+                    async with streamable_http_client(self.url, http_client=client) as (read, write):
+                        return await session_calls(read, write)
+            from mcp.client.streamable_http import streamablehttp_client
+
+            async with streamablehttp_client(self.url, headers=headers, timeout=20) as (read, write, _):
+                return await session_calls(read, write)
+
+        results = asyncio.run(run())
+        for result in results:  # mcp 1.x names it isError
+            result.is_error = getattr(result, "is_error", getattr(result, "isError", None))
+        return results
+
+    def test_each_call_in_a_session_is_judged_by_its_own_token(self):
+        # mcp 1.x runs tools in the task of the request that opened the
+        # session: require() must read the current message's token.
+        broad = self.auth.issue(subject="user_7", agent="bot", scopes=["email:*"]).token
+        narrow = self.auth.issue(subject="user_7", agent="bot", scopes=["email:read"]).token
+        initialize = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+            "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "raw", "version": "0"}}}
+        status, headers, _ = mcp_rpc(self.url, broad, initialize)
+        self.assertEqual(status, 200)
+        session = headers["Mcp-Session-Id"]
+        mcp_rpc(self.url, broad, {"jsonrpc": "2.0", "method": "notifications/initialized"}, session)
+        call = {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "send_email", "arguments": {"to": "a"}}}
+        _, _, answer = mcp_rpc(self.url, broad, call, session)
+        self.assertFalse(answer["result"]["isError"])
+        _, _, answer = mcp_rpc(self.url, narrow, dict(call, id=3), session)
+        self.assertTrue(answer["result"]["isError"])
+        self.assertIn("does not cover", answer["result"]["content"][0]["text"])
 
     def test_good_token_calls_the_tool_and_the_tool_sees_the_claims(self):
         token = self.auth.issue(subject="user_123", agent="bot", scopes=["email:read"]).token
