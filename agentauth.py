@@ -2043,10 +2043,11 @@ class AgentAuth:
             raise InvalidGrantError("ttl_seconds must be a whole number of seconds")
         if not 0 < ttl_seconds <= self.max_ttl_seconds:
             raise InvalidGrantError(f"ttl_seconds must be between 1 and max_ttl_seconds ({self.max_ttl_seconds})")
-        now = math.floor(self._clock())
+        clock_now = self._clock()
+        now = math.floor(clock_now)
         issued = self._mint(subject, agent, granted, now, now + ttl_seconds, None)
         if self._on_event is not None:
-            self._emit(AgentEvent("issued", now, issued.jti, subject, agent, granted))
+            self._emit(AgentEvent("issued", clock_now, issued.jti, subject, agent, granted))
         return issued
 
     def _mint(
@@ -2129,7 +2130,7 @@ class AgentAuth:
         issued = self._mint(parent.sub, agent, granted, now, exp, {"sub": agent, "act": ancestors})
         if self._on_event is not None:
             self._emit(
-                AgentEvent("delegated", now, issued.jti, parent.sub, agent, granted, None, parent.jti, parent.agent)
+                AgentEvent("delegated", now_float, issued.jti, parent.sub, agent, granted, None, parent.jti, parent.agent)
             )
         return issued
 
@@ -3663,9 +3664,10 @@ def _parser() -> "argparse.ArgumentParser":
                            metavar="SECONDS", help="the server's max_ttl_seconds (env AGENTAUTH_MAX_TTL, default %(default)s)")
     for name in ("issue", "verify", "revoke"):
         sub[name].add_argument("--key-file", metavar="PATH",
-                               help="Ed25519 private key, PEM or JWK (env AGENTAUTH_PRIVATE_KEY); default: AGENTAUTH_SECRET")
+                               help="Ed25519 private key file, PEM or JWK (or env AGENTAUTH_PRIVATE_KEY with the key's text);"
+                                    " default: AGENTAUTH_SECRET")
     for name in ("verify", "revoke"):
-        sub[name].add_argument("--jwks-file", metavar="PATH", help="verify EdDSA tokens with this JWK set (env AGENTAUTH_JWKS)")
+        sub[name].add_argument("--jwks-file", metavar="PATH", help="verify EdDSA tokens with this JWK set file (or env AGENTAUTH_JWKS with the set's JSON)")
         sub[name].add_argument("--jwks-url", metavar="URL", help="verify EdDSA tokens with the JWK set at this https URL")
     sub["keygen"].add_argument("--ed25519", action="store_true", help="an Ed25519 private key (PEM) instead of an HS256 secret")
     sub["keygen"].add_argument("--jwk", action="store_true", help="with --ed25519: print the private key as a JWK")
@@ -3720,6 +3722,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         return _exit_code(exc)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `... | head`: the reader left; nothing is wrong
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so that the interpreter's final flush fails quietly
+        return EXIT_OK
 
 
 if __name__ == "__main__":

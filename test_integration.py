@@ -28,9 +28,13 @@ SECRET = "integration-secret-with-at-least-32-bytes"
 ISSUER = "integration-issuer"
 
 
+PACKAGES = {"jwt": "PyJWT"}  # where the import name is not the name pip installs
+
+
 def installed(*modules):
     missing = [m for m in modules if importlib.util.find_spec(m) is None]
-    return unittest.skipIf(missing, f"needs {', '.join(missing)} (pip install {' '.join(missing)})")
+    install = " ".join(PACKAGES.get(m, m) for m in missing)
+    return unittest.skipIf(missing, f"needs {', '.join(missing)} (pip install {install})")
 
 
 def free_socket():
