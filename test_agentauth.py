@@ -581,18 +581,10 @@ def forge_eddsa(header: dict, claims: dict, key: "Ed25519Key") -> str:
 
 
 def make_ed_auth(**overrides) -> AgentAuth:
-    """An EdDSA issuer on ED_SEED with kid ED_KID, the test issuer and audience and a FixedClock at T0."""
-    options = dict(
-        signing_key=Ed25519Key.from_seed(ED_SEED),
-        issuer=ISSUER,
-        audience=AUDIENCE,
-        kid=ED_KID,
-        max_ttl_seconds=MAX_TTL,
-        clock_tolerance_seconds=TOLERANCE,
-        clock=FixedClock(),
-    )
+    """make_auth(), but an EdDSA issuer on ED_SEED with kid ED_KID."""
+    options = dict(secret=None, signing_key=Ed25519Key.from_seed(ED_SEED), kid=ED_KID)
     options.update(overrides)
-    return AgentAuth(**options)
+    return make_auth(**options)
 
 
 def make_verifier(jwks=None, **overrides) -> AgentAuth:
