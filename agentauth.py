@@ -239,7 +239,7 @@ def _reject_constant(name: str) -> Any:
 #: One decoder and one encoder for the whole module: json.loads/dumps with
 #: keyword arguments would build a new one per call on the hot path.
 _JSON_DECODER = json.JSONDecoder(object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant)
-_JSON_SCAN = _JSON_DECODER.scan_once
+_JSON_SCAN = _JSON_DECODER.scan_once  # type: ignore[attr-defined]  # CPython sets it; typeshed omits it
 _JSON_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
 
 
@@ -1316,7 +1316,8 @@ def _parse_chain(act: Any, agent: str, max_length: int) -> Tuple[Tuple[str, ...]
     Raises:
         TokenInvalidError: a malformed chain, or one longer than ``max_length``.
     """
-    agents, jtis = [], []
+    agents: List[str] = []
+    jtis: List[str] = []
     level = act
     while level is not None:
         if type(level) is not dict or len(agents) >= max_length:
@@ -1326,7 +1327,7 @@ def _parse_chain(act: Any, agent: str, max_length: int) -> Tuple[Tuple[str, ...]
             raise TokenInvalidError("token delegation chain is malformed")
         agents.append(actor)
         if agents[1:]:
-            jtis.append(jti)
+            jtis.append(jti)  # type: ignore[arg-type]  # a str: checked above once agents was non-empty
         level = level.get("act")
     if agents[0] != agent or len(agents) < 2:
         raise TokenInvalidError("token delegation chain does not match its agent")
@@ -1863,7 +1864,8 @@ class AgentAuth:
                 if type(old_kid) is not str or not old_kid or old_kid in keys:
                     raise InvalidConfigError(f"{label} keys must be distinct non-empty kids other than kid")
                 if label == "previous_secrets":
-                    keys[old_kid] = _HmacKey(_as_key(old, f"previous secret {old_kid!r}"), old_kid)
+                    secret_value = typing.cast(Union[str, bytes], old)  # the loop mixes both mappings' values
+                    keys[old_kid] = _HmacKey(_as_key(secret_value, f"previous secret {old_kid!r}"), old_kid)
                 elif isinstance(old, Ed25519Key):
                     keys[old_kid] = _EdDSAKey(old.public_key(), old_kid)  # verify only
                 else:
@@ -2231,13 +2233,21 @@ class AgentAuth:
                 raise TokenInvalidError("token audience is not accepted")
         elif aud != self.audience or type(aud) is not str:
             raise TokenInvalidError("token audience is not accepted")
-        sub, agent, jti, scope, exp, iat = map(claims.get, _REQUIRED_CLAIMS)
+        # Declared as the checks just below leave them (mypy cannot follow the
+        # chained type() test); bare annotations compile to nothing.
+        sub: str
+        agent: str
+        jti: str
+        scope: str
+        exp: float
+        iat: float
+        sub, agent, jti, scope, exp, iat = map(claims.get, _REQUIRED_CLAIMS)  # type: ignore[assignment]
         # One combined test for the common case; the slow path names the culprit.
         if not (sub and agent and jti and scope and type(sub) is type(agent) is type(jti) is type(scope) is str):
             for name in _REQUIRED_CLAIMS[:4]:
                 _string(claims, name)
         if type(exp) is not int or type(iat) is not int:
-            exp, iat = _number(claims, "exp"), _number(claims, "iat")
+            exp, iat = _number(claims, "exp"), _number(claims, "iat")  # type: ignore[assignment]  # required: not None
         nbf = _number(claims, "nbf", required=False) if "nbf" in claims else None
 
         tolerance = self.clock_tolerance_seconds
@@ -3120,7 +3130,8 @@ def _as_tool_error(exc: AgentAuthError) -> AgentAuthError:
     )
     if not bases:
         return exc
-    cls = _tool_error_class(type(exc), bases)
+    error_class: type = type(exc)  # as plain `type`: mypy finds type[AgentAuthError] unhashable (mypy#11470)
+    cls = _tool_error_class(error_class, bases)
     refusal = cls.__new__(cls)
     for base in bases:  # their own attributes (FastMCP's log_level), from the message alone
         try:
@@ -3141,8 +3152,16 @@ def _claims_from_raw(raw: Any) -> Optional[AgentClaims]:
     """Rebuild AgentClaims from claims that ``auth.mcp()`` verified and stored; None if not ours."""
     if not isinstance(raw, dict):
         return None
-    sub, agent, jti, scope, exp, iat = map(raw.get, _REQUIRED_CLAIMS)
-    iss, aud = raw.get("iss"), raw.get("aud")
+    # Declared as the checks just below leave them (mypy cannot narrow on all() or `in`).
+    sub: str
+    agent: str
+    jti: str
+    scope: str
+    exp: float
+    iat: float
+    iss: str
+    sub, agent, jti, scope, exp, iat = typing.cast(Any, map(raw.get, _REQUIRED_CLAIMS))
+    iss, aud = typing.cast(Any, (raw.get("iss"), raw.get("aud")))
     if not all(type(v) is str for v in (sub, agent, jti, scope, iss)) or type(aud) not in (str, list):
         return None
     if type(exp) not in (int, float) or type(iat) not in (int, float):
@@ -3447,7 +3466,7 @@ def _cmd_decode(args: Any, out: Any, err: Any) -> int:
     print("header: " + json.dumps(header, indent=2), file=out)
     print("claims: " + json.dumps(claims, indent=2), file=out)
     for name in ("iat", "nbf", "exp"):
-        value = claims.get(name)
+        value: Any = claims.get(name)  # unverified JSON; its type is checked next
         if type(value) in (int, float) and math.isfinite(value):
             when = _relative(value, now)
             if name == "exp" and value <= now:
@@ -3568,7 +3587,11 @@ def _cmd_bench(args: Any, out: Any, err: Any) -> int:
             )
 
         stateless = make(None)
-        grant = {"subject": "user_123", "agent": "agent_research_bot", "scopes": ["email:read", "calendar:read"]}
+        grant: Dict[str, Any] = {
+            "subject": "user_123",
+            "agent": "agent_research_bot",
+            "scopes": ["email:read", "calendar:read"],
+        }
         token = stateless.issue(**grant).token
         make_memory, make_sqlite = make(memory_store), make(sqlite_store)
         ed_key = Ed25519Key.generate()
