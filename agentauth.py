@@ -838,9 +838,10 @@ class Ed25519Key:
         """Read a PEM PKCS#8 private key or SubjectPublicKeyInfo public key (RFC 8410)."""
         if isinstance(text, bytes):
             text = text.decode("ascii", "replace")
-        match = _PEM.search(text) if isinstance(text, str) else None
-        if match is None:
-            raise InvalidConfigError("no PEM block found")
+        blocks = list(_PEM.finditer(text)) if isinstance(text, str) else []
+        if len(blocks) != 1:
+            raise InvalidConfigError("expected exactly one PEM block")
+        match = blocks[0]
         try:
             der = binascii.a2b_base64(match.group(2).encode("ascii"))
         except binascii.Error as exc:
@@ -1019,9 +1020,9 @@ def _parse_jwks(document: Any) -> Dict[str, _EdDSAKey]:
         if not isinstance(jwk, Mapping):
             raise ValueError("every JWK is an object")
         kid = jwk.get("kid")
-        if kid in kids:
-            raise ValueError("a kid appears twice in the key set")
         if type(kid) is str:
+            if kid in kids:
+                raise ValueError("a kid appears twice in the key set")
             kids.add(kid)
         usable = (
             jwk.get("kty") == "OKP"
@@ -1067,6 +1068,9 @@ class _JwksSource:
         parts = urlsplit(url) if type(url) is str else None
         if parts is None or parts.scheme not in ("https", "http") or not parts.hostname:
             raise InvalidConfigError("jwks_url must be an https URL")
+        if "@" in parts.netloc or "\\" in parts.netloc or _CONTROL_CHARS.search(url):
+            # urlsplit and urllib could disagree on the host of such a URL.
+            raise InvalidConfigError("jwks_url must not carry credentials or unusual characters")
         if parts.scheme == "http" and not _is_loopback(parts.hostname):
             raise InvalidConfigError("jwks_url must use https (plain http only to a loopback address)")
         self.url = url
@@ -1085,10 +1089,15 @@ class _JwksSource:
     def refresh(self, now: float, *, forced: bool) -> bool:
         """Fetch the set if due (or ``forced`` by an unknown kid and allowed); tell whether it changed.
 
+        Once a set is held, a verify never waits for another thread's fetch:
+        it goes on with the held set.
+
         Raises:
             StoreUnavailableError: the set was never fetched successfully.
         """
-        with self._lock:
+        if not self._lock.acquire(blocking=not self._fetched):
+            return False  # another thread is fetching; the held set serves meanwhile
+        try:
             if now < self._last_attempt + self.min_refresh_seconds or (not forced and now < self.fresh_until):
                 if not self._fetched:  # too soon to ask again, and nothing to verify with
                     raise StoreUnavailableError("the issuer's key set could not be fetched")
@@ -1096,6 +1105,8 @@ class _JwksSource:
             self._last_attempt = now
             try:
                 keys = _parse_jwks(self._fetch())
+                if not keys:  # as verifier(jwks=...) refuses one at startup
+                    raise ValueError("the key set holds no usable EdDSA key")
             except Exception as exc:  # network, HTTP, size, JSON or key errors alike
                 import logging
 
@@ -1107,6 +1118,8 @@ class _JwksSource:
             self.keys, self._fetched = keys, True
             self.fresh_until = now + self.cache_seconds
             return True
+        finally:
+            self._lock.release()
 
     def _fetch(self) -> Any:
         import urllib.request
@@ -1118,13 +1131,28 @@ class _JwksSource:
 
         import urllib.error
 
-        opener = urllib.request.build_opener(NoRedirect)
+        handlers: List[Any] = [NoRedirect]
+        if self.url.startswith("http:"):
+            # Plain http is allowed only because loopback traffic stays on
+            # this host: never hand it to an $http_proxy elsewhere.
+            handlers.append(urllib.request.ProxyHandler({}))
+        opener = urllib.request.build_opener(*handlers)
         request = urllib.request.Request(self.url, headers={"Accept": "application/json"})
+        # The socket timeout bounds each read; the deadline bounds the whole
+        # fetch, so a server trickling bytes cannot stretch it.
+        deadline = time.monotonic() + self.timeout_seconds
+        body = b""
         try:
             with opener.open(request, timeout=self.timeout_seconds) as response:
                 if response.status != 200:
                     raise ValueError(f"the key set answered HTTP {response.status}")
-                body = response.read(self.max_bytes + 1)
+                while len(body) <= self.max_bytes:
+                    chunk = response.read1(self.max_bytes + 1 - len(body))
+                    if not chunk:
+                        break
+                    body += chunk
+                    if time.monotonic() > deadline:
+                        raise ValueError("the key set took longer than jwks_timeout_seconds")
         except urllib.error.HTTPError as exc:
             exc.close()  # free the socket now, not at garbage collection
             raise ValueError(f"the key set answered HTTP {exc.code}") from None
@@ -2075,9 +2103,10 @@ class AgentAuth:
             raise InvalidGrantError("the token would be longer than max_token_bytes")
         return IssuedToken(token, jti, exp)
 
-    def _require_signing_key(self) -> None:
+    def _require_signing_key(self) -> Union[_HmacKey, _EdDSAKey]:
         if self._signing_key is None:
             raise InvalidConfigError("this instance only verifies: it holds no signing key")
+        return self._signing_key
 
     # -- delegate ------------------------------------------------------------
 
@@ -2107,9 +2136,14 @@ class AgentAuth:
                 does not hold, a chain longer than ``max_chain_length``, a bad
                 ttl, a parent about to expire, or a token over ``max_token_bytes``.
         """
-        self._require_signing_key()
+        signing = self._require_signing_key()
         now_float = self._clock()
         parent = self._check(parent_token, now_float)
+        # A parent signed by a key of another algorithm (an HS256 secret kept
+        # while moving to EdDSA) must not become an EdDSA token: every holder
+        # of that secret could otherwise mint one for anyone.
+        if _parse_header(parent_token.split(".", 1)[0], self._algorithms)["alg"] != signing.alg:
+            raise InvalidGrantError("the parent token is not signed with this issuer's algorithm")
         self._check_revocation(parent)
         _name(agent, "agent")
         granted = _grant_scopes(scopes)

@@ -15,6 +15,7 @@ import os
 import random
 import re
 import shutil
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -25,6 +26,7 @@ import types
 import unittest
 import unittest.mock
 import urllib.error
+import urllib.parse
 import urllib.request
 import wsgiref.simple_server
 import wsgiref.util
@@ -829,6 +831,12 @@ class CryptographyEd25519Tests(Ed25519Contract, unittest.TestCase):
 class Ed25519KeyTests(unittest.TestCase):
     """The Ed25519Key API: constructors, formats, JWK, thumbprint, repr (whatever the backend)."""
 
+    def test_pem_text_with_several_blocks_is_refused(self):
+        key = Ed25519Key.from_seed(ED_SEED)
+        for text in (key.public_pem() + key.private_pem(), key.private_pem() * 2):
+            with self.assertRaises(InvalidConfigError):
+                Ed25519Key.from_pem(text)
+
     def test_generate_makes_distinct_private_keys(self):
         first, second = Ed25519Key.generate(), Ed25519Key.generate()
         self.assertIs(first.is_private, True)
@@ -1460,6 +1468,16 @@ class JwksRulesTests(unittest.TestCase):
         with self.assertRaises(InvalidConfigError):  # even beside a good public key
             make_verifier({"keys": [self.good, other]})
 
+    def test_a_kid_that_is_not_a_string_gets_a_typed_answer(self):
+        for kid in ([1], {"a": 1}, 7):
+            with self.subTest(kid=kid):
+                # on a key of another type: ignored like the key itself
+                verifier = make_verifier({"keys": [{"kty": "RSA", "n": "AQAB", "e": "AQAB", "kid": kid}, self.good]})
+                self.assertEqual([k["kid"] for k in verifier.jwks()["keys"]], [ED_KID])
+                # on an Ed25519 key: a key nobody can name refuses the set
+                with self.assertRaises(InvalidConfigError):
+                    make_verifier({"keys": [dict(self.good, kid=kid)]})
+
     def test_duplicate_kid_is_refused(self):
         other = Ed25519Key.from_seed(ED_OTHER_SEED).public_jwk(ED_KID)
         oct_key = {"kty": "oct", "k": b64url(SECRET), "kid": ED_KID}
@@ -1762,16 +1780,50 @@ class JwksUrlTests(unittest.TestCase):
         self.assertEqual(verifier.verify(self.token1).sub, "user_123")
         self.assertEqual(self.server.count, 2)
 
-    def test_a_first_key_set_without_usable_keys_still_refetches_on_an_unknown_kid(self):
+    def test_a_first_key_set_without_usable_keys_is_unavailable_then_refetched(self):
         self.server.serve({"keys": [{"kty": "RSA", "n": b64url(b"\x01" * 256), "e": "AQAB", "kid": "rsa1"}]})
         verifier = self.url_verifier()
-        with self.assertRaises(TokenInvalidError):
+        with self.assertRaises(StoreUnavailableError):
             verifier.verify(self.token1)
         self.assertEqual(self.server.count, 1)
         self.server.serve(self.issuer1.jwks())
         self.clock.advance(30)
         self.assertEqual(verifier.verify(self.token1).sub, "user_123")
         self.assertEqual(self.server.count, 2)
+
+    def test_a_later_set_without_usable_keys_keeps_the_last_good_set(self):
+        verifier = self.url_verifier()
+        self.assertEqual(verifier.verify(self.token1).sub, "user_123")
+        self.server.serve({"keys": []})
+        self.clock.advance(300)
+        self.assertEqual(verifier.verify(self.token1).sub, "user_123")
+        self.assertEqual(self.server.count, 2)
+
+    def test_a_verify_never_waits_for_another_threads_fetch(self):
+        verifier = self.url_verifier()
+        verifier.verify(self.token1)
+        self.clock.advance(300)  # due for a refresh
+        verifier._jwks._lock.acquire()  # as if another thread were fetching right now
+        try:
+            self.assertEqual(verifier.verify(self.token1).sub, "user_123")  # the held set serves
+        finally:
+            verifier._jwks._lock.release()
+        self.assertEqual(self.server.count, 1)
+
+    def test_loopback_http_is_never_sent_through_a_proxy(self):
+        with socket.socket() as unused:
+            unused.bind(("127.0.0.1", 0))
+            dead_proxy = f"http://127.0.0.1:{unused.getsockname()[1]}"
+        with unittest.mock.patch.dict(os.environ, {"http_proxy": dead_proxy, "HTTP_PROXY": dead_proxy, "no_proxy": "", "NO_PROXY": ""}):
+            self.assertEqual(self.url_verifier().verify(self.token1).sub, "user_123")
+        self.assertEqual(self.server.count, 1)
+
+    def test_urls_whose_host_parsers_could_disagree_are_refused(self):
+        for url in ("http://evil.example\\@127.0.0.1/jwks.json", "http://user@127.0.0.1/jwks.json",
+                    "https://evil.example@issuer.example/jwks.json"):
+            with self.subTest(url=url):
+                with self.assertRaises(InvalidConfigError):
+                    self.url_verifier(url)
 
     def test_a_failed_refresh_keeps_the_last_good_set(self):
         good = self.issuer1.jwks()
@@ -3951,7 +4003,37 @@ class DelegationExpiryTests(DelegationFixture, unittest.TestCase):
         self.assertExpiry(self.delegate(parent, ttl_seconds=1), T0 + 1)
 
 
+def wsgi_exchange(auth, subject_token, actor="agent_x"):
+    """POST one token exchange to auth.token_exchange_wsgi(); return (status, headers, body)."""
+    body = urllib.parse.urlencode({
+        "grant_type": agentauth.GRANT_TYPE_TOKEN_EXCHANGE, "subject_token": subject_token,
+        "subject_token_type": agentauth.TOKEN_TYPE_ACCESS_TOKEN, "actor": actor}).encode()
+    environ = {}
+    wsgiref.util.setup_testing_defaults(environ)
+    environ.update({"REQUEST_METHOD": "POST", "CONTENT_TYPE": "application/x-www-form-urlencoded",
+                    "CONTENT_LENGTH": str(len(body)), "wsgi.input": io.BytesIO(body)})
+    seen = {}
+
+    def start_response(status, headers, exc_info=None):
+        seen["status"], seen["headers"] = status, dict(headers)
+
+    answer = b"".join(auth.token_exchange_wsgi()(environ, start_response))
+    return seen["status"], seen["headers"], answer
+
+
 class DelegationParentTests(DelegationFixture, unittest.TestCase):
+    def test_an_hs256_parent_never_becomes_an_eddsa_token(self):
+        # An issuer moving from HS256 to EdDSA keeps the old secret to verify
+        # old tokens; whoever else holds it must not launder forgeries.
+        issuer = make_ed_auth(clock=self.clock, previous_secrets={"hs-old": SECRET})
+        forged = forge(header_for(kid="hs-old"), claims_for(sub="user_ceo", scope="*"), SECRET)
+        self.assertEqual(issuer.verify(forged).sub, "user_ceo")  # still a valid old token
+        self.assertRaisesExactly(InvalidGrantError, issuer.delegate, forged, agent="agent_payroll", scopes=["*"])
+        status, _, body = wsgi_exchange(issuer, forged)
+        self.assertEqual((status, json.loads(body)["error"]), ("400 Bad Request", "invalid_request"))
+        eddsa_parent = issuer.issue(subject="u", agent="a", scopes=["email:*"]).token
+        self.assertEqual(issuer.verify(issuer.delegate(eddsa_parent, agent="b", scopes=["email:read"]).token).chain, ("a", "b"))
+
     def test_revoked_parent_is_refused_even_without_revocation_checks(self):
         auth = make_auth(clock=self.clock, store=self.store, check_revocation=False)
         root, middle = self.mint_chain(2, auth=auth)
