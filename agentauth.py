@@ -2246,16 +2246,15 @@ class AgentAuth:
             self._set_keys(jwks.keys)
         cache = self._header_cache  # this key set's cache, even if a refresh swaps them
         key = cache.get(head)
+        cached = key is not None
         if key is None:
             key = self._key_for(head, now)
-            if not key.verify(token[: len(head) + 1 + len(body)].encode("ascii"), sig):
-                raise TokenInvalidError("token signature does not match")
-            # Only headers of correctly signed tokens are remembered, so
-            # unsigned junk cannot crowd them out.
-            if len(cache) < _HEADER_CACHE_SIZE:
-                cache[head] = key
-        elif not key.verify(token[: len(head) + 1 + len(body)].encode("ascii"), sig):
+        if not key.verify(token[: len(head) + 1 + len(body)].encode("ascii"), sig):
             raise TokenInvalidError("token signature does not match")
+        # Only headers of correctly signed tokens are remembered, so unsigned
+        # junk cannot crowd them out.
+        if not cached and len(cache) < _HEADER_CACHE_SIZE:
+            cache[head] = key
         claims = _json_object(_decode_payload(body), "payload")
 
         if claims.get("iss") != self.issuer:
@@ -3481,7 +3480,7 @@ def _cmd_verify(args: Any, out: Any, err: Any) -> int:
     auth = _cli_auth(args, store)
     claims = auth.verify(_read_token(args.token), required_scopes=required)
     print(json.dumps(dict(claims.raw), indent=2), file=out)
-    print(f"valid for {_duration(claims.exp - time.time())}", file=err)
+    print(f"valid for {_duration(claims.exp - auth._clock())}", file=err)
     if store is None:
         print("note: no revocation list was consulted (pass --db to check one)", file=err)
     return EXIT_OK
