@@ -2,6 +2,7 @@
 
 import asyncio
 import base64
+import contextlib
 import contextvars
 import hashlib
 import hmac
@@ -83,6 +84,14 @@ class FixedClock:
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
+
+
+@contextlib.contextmanager
+def raises_exactly(test, error):
+    """assertRaises, and the class must be ``error`` itself, not a subclass of it."""
+    with test.assertRaises(error) as cm:
+        yield cm
+    test.assertIs(type(cm.exception), error)
 
 
 def make_auth(**overrides) -> AgentAuth:
@@ -366,14 +375,14 @@ class JwsTests(unittest.TestCase):
     def test_verify_refuses_alg_none_and_crit(self):
         for header in ({"alg": "none"}, {"alg": "HS256", "crit": ["exp"], "exp": 1}):
             with self.subTest(header=header):
-                with self.assertRaises(TokenInvalidError):
+                with raises_exactly(self, TokenInvalidError):
                     jws_verify(forge(header, {"a": 1}, SECRET), SECRET)
 
     def test_verify_refuses_json_serialization(self):
         token = jws_sign(b"x", SECRET, {})
         head, body, sig = token.split(".")
         serialized = json.dumps({"payload": body, "protected": head, "signature": sig})
-        with self.assertRaises(TokenInvalidError):
+        with raises_exactly(self, TokenInvalidError):
             jws_verify(serialized, SECRET)
 
     def test_rfc7515_appendix_a1_example_verifies(self):
@@ -383,7 +392,7 @@ class JwsTests(unittest.TestCase):
         header, payload = jws_verify(RFC7515_A1_TOKEN, key)
         self.assertEqual(header, {"typ": "JWT", "alg": "HS256"})
         self.assertEqual(payload, b'{"iss":"joe",\r\n "exp":1300819380,\r\n "http://example.com/is_root":true}')
-        with self.assertRaises(TokenInvalidError):
+        with raises_exactly(self, TokenInvalidError):
             jws_verify(tamper(RFC7515_A1_TOKEN, "payload"), key)
 
     def test_wycheproof_hs256_vectors(self):
@@ -775,7 +784,7 @@ class Ed25519Contract:
         self.assertEqual(issuer.verify(issued.token).jti, issued.jti)
         for part in ("header", "payload", "signature"):
             with self.subTest(part=part):
-                with self.assertRaises(TokenInvalidError):
+                with raises_exactly(self, TokenInvalidError):
                     verifier.verify(tamper(issued.token, part))
 
 
@@ -1096,7 +1105,7 @@ class EdDSATokenTests(unittest.TestCase):
                     self.auth.verify(tamper(self.issued.token, part))
                 self.assertIs(type(cm.exception), TokenInvalidError)
         foreign = forge_eddsa(ED_HEADER, claims_for(), Ed25519Key.from_seed(ED_OTHER_SEED))
-        with self.assertRaises(TokenInvalidError):
+        with raises_exactly(self, TokenInvalidError):
             self.auth.verify(foreign)
         self.assertEqual(self.auth.verify(forge_eddsa(ED_HEADER, claims_for(), self.key)).sub, "user_123")
 
@@ -1134,7 +1143,7 @@ class EdDSATokenTests(unittest.TestCase):
         self.assertEqual(verifier.verify(rotated.issue(subject="v", agent="a", scopes=["x"]).token).sub, "v")
         # Retired: once ed0 leaves the set, its tokens are refused.
         retired = make_verifier(make_ed_auth(signing_key=self.key).jwks())
-        with self.assertRaises(TokenInvalidError):
+        with raises_exactly(self, TokenInvalidError):
             retired.verify(old_token)
 
     def test_rotation_signs_with_the_newest_key(self):
@@ -1322,7 +1331,7 @@ class VerifierTests(unittest.TestCase):
         self.assertIs(type(cm.exception), TokenInvalidError)
         for kid in ("unknown", "", 5, None, ["ed1"]):
             with self.subTest(kid=kid):
-                with self.assertRaises(TokenInvalidError):
+                with raises_exactly(self, TokenInvalidError):
                     self.verifier.verify(forge_eddsa(header_for(alg="EdDSA", kid=kid), claims_for(), self.key))
 
     def test_options_that_do_not_apply_are_refused(self):
@@ -1345,9 +1354,9 @@ class VerifierTests(unittest.TestCase):
             with self.subTest(overrides=overrides):
                 with self.assertRaises(InvalidConfigError):
                     make_verifier(self.issuer.jwks(), **overrides)
-        with self.assertRaises(TokenInvalidError):
+        with raises_exactly(self, TokenInvalidError):
             make_verifier(self.issuer.jwks(), audience="https://other.example").verify(self.issued.token)
-        with self.assertRaises(TokenInvalidError):
+        with raises_exactly(self, TokenInvalidError):
             make_verifier(self.issuer.jwks(), issuer="https://other.example").verify(self.issued.token)
 
     def test_malformed_key_sets_are_configuration_errors(self):
@@ -1365,7 +1374,7 @@ class VerifierTests(unittest.TestCase):
     def test_max_ttl_seconds_below_the_constructors_default_ttl(self):
         # A verifier mints nothing, so no default_ttl_seconds (900) can conflict with its max_ttl_seconds.
         verifier = make_verifier(self.issuer.jwks(), clock=self.clock, max_ttl_seconds=300)
-        with self.assertRaises(TokenInvalidError):  # a 600 s token outlives max_ttl_seconds
+        with raises_exactly(self, TokenInvalidError):  # a 600 s token outlives max_ttl_seconds
             verifier.verify(self.issued.token)
         short = self.issuer.issue(subject="u", agent="a", scopes=["x"], ttl_seconds=300)
         self.assertEqual(verifier.verify(short.token).jti, short.jti)
@@ -1373,14 +1382,14 @@ class VerifierTests(unittest.TestCase):
     def test_verifier_options_apply(self):
         events = []
         long_lived = self.issuer.issue(subject="u", agent="a", scopes=["x"], ttl_seconds=1200)
-        with self.assertRaises(TokenInvalidError):  # it outlives this verifier's max_ttl_seconds
+        with raises_exactly(self, TokenInvalidError):  # it outlives this verifier's max_ttl_seconds
             make_verifier(self.issuer.jwks(), clock=self.clock, max_ttl_seconds=1000).verify(long_lived.token)
         verifier = make_verifier(self.issuer.jwks(), clock=self.clock, on_event=events.append, clock_tolerance_seconds=0)
         self.assertEqual(verifier.verify(self.issued.token).jti, self.issued.jti)
         with self.assertRaises(MissingScopeError):
             verifier.verify(self.issued.token, ["email:send"])
         self.assertEqual([event.type for event in events], ["verified", "denied"])
-        with self.assertRaises(TokenInvalidError):
+        with raises_exactly(self, TokenInvalidError):
             make_verifier(self.issuer.jwks(), max_token_bytes=len(self.issued.token) - 1).verify(self.issued.token)
         self.clock.advance(600)
         with self.assertRaises(TokenExpiredError):
@@ -1514,7 +1523,7 @@ class JwksRulesTests(unittest.TestCase):
         for name in ignored:
             # A genuine Ed25519 signature, but the kid names a key the set may not use.
             with self.subTest(kid=name):
-                with self.assertRaises(TokenInvalidError):
+                with raises_exactly(self, TokenInvalidError):
                     verifier.verify(forge_eddsa(header_for(alg="EdDSA", kid=name), claims_for(), self.key))
 
     def test_usable_key_forms(self):
@@ -1537,9 +1546,9 @@ class JwksRulesTests(unittest.TestCase):
     def test_oct_keys_never_become_verification_keys(self):
         oct_key = {"kty": "oct", "k": b64url(SECRET), "kid": KID, "alg": "HS256", "use": "sig"}
         verifier = make_verifier({"keys": [oct_key, self.good]})
-        with self.assertRaises(TokenInvalidError):
+        with raises_exactly(self, TokenInvalidError):
             verifier.verify(forge(HEADER, claims_for(), SECRET))
-        with self.assertRaises(TokenInvalidError):
+        with raises_exactly(self, TokenInvalidError):
             verifier.verify(forge(header_for(kid=DROP), claims_for(), SECRET))
         self.assertEqual([k["kty"] for k in verifier.jwks()["keys"]], ["OKP"])
         with self.assertRaises(InvalidConfigError):  # no usable key at all: refused at startup
@@ -1734,10 +1743,10 @@ class JwksUrlTests(unittest.TestCase):
         verifier = self.url_verifier()
         verifier.verify(self.token1)
         self.clock.advance(30)
-        with self.assertRaises(TokenInvalidError):
+        with raises_exactly(self, TokenInvalidError):
             verifier.verify(self.unknown_kid_token("nope"))
         self.assertEqual(self.server.count, 2)
-        with self.assertRaises(TokenInvalidError):
+        with raises_exactly(self, TokenInvalidError):
             verifier.verify(self.unknown_kid_token("nope"))
         self.assertEqual(self.server.count, 2)
         self.assertEqual(verifier.verify(self.token1).sub, "user_123")
@@ -1750,19 +1759,19 @@ class JwksUrlTests(unittest.TestCase):
         rng = random.Random(7)
         for _ in range(100):
             kid = "".join(rng.choice(_ALPHABET) for _ in range(16))
-            with self.assertRaises(TokenInvalidError):
+            with raises_exactly(self, TokenInvalidError):
                 verifier.verify(self.unknown_kid_token(kid))
             self.clock.advance(0.25)  # 100 tokens in 25 s: within jwks_min_refresh_seconds
         self.assertEqual(self.server.count, 2)
         self.clock.advance(5)
-        with self.assertRaises(TokenInvalidError):
+        with raises_exactly(self, TokenInvalidError):
             verifier.verify(self.unknown_kid_token("one-more"))
         self.assertEqual(self.server.count, 3)
 
     def test_a_burst_before_the_first_fetch_fetches_once(self):
         verifier = self.url_verifier()
         for i in range(100):
-            with self.assertRaises(TokenInvalidError):
+            with raises_exactly(self, TokenInvalidError):
                 verifier.verify(self.unknown_kid_token(f"random-{i}"))
         self.assertEqual(self.server.count, 1)
 
@@ -1771,7 +1780,7 @@ class JwksUrlTests(unittest.TestCase):
         self.assertEqual(verifier.verify(self.token1).sub, "user_123")
         self.server.serve({"keys": self.issuer2.jwks()["keys"] + self.issuer1.jwks()["keys"]})
         self.clock.advance(10)
-        with self.assertRaises(TokenInvalidError):  # too soon after the last fetch to ask again
+        with raises_exactly(self, TokenInvalidError):  # too soon after the last fetch to ask again
             verifier.verify(self.token2)
         self.assertEqual(self.server.count, 1)
         self.clock.advance(20)
@@ -1924,12 +1933,12 @@ class JwksUrlTests(unittest.TestCase):
         self.clock.advance(299)
         self.assertEqual(verifier.verify(self.token2).sub, "user_123")  # cached until the TTL
         self.clock.advance(1)
-        with self.assertRaises(TokenInvalidError):
+        with raises_exactly(self, TokenInvalidError):
             verifier.verify(self.token2)
         self.assertEqual(self.server.count, 2)
         self.assertEqual(verifier.verify(self.token1).sub, "user_123")
         self.clock.advance(30)
-        with self.assertRaises(TokenInvalidError):  # its forced refetch does not bring it back
+        with raises_exactly(self, TokenInvalidError):  # its forced refetch does not bring it back
             verifier.verify(self.token2)
         self.assertEqual(self.server.count, 3)
 
@@ -3379,7 +3388,7 @@ class RevocationTests(unittest.TestCase):
         self.assertAccepted(victim)
 
     def test_revoke_non_str_token_is_token_invalid(self):
-        with self.assertRaises(TokenInvalidError):
+        with raises_exactly(self, TokenInvalidError):
             self.auth.revoke(b"a.b.c")
         self.assertEqual(self.store.entries(), [])
 
@@ -3572,7 +3581,7 @@ class EventTests(unittest.TestCase):
             self.auth.verify(issued.token, required_scopes=["email:send"])
         self.assertEqual(self.events[-1],
                          AgentEvent("denied", T0, issued.jti, "u1", "A", ("email:read",), "insufficient_scope"))
-        with self.assertRaises(TokenInvalidError):
+        with raises_exactly(self, TokenInvalidError):
             self.auth.verify(tamper(issued.token, "signature"))
         self.assertEqual(self.events[-1], AgentEvent("denied", T0, None, None, None, (), "token_invalid"))
         self.clock.advance(900 + TOLERANCE)
@@ -3632,7 +3641,7 @@ class EventTests(unittest.TestCase):
     def test_events_never_contain_the_token_or_secret(self):
         issued = self.auth.issue(subject="u1", agent="A", scopes=["email:read"])
         self.auth.verify(issued.token)
-        with self.assertRaises(TokenInvalidError):
+        with raises_exactly(self, TokenInvalidError):
             self.auth.verify(tamper(issued.token, "payload"))
         self.auth.revoke(issued.token)
         with self.assertRaises(RevokedError):
@@ -5044,7 +5053,7 @@ class RequireTests(unittest.TestCase):
         def read():
             return "ran"
 
-        with self.assertRaises(agentauth.TokenInvalidError):
+        with raises_exactly(self, TokenInvalidError):
             read()
 
     def test_require_validates_scopes_at_decoration(self):
