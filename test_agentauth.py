@@ -5452,6 +5452,22 @@ class CommandLineTests(unittest.TestCase):
         self.assertIn("ok", lines[8])
         self.assertNotIn("\033[", out)  # no colour when stdout is not a terminal
 
+    def test_demo_colours_only_a_terminal_without_no_color(self):
+        class Terminal(io.StringIO):
+            def isatty(self):
+                return True
+
+        for no_color, coloured in ((None, True), ("1", False)):
+            with self.subTest(NO_COLOR=no_color):
+                out = Terminal()
+                with unittest.mock.patch.dict(os.environ), unittest.mock.patch("sys.stdout", out):
+                    os.environ.pop("NO_COLOR", None)
+                    if no_color is not None:
+                        os.environ["NO_COLOR"] = no_color
+                    self.assertEqual(agentauth.main(["demo"]), 0)
+                self.assertEqual("\033[" in out.getvalue(), coloured)
+                self.assertIn("token_revoked", out.getvalue())
+
     def test_bench_with_tiny_duration_prints_a_table(self):
         code, out, err = run_main("bench", "--seconds", "0.05", "--revocations", "10", env={})
         self.assertEqual(code, 0)
