@@ -1766,7 +1766,8 @@ class RedisStore:
         """Tell whether a key refuses these claims: one MGET, however long the chain."""
         jtis, criteria_keys, iat = _lookup(claims)
         prefix = self.prefix
-        keys = [f"{prefix}jti:{jti}" for jti in jtis] + [prefix + _key_string(key) for key in criteria_keys]
+        keys = [prefix + _key_string((jti, None, None)) for jti in jtis]
+        keys += [prefix + _key_string(key) for key in criteria_keys]
         try:
             values = self._client.mget(keys)
         except Exception as exc:
