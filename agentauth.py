@@ -97,6 +97,21 @@ DEFAULT_MAX_CHAIN_LENGTH = 4  # agents in a delegation chain, the root included
 _JTI_BYTES = 16  # 128 bits of randomness (RFC 7519 §4.1.7: collision-resistant)
 _HEADER_CACHE_SIZE = 16  # distinct valid header segments remembered per instance
 _REVOCATION_KINDS = ("jti", "agent", "subject")
+#: Secrets that look long enough but are published examples: jwt.io's
+#: samples and the ones this project's docs once showed. Compared lower-cased.
+_KNOWN_EXAMPLE_SECRETS = frozenset((
+    b"your-256-bit-secret",
+    b"a-string-secret-at-least-256-bits-long",
+    b"an-example-secret-of-at-least-32-bytes",
+    b"agentauth-test-secret-0123456789-abcdefgh",
+    b"integration-secret-with-at-least-32-bytes",
+))
+#: Words that mark a placeholder when a secret is made of plain words and numbers only.
+_PLACEHOLDER_WORDS = frozenset((
+    "secret", "example", "sample", "test", "testing", "demo", "dummy", "changeme", "change",
+    "password", "passwd", "placeholder", "insecure", "default", "your", "mysecret", "key",
+))
+_SECRET_WORD_SEPARATORS = re.compile(rb"[-_. :/+]+")
 _Refusal = Tuple[int, List[Tuple[str, str]], bytes]  # an HTTP refusal: status, headers, body
 
 # ---------------------------------------------------------------------------
@@ -274,8 +289,45 @@ def _as_key(secret: Union[str, bytes], what: str) -> bytes:
     if not isinstance(secret, bytes):
         raise InvalidConfigError(f"{what} must be str or bytes")
     if len(secret) < MIN_SECRET_BYTES:
-        raise InvalidConfigError(f"{what} must be at least {MIN_SECRET_BYTES} bytes")
+        raise InvalidConfigError(
+            f"{what} must be at least {MIN_SECRET_BYTES} bytes; make one with: python -m agentauth keygen"
+        )
+    weakness = _secret_weakness(secret)
+    if weakness is not None:
+        raise InvalidConfigError(
+            f"{what} is easy to guess ({weakness}); make a random one with: python -m agentauth keygen"
+        )
     return secret
+
+
+def _secret_weakness(secret: bytes) -> Optional[str]:
+    """Say why a long-enough secret is still guessable, or return None.
+
+    An HS256 key is only as strong as the dictionary that cannot find it:
+    32 bytes of "1234567890..." or a doc's example fall to a short word list.
+    The rules catch published examples, short repeated patterns, runs such
+    as "abcdef..." and passphrases made of placeholder words; a secret from
+    ``python -m agentauth keygen`` or ``secrets.token_urlsafe(32)`` passes.
+    """
+    lowered = secret.lower()
+    if lowered in _KNOWN_EXAMPLE_SECRETS:
+        return "a published example secret"
+    if len(set(secret)) < 8:
+        return "fewer than 8 distinct characters"
+    for period in range(1, len(secret) // 2 + 1):
+        if secret[period:] == secret[:-period]:
+            return "a repeated pattern"
+    steps: Dict[int, int] = {}
+    for before, after in zip(secret, secret[1:]):
+        steps[after - before] = steps.get(after - before, 0) + 1
+    if 2 * max(steps.values()) >= len(secret) - 1:
+        return "mostly a run such as 'abcd' or '1234'"
+    words = [word for word in _SECRET_WORD_SEPARATORS.split(lowered) if word]
+    if all(word.isalpha() or word.isdigit() for word in words) and any(
+        word.decode("ascii", "replace") in _PLACEHOLDER_WORDS for word in words
+    ):
+        return "placeholder words such as 'secret' or 'example'"
+    return None
 
 
 # ---------------------------------------------------------------------------
@@ -1828,7 +1880,8 @@ class AgentAuth:
 
     Raises:
         InvalidConfigError: neither or both of secret and signing_key, a
-            secret shorter than 32 bytes, an empty issuer or audience, a
+            secret shorter than 32 bytes or easy to guess (a published
+            example, a repeated pattern, a run like "1234..."), an empty issuer or audience, a
             non-positive or inconsistent duration, a rotation key without a kid.
 
     Security: an HS256 secret both mints and verifies; give it only to

@@ -59,9 +59,9 @@ from agentauth import (
 HERE = os.path.dirname(os.path.abspath(__file__))
 WYCHEPROOF_JWS = os.path.join(HERE, "vectors", "wycheproof", "json_web_signature_hs256.json")
 
-SECRET = b"agentauth-test-secret-0123456789-ABCDEFGH"  # 41 bytes
-OLD_SECRET = b"agentauth-old-secret-9876543210-abcdefgh"  # a rotated-out key
-OTHER_SECRET = b"agentauth-someone-elses-secret-0123456789"  # a key this config never knew
+SECRET = b"Zq3rVn8TgW1xKd5HbL0pYc7FmJ2sAe9uRt6N"  # 36 bytes, fixed and not guessable
+OLD_SECRET = b"w4Hk9Pz2Lq7Xc1Vb6Nm3Jd8Fs5Gt0Ry-Ue_Ia"  # a rotated-out key
+OTHER_SECRET = b"E7uC2oQ9mT4jW1kZ8fB5nX0hV3pL6yD-gS_rA"  # a key this config never knew
 ISSUER = "https://issuer.example"
 AUDIENCE = "https://api.example"
 KID = "k1"
@@ -71,6 +71,13 @@ MAX_TTL = 86400  # max_ttl_seconds of make_auth()
 HEADER = {"alg": "HS256", "typ": "at+jwt", "kid": KID}
 DROP = object()  # in header_for()/claims_for(): remove this member
 _ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+
+
+def doc_files():
+    """README.md and every docs/*.md, in a stable order."""
+    docs = os.path.join(HERE, "docs")
+    names = sorted(name for name in os.listdir(docs) if name.endswith(".md")) if os.path.isdir(docs) else []
+    return [os.path.join(HERE, "README.md")] + [os.path.join(docs, name) for name in names]
 
 
 class FixedClock:
@@ -2668,16 +2675,63 @@ class ConfigTests(unittest.TestCase):
         for secret in ("s" * 31, b"s" * 31, "", b""):
             with self.subTest(secret=secret):
                 self.assertConfigError(secret=secret)
-        self.assertEqual(make_auth(secret="s" * 32).issuer, ISSUER)
-        self.assertEqual(make_auth(secret=b"s" * 32).issuer, ISSUER)
+        self.assertEqual(make_auth(secret=SECRET[:32].decode("ascii")).issuer, ISSUER)
+        self.assertEqual(make_auth(secret=SECRET[:32]).issuer, ISSUER)
 
     def test_str_secret_is_measured_in_utf8_bytes(self):
-        self.assertConfigError(secret="\u00e9" * 15)  # 30 bytes
-        make_auth(secret="\u00e9" * 16)  # 16 characters, 32 bytes
+        accented = "".join(chr(c) for c in range(0xE0, 0xF0))  # 16 distinct two-byte characters
+        self.assertConfigError(secret=accented[:15])  # 30 bytes
+        make_auth(secret=accented)  # 16 characters, 32 bytes
 
     def test_str_secret_is_its_utf8_bytes(self):
         issued = make_auth(secret=SECRET.decode("ascii")).issue(subject="u", agent="a", scopes=["x"])
         self.assertEqual(make_auth(secret=SECRET).verify(issued.token).jti, issued.jti)
+
+    def test_weak_secrets_are_refused_with_how_to_make_one(self):
+        weak = [
+            "12345678901234567890123456789012",  # cracked from a 95-line dictionary
+            "a-string-secret-at-least-256-bits-long",  # jwt.io's sample
+            "your-256-bit-secret-your-256-bit-secret",
+            "an-example-secret-of-at-least-32-bytes",  # this project's old README
+            "A-STRING-SECRET-AT-LEAST-256-BITS-LONG",  # any case
+            "x" * 40,
+            b"\x00" * 32,
+            "abababababababababababababababab",
+            "abcdefghijklmnopqrstuvwxyz0123456789",
+            "zyxwvutsrqponmlkjihgfedcba9876543210",
+            "my super secret key that is long enough",
+            "change_me_change_me_please_1234567890",
+            "this-is-my-test-key-for-the-api-2024",
+        ]
+        for secret in weak:
+            with self.subTest(secret=secret):
+                error = self.assertConfigError(secret=secret)
+                self.assertIn("python -m agentauth keygen", str(error))
+                self.assertNotIn(secret if isinstance(secret, str) else secret.decode("latin-1"), str(error))
+                with raises_exactly(self, InvalidConfigError):
+                    make_auth(previous_secrets={"k0": secret})
+
+    def test_random_secrets_are_accepted(self):
+        import secrets as secrets_module
+
+        for _ in range(200):
+            make_auth(secret=secrets_module.token_urlsafe(32))
+            make_auth(secret=secrets_module.token_hex(16))
+            make_auth(secret=secrets_module.token_bytes(32))
+        make_auth(secret="prod-secret-Kx8vQ2mL9pR4tW7yB3nF6hJ")  # a word beside real randomness is fine
+        make_auth(secret="correct horse battery staple galaxy umbrella")
+
+    def test_no_secret_the_docs_show_is_accepted(self):
+        # Any literal secret in README.md or docs/*.md will be copied: it must be refused.
+        pattern = re.compile(r"""(?:secret\s*=\s*b?|AGENTAUTH_SECRET=)(["']?)([^"'\s$(){}.,]{8,})\1""")
+        shown = set()
+        for path in doc_files():
+            with open(path, encoding="utf-8") as file:
+                for match in pattern.finditer(file.read()):
+                    shown.add(match.group(2))
+        for secret in sorted(shown):
+            with self.subTest(secret=secret):
+                self.assertConfigError(secret=secret)
 
     def test_secret_must_be_str_or_bytes(self):
         for secret in (None, 12345, bytearray(SECRET), [SECRET]):
@@ -5323,6 +5377,13 @@ class CommandLineTests(unittest.TestCase):
         code, out, _ = run_main("verify", "-", stdin=token + "\n")
         self.assertEqual(code, 0)
         self.assertEqual(json.loads(out)["sub"], "user_123")
+
+    def test_a_guessable_secret_is_refused_with_how_to_make_one(self):
+        code, out, err = run_main("issue", "--subject", "u", "--agent", "b", "--scope", "s",
+                                  env={"AGENTAUTH_SECRET": "12345678901234567890123456789012"})
+        self.assertEqual((code, out), (2, ""))
+        self.assertIn("python -m agentauth keygen", err)
+        self.assertNotIn("1234567890", err)
 
     def test_issuer_and_audience_come_from_flags_or_environment(self):
         env = dict(CLI_ENV, AGENTAUTH_ISSUER="env-issuer", AGENTAUTH_AUDIENCE="env-aud")

@@ -23,7 +23,7 @@ import warnings
 
 import agentauth
 
-SECRET = "integration-secret-with-at-least-32-bytes"
+SECRET = "Hn4Wq8Zt1Lc6Vb3Xk9Pm2Rd7Fs0Gy5Ju-Ea"  # fixed, not guessable
 ISSUER = "integration-issuer"
 
 
