@@ -2731,6 +2731,10 @@ _GENERIC_DESCRIPTIONS = {
     "server_error": "the server could not authorize the request",
 }
 
+_AUTH_SCHEME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 §5.6.2 token
+_B64TOKEN = re.compile(r"[A-Za-z0-9._~+/-]+=*")  # RFC 6750 §2.1 b64token
+
+
 class _NoBearerToken(AgentAuthError):
     """No ``Authorization: Bearer`` header: RFC 6750 §3.1 says no error code."""
 
@@ -2795,11 +2799,17 @@ def _bearer_token(values: List[str]) -> str:
     # Several headers (a WSGI server joins them with commas) are ambiguous.
     if len(values) > 1 or "," in values[0]:
         raise _MalformedAuthorization("more than one Authorization header")
-    scheme, _, token = values[0].strip().partition(" ")
+    # RFC 9110 §5.5: only spaces and tabs (OWS) surround a field value; any
+    # other white space (NBSP, NEL, a control character) is not trimmed away.
+    value = values[0].strip(" \t")
+    scheme, _, token = value.partition(" ")
+    if _AUTH_SCHEME.fullmatch(scheme) is None:
+        raise _MalformedAuthorization("the Authorization header is malformed")
     if scheme.lower() != "bearer":
         raise _NoBearerToken("the Authorization scheme is not Bearer")
-    token = token.strip()
-    if not token or " " in token:
+    # RFC 6750 §2.1: "Bearer" 1*SP b64token, nothing else.
+    token = token.lstrip(" ")
+    if _B64TOKEN.fullmatch(token) is None:
         raise _MalformedAuthorization("the bearer value is not one token")
     return token
 

@@ -4842,6 +4842,23 @@ class WsgiMiddlewareTests(unittest.TestCase):
         self.assertIn('error="invalid_request"', headers["WWW-Authenticate"])
         self.assertEqual(json.loads(body)["error"], "invalid_request")
 
+    def test_spaces_and_tabs_around_the_credentials_are_accepted(self):
+        for value in (f"Bearer  {self.token}", f" Bearer {self.token} ", f"\tBearer {self.token}\t", f"Bearer {self.token} \t"):
+            with self.subTest(value=value[:10] + value[-3:]):
+                status, _, _ = wsgi_call(self.app, headers={"HTTP_AUTHORIZATION": value})
+                self.assertEqual(status, "200 OK")
+
+    def test_other_white_space_or_control_characters_are_400_invalid_request(self):
+        for value in (f"Bearer {self.token}\xa0", f"\x85Bearer {self.token}", f"Bearer {self.token}\x1f",
+                      f"Bearer\xa0{self.token}", f"Bearer {self.token}\n", f"\u3000Bearer {self.token}",
+                      f"Bearer {self.token}\u2028", f"Bearer\t{self.token}", f"Bearer {self.token} x"):
+            with self.subTest(value=repr(value[:10] + value[-3:])):
+                with raises_exactly(self, agentauth._MalformedAuthorization):
+                    agentauth._bearer_token([value])
+                status, headers, body = wsgi_call(self.app, headers={"HTTP_AUTHORIZATION": value})
+                self.assertEqual(status, "400 Bad Request")
+                self.assertIn('error="invalid_request"', headers["WWW-Authenticate"])
+
     def test_bearer_without_token_is_400(self):
         status, _, _ = wsgi_call(self.app, headers={"HTTP_AUTHORIZATION": "Bearer "})
         self.assertEqual(status, "400 Bad Request")
