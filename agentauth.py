@@ -11,7 +11,8 @@ API or MCP server the agent calls enforces it with one call::
     claims = auth.verify(issued.token, required_scopes=["email:read"])
     auth.revoke(agent="agent_research_bot")   # "disconnect this agent"
 
-Also: revocation stores (memory, SQLite, Redis), WSGI/ASGI middleware with
+Also: grants (what each user allowed each agent: ``grant``, ``grants``,
+``disconnect``), revocation stores (memory, SQLite, Redis), WSGI/ASGI middleware with
 RFC 6750 challenges, an MCP token verifier, delegation chains with RFC 8693
 token exchange, and ``python -m agentauth`` for quick checks.
 
@@ -64,8 +65,10 @@ __all__ = [
     "IssuedToken",
     "AgentEvent",
     "RevocationEntry",
-    # Revocation stores
+    "Grant",
+    # Stores
     "RevocationStore",
+    "GrantStore",
     "MemoryStore",
     "SqliteStore",
     "RedisStore",
@@ -180,7 +183,8 @@ class InvalidGrantError(AgentAuthError):
     """``issue()`` or ``delegate()`` was asked for a grant it must not mint.
 
     ``oauth_error`` is the RFC 6749 §5.2 error the token exchange endpoint
-    answers with: "invalid_scope" for a scope problem, else "invalid_request".
+    answers with: "invalid_scope" for a scope problem, "invalid_grant" when
+    ``require_grant`` finds no recorded grant, else "invalid_request".
     """
 
     code = "invalid_grant"
@@ -1333,12 +1337,13 @@ class IssuedToken(NamedTuple):
 
 
 class AgentEvent(NamedTuple):
-    """What ``on_event`` receives: 'issued', 'delegated', 'verified', 'denied' or 'revoked'.
+    """What ``on_event`` receives: 'issued', 'delegated', 'verified', 'denied', 'revoked', 'granted' or 'disconnected'.
 
     ``error`` is the error code of a 'denied' verify, else None; fields the
     event cannot know (the jti of a forged token) are None. A 'delegated'
     event names the child (``jti``, ``agent``, ``scopes``) and its parent
-    (``parent_jti``, ``parent_agent``).
+    (``parent_jti``, ``parent_agent``). 'granted' carries the grant's scopes
+    as stored; 'granted' and 'disconnected' have no jti.
     """
 
     type: str
@@ -1365,6 +1370,44 @@ class RevocationEntry(NamedTuple):
     expires_at: int
 
 
+class Grant(NamedTuple):
+    """What a user (``subject``) allowed an agent: the record behind "connected agents".
+
+    ``grant_id`` is random and opaque; ``agent_name`` is display text (None:
+    show the agent id); times are unix seconds; ``last_used_at`` is None
+    until a token of this grant is verified.
+    """
+
+    grant_id: str
+    subject: str
+    agent: str
+    agent_name: Optional[str]
+    scopes: Tuple[str, ...]
+    created_at: int
+    updated_at: int
+    last_used_at: Optional[int] = None
+
+    def _merged_with(self, new: "Grant", replace: bool) -> Tuple["Grant", bool]:
+        """Return this stored grant updated by ``new``, and whether it narrowed.
+
+        The union of scopes (or exactly the new ones with ``replace``); the id,
+        creation and last use are kept. Every store merges with this, so the
+        rule has one home.
+        """
+        scopes = new.scopes if replace else tuple(dict.fromkeys(self.scopes + new.scopes))
+        merged = self._replace(
+            agent_name=self.agent_name if new.agent_name is None else new.agent_name,
+            scopes=scopes,
+            updated_at=new.updated_at,
+        )
+        return merged, not all(scope_satisfies(scopes, old) for old in self.scopes)
+
+
+def _grant_order(grant: Grant) -> Tuple[bool, int, int, str]:
+    """Sort key of a user's grants: most recently used first, then never-used ones, newest first."""
+    return grant.last_used_at is None, -(grant.last_used_at or 0), -grant.updated_at, grant.agent
+
+
 _REQUIRED_CLAIMS = ("sub", "client_id", "jti", "scope", "exp", "iat")
 _MAX_TIME = 2**53  # seconds; beyond any date, and exact as a float
 
@@ -1384,6 +1427,21 @@ def _string(claims: Mapping[str, Any], name: str) -> str:
     value = claims.get(name)
     if type(value) is not str or not value:
         raise TokenInvalidError(f"token claim {name!r} is missing or not a non-empty string")
+    return value
+
+
+def _name(value: Any, what: str) -> str:
+    if type(value) is not str:
+        raise InvalidGrantError(f"{what} must be a string")
+    if not value or len(value) > MAX_NAME_CHARS:
+        raise InvalidGrantError(f"{what} must be 1 to {MAX_NAME_CHARS} characters")
+    if _CONTROL_CHARS.search(value):
+        raise InvalidGrantError(f"{what} must not contain control characters")
+    if not value.isascii():
+        try:
+            value.encode("utf-8")  # a lone surrogate could never be stored or revoked
+        except UnicodeEncodeError as exc:
+            raise InvalidGrantError(f"{what} must be valid Unicode text") from exc
     return value
 
 
@@ -1415,7 +1473,7 @@ def _parse_chain(act: Any, agent: str, max_length: int) -> Tuple[Tuple[str, ...]
 
 
 # ---------------------------------------------------------------------------
-# Revocation stores
+# Stores: revocations and grants
 # ---------------------------------------------------------------------------
 
 
@@ -1440,6 +1498,44 @@ class RevocationStore(typing.Protocol):
 
     def is_revoked(self, claims: AgentClaims) -> bool:
         """Tell whether any entry refuses the token with these claims."""
+
+
+class GrantStore(typing.Protocol):
+    """Where grants live, beside the revocations, in the same store object.
+
+    Implement these five methods for your own store (MemoryStore and
+    SqliteStore do). There is one grant per (subject, agent). A write that
+    narrows or removes a grant also records, in the same transaction, the
+    revocation ``{"agent": agent, "subject": subject}`` at ``revoked_at``
+    (merged like any ``revoke``), so the tokens minted under the wider grant
+    stop verifying at once and no reader ever sees one change without the
+    other. A store that cannot answer, or did not write, raises
+    ``StoreUnavailableError``.
+    """
+
+    def save_grant(self, grant: Grant, *, replace: bool, revoked_at: int, expires_at: int) -> Grant:
+        """Record consent and return the stored grant.
+
+        With no grant yet for (subject, agent), store ``grant`` as given;
+        else merge it into the stored one with ``Grant._merged_with`` (union
+        of scopes, or exactly the new ones with ``replace``; id, creation and
+        last use kept) and, when that narrowed it, record the revocation.
+        """
+
+    def get_grant(self, subject: str, agent: str) -> Optional[Grant]:
+        """Return the grant of (subject, agent), or None."""
+
+    def list_grants(self, subject: str) -> List[Grant]:
+        """Return the subject's grants: most recently used first, then never-used ones, newest first."""
+
+    def delete_grant(self, subject: str, agent: str, *, revoked_at: int, expires_at: int) -> bool:
+        """Delete the grant and record the revocation; with no grant, change nothing and return False."""
+
+    def touch_grant(self, subject: str, agent: str, used_at: int) -> None:
+        """Set ``last_used_at`` to ``used_at`` unless it is later already; no grant: do nothing."""
+
+
+_GRANT_METHODS = ("save_grant", "get_grant", "list_grants", "delete_grant", "touch_grant")
 
 
 def _entry_key(criteria: Mapping[str, str]) -> Tuple[str, RevocationEntry]:
@@ -1549,7 +1645,7 @@ class _EntryIndex:
 
 
 class MemoryStore:
-    """Revocations in this process's memory: for one process and for tests.
+    """Revocations and grants in this process's memory: for one process and for tests.
 
     Thread-safe; lookups are O(1) however many entries; expired entries are
     purged on every ``revoke`` so memory stays bounded by live revocations.
@@ -1557,17 +1653,59 @@ class MemoryStore:
 
     def __init__(self) -> None:
         self._index = _EntryIndex()
+        self._grants: Dict[Tuple[str, str], Grant] = {}  # by (subject, agent)
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
-        return f"<MemoryStore entries={len(self._index.entries)}>"
+        return f"<MemoryStore entries={len(self._index.entries)} grants={len(self._grants)}>"
 
     def revoke(self, criteria: Mapping[str, str], *, revoked_at: int, expires_at: int) -> None:
         """Record a revocation; purge entries expired at ``revoked_at``."""
         _key, entry = _entry_key(criteria)
         with self._lock:
-            self._index.purge(revoked_at)
-            self._index.put(entry._replace(revoked_at=revoked_at, expires_at=expires_at))
+            self._revoke_locked(entry, revoked_at, expires_at)
+
+    def _revoke_locked(self, entry: RevocationEntry, revoked_at: int, expires_at: int) -> None:
+        self._index.purge(revoked_at)
+        self._index.put(entry._replace(revoked_at=revoked_at, expires_at=expires_at))
+
+    def save_grant(self, grant: Grant, *, replace: bool, revoked_at: int, expires_at: int) -> Grant:
+        """Record consent (``GrantStore``); a narrowing revokes the older tokens under the same lock."""
+        key = (grant.subject, grant.agent)
+        with self._lock:
+            old = self._grants.get(key)
+            if old is not None:
+                grant, narrowed = old._merged_with(grant, replace)
+                if narrowed:
+                    self._revoke_locked(RevocationEntry(None, grant.agent, grant.subject, 0, 0), revoked_at, expires_at)
+            self._grants[key] = grant
+        return grant
+
+    def get_grant(self, subject: str, agent: str) -> Optional[Grant]:
+        """Return the grant of (subject, agent), or None."""
+        return self._grants.get((subject, agent))
+
+    def list_grants(self, subject: str) -> List[Grant]:
+        """Return the subject's grants, most recently used first."""
+        with self._lock:
+            found = [g for g in self._grants.values() if g.subject == subject]
+        return sorted(found, key=_grant_order)
+
+    def delete_grant(self, subject: str, agent: str, *, revoked_at: int, expires_at: int) -> bool:
+        """Delete the grant and revoke its tokens under one lock; False when there was none."""
+        with self._lock:
+            if self._grants.pop((subject, agent), None) is None:
+                return False
+            self._revoke_locked(RevocationEntry(None, agent, subject, 0, 0), revoked_at, expires_at)
+        return True
+
+    def touch_grant(self, subject: str, agent: str, used_at: int) -> None:
+        """Record a use of the grant, if it exists."""
+        key = (subject, agent)
+        with self._lock:
+            grant = self._grants.get(key)
+            if grant is not None and (grant.last_used_at or 0) < used_at:
+                self._grants[key] = grant._replace(last_used_at=used_at)
 
     def is_revoked(self, claims: AgentClaims) -> bool:
         """Tell whether an entry refuses these claims."""
@@ -1579,7 +1717,7 @@ class MemoryStore:
             return self._index.sorted(now)
 
 
-_SQLITE_SCHEMA_VERSION = 1
+_SQLITE_SCHEMA_VERSION = 2  # 1: revocations; 2: + grants (a version-1 file gains the table in place)
 _SQLITE_SCHEMA = (
     # seq grows with every write and is never reused (AUTOINCREMENT), so a
     # reader can load just the rows written since it last looked.
@@ -1594,12 +1732,29 @@ _SQLITE_SCHEMA = (
     )""",
     """CREATE INDEX IF NOT EXISTS agentauth_revocations_expires
         ON agentauth_revocations (expires_at)""",
+    # scopes: space-delimited, as in a token's scope claim.
+    """CREATE TABLE IF NOT EXISTS agentauth_grants (
+        subject TEXT NOT NULL,
+        agent TEXT NOT NULL,
+        grant_id TEXT NOT NULL UNIQUE,
+        agent_name TEXT,
+        scopes TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL,
+        last_used_at INTEGER,
+        PRIMARY KEY (subject, agent)
+    )""",
 )
 _SQLITE_COLUMNS = "seq, key, jti, agent, subject, revoked_at, expires_at"
+_GRANT_COLUMNS = "grant_id, subject, agent, agent_name, scopes, created_at, updated_at, last_used_at"
+
+
+def _grant_row(row: Tuple[Any, ...]) -> Grant:
+    return Grant(*row[:4], tuple(row[4].split(" ")), *row[5:])  # type: ignore[call-arg]
 
 
 class SqliteStore:
-    """Revocations in a SQLite file: survives restarts, shared by the processes of one host.
+    """Revocations and grants in a SQLite file: survives restarts, shared by the processes of one host.
 
     The file is in WAL mode with a busy timeout, and every revocation is a
     durable commit (``synchronous=FULL``) before ``revoke`` returns. Each
@@ -1694,39 +1849,140 @@ class SqliteStore:
             # A revocation's time is a lower bound of the host's clock now.
             self._index.purge(max(row[5] for row in rows))
 
-    def revoke(self, criteria: Mapping[str, str], *, revoked_at: int, expires_at: int) -> None:
-        """Record a revocation in one durable transaction; purge expired rows."""
+    def _transaction(self, work: Callable[["sqlite3.Cursor"], Any], failure: str) -> Any:
+        """Run ``work(cursor)`` in one durable write transaction and return what it returns.
+
+        Raises:
+            StoreUnavailableError: SQLite failed; nothing was written.
+        """
         import sqlite3
 
-        key, entry = _entry_key(criteria)
         cursor = self._connection()
         try:
             cursor.execute("BEGIN IMMEDIATE")
             try:
-                cursor.execute("DELETE FROM agentauth_revocations WHERE expires_at <= ?", (revoked_at,))
-                old = cursor.execute(
-                    "SELECT revoked_at, expires_at FROM agentauth_revocations WHERE key = ?", (key,)
-                ).fetchone()
-                if old is not None:
-                    revoked_at, expires_at = max(revoked_at, old[0]), max(expires_at, old[1])
-                    cursor.execute("DELETE FROM agentauth_revocations WHERE key = ?", (key,))
-                # A fresh row, so that its new seq tells every reader to load it.
-                cursor.execute(
-                    "INSERT INTO agentauth_revocations (key, jti, agent, subject, revoked_at, expires_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?)",
-                    (key, entry.jti, entry.agent, entry.subject, revoked_at, expires_at),
-                )
+                result = work(cursor)
                 cursor.execute("COMMIT")
             except BaseException:
                 cursor.execute("ROLLBACK")
                 raise
         except sqlite3.Error as exc:
-            raise StoreUnavailableError(f"the revocation was not recorded: {exc}") from exc
+            raise StoreUnavailableError(f"{failure}: {exc}") from exc
+        return result
+
+    @staticmethod
+    def _write_revocation(cursor: "sqlite3.Cursor", key: str, entry: RevocationEntry) -> RevocationEntry:
+        """Inside a transaction: purge expired rows, merge and write one entry; return it as written."""
+        revoked_at, expires_at = entry.revoked_at, entry.expires_at
+        cursor.execute("DELETE FROM agentauth_revocations WHERE expires_at <= ?", (revoked_at,))
+        old = cursor.execute("SELECT revoked_at, expires_at FROM agentauth_revocations WHERE key = ?", (key,)).fetchone()
+        if old is not None:
+            revoked_at, expires_at = max(revoked_at, old[0]), max(expires_at, old[1])
+            cursor.execute("DELETE FROM agentauth_revocations WHERE key = ?", (key,))
+        # A fresh row, so that its new seq tells every reader to load it.
+        cursor.execute(
+            "INSERT INTO agentauth_revocations (key, jti, agent, subject, revoked_at, expires_at)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (key, entry.jti, entry.agent, entry.subject, revoked_at, expires_at),
+        )
+        return entry._replace(revoked_at=revoked_at, expires_at=expires_at)
+
+    def _remember(self, entry: RevocationEntry) -> None:
         # Our own commit does not change this connection's data_version, so
         # the index takes the entry directly; other threads load it.
         with self._lock:
-            self._index.purge(revoked_at)
-            self._index.put(entry._replace(revoked_at=revoked_at, expires_at=expires_at))
+            self._index.purge(entry.revoked_at)
+            self._index.put(entry)
+
+    def revoke(self, criteria: Mapping[str, str], *, revoked_at: int, expires_at: int) -> None:
+        """Record a revocation in one durable transaction; purge expired rows."""
+        key, entry = _entry_key(criteria)
+        entry = entry._replace(revoked_at=revoked_at, expires_at=expires_at)
+        self._remember(
+            self._transaction(lambda cursor: self._write_revocation(cursor, key, entry), "the revocation was not recorded")
+        )
+
+    def save_grant(self, grant: Grant, *, replace: bool, revoked_at: int, expires_at: int) -> Grant:
+        """Record consent (``GrantStore``) in one transaction, with the revocation a narrowing makes."""
+
+        def work(cursor: "sqlite3.Cursor") -> Tuple[Grant, Optional[RevocationEntry]]:
+            row = cursor.execute(
+                f"SELECT {_GRANT_COLUMNS} FROM agentauth_grants WHERE subject = ? AND agent = ?",
+                (grant.subject, grant.agent),
+            ).fetchone()
+            stored, narrowed, written = grant, False, None
+            if row is not None:
+                stored, narrowed = _grant_row(row)._merged_with(grant, replace)
+            cursor.execute(
+                f"INSERT OR REPLACE INTO agentauth_grants ({_GRANT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (*stored[:4], " ".join(stored.scopes), *stored[5:]),
+            )
+            if narrowed:
+                criteria = {"agent": grant.agent, "subject": grant.subject}
+                key, entry = _entry_key(criteria)
+                written = self._write_revocation(cursor, key, entry._replace(revoked_at=revoked_at, expires_at=expires_at))
+            return stored, written
+
+        stored, written = self._transaction(work, "the grant was not recorded")
+        if written is not None:
+            self._remember(written)
+        return typing.cast(Grant, stored)
+
+    def get_grant(self, subject: str, agent: str) -> Optional[Grant]:
+        """Return the grant of (subject, agent), or None."""
+        row = self._read(
+            f"SELECT {_GRANT_COLUMNS} FROM agentauth_grants WHERE subject = ? AND agent = ?", (subject, agent)
+        )
+        return _grant_row(row[0]) if row else None
+
+    def list_grants(self, subject: str) -> List[Grant]:
+        """Return the subject's grants, most recently used first."""
+        rows = self._read(f"SELECT {_GRANT_COLUMNS} FROM agentauth_grants WHERE subject = ?", (subject,))
+        return sorted(map(_grant_row, rows), key=_grant_order)
+
+    def delete_grant(self, subject: str, agent: str, *, revoked_at: int, expires_at: int) -> bool:
+        """Delete the grant and revoke its tokens in one transaction; False when there was none."""
+
+        def work(cursor: "sqlite3.Cursor") -> Optional[RevocationEntry]:
+            cursor.execute("DELETE FROM agentauth_grants WHERE subject = ? AND agent = ?", (subject, agent))
+            if cursor.rowcount == 0:
+                return None
+            key, entry = _entry_key({"agent": agent, "subject": subject})
+            return self._write_revocation(cursor, key, entry._replace(revoked_at=revoked_at, expires_at=expires_at))
+
+        written = self._transaction(work, "the grant was not removed")
+        if written is None:
+            return False
+        self._remember(written)
+        return True
+
+    def touch_grant(self, subject: str, agent: str, used_at: int) -> None:
+        """Record a use of the grant, if it exists (one statement, waiting at most 100 ms for a lock)."""
+        import sqlite3
+
+        cursor = self._connection()
+        try:
+            # Called from verify: a busy file must not hold a request for the
+            # whole timeout over a display-only timestamp.
+            cursor.execute("PRAGMA busy_timeout = 100")
+            try:
+                cursor.execute(
+                    "UPDATE agentauth_grants SET last_used_at = ? WHERE subject = ? AND agent = ?"
+                    " AND (last_used_at IS NULL OR last_used_at < ?)",
+                    (used_at, subject, agent, used_at),
+                )
+            finally:
+                cursor.execute(f"PRAGMA busy_timeout = {int(self._timeout * 1000)}")
+        except sqlite3.Error as exc:
+            raise StoreUnavailableError(f"the grant's last use was not recorded: {exc}") from exc
+
+    def _read(self, query: str, params: Tuple[Any, ...]) -> List[Tuple[Any, ...]]:
+        import sqlite3
+
+        try:
+            return self._connection().execute(query, params).fetchall()
+        except sqlite3.Error as exc:
+            raise StoreUnavailableError(f"the database did not answer: {exc}") from exc
 
     def is_revoked(self, claims: AgentClaims) -> bool:
         """Tell whether an entry refuses these claims, after loading what others committed."""
@@ -1743,18 +1999,12 @@ class SqliteStore:
 
     def entries(self, *, now: Optional[float] = None) -> List[RevocationEntry]:
         """List the file's entries, newest first; with ``now``, only those still live."""
-        import sqlite3
-
         query = "SELECT jti, agent, subject, revoked_at, expires_at FROM agentauth_revocations"
         params: Tuple[Any, ...] = ()
         if now is not None:
             query += " WHERE expires_at > ?"
             params = (now,)
-        try:
-            rows = self._connection().execute(query + " ORDER BY revoked_at DESC, seq DESC", params).fetchall()
-        except sqlite3.Error as exc:
-            raise StoreUnavailableError(f"the revocation database did not answer: {exc}") from exc
-        return [RevocationEntry(*row) for row in rows]
+        return [RevocationEntry(*row) for row in self._read(query + " ORDER BY revoked_at DESC, seq DESC", params)]
 
     def close(self) -> None:
         """Close this thread's connection."""
@@ -1832,6 +2082,78 @@ class RedisStore:
 
 
 # ---------------------------------------------------------------------------
+# Grants
+# ---------------------------------------------------------------------------
+
+MAX_AGENT_NAME_CHARS = 100  # an agent's display name on the consent and agents pages
+LAST_USED_INTERVAL_SECONDS = 60  # a grant's last_used_at is written at most this often
+_LAST_USED_TRACKED = 10000  # grants whose last write time one instance remembers
+
+
+def _agent_name(value: Any) -> Optional[str]:
+    """Validate an agent's display name: None, or 1 to 100 characters of text."""
+    if value is None:
+        return None
+    if type(value) is not str or not 0 < len(value) <= MAX_AGENT_NAME_CHARS:
+        raise InvalidGrantError(f"agent_name must be a string of 1 to {MAX_AGENT_NAME_CHARS} characters")
+    _name(value, "agent_name")  # no control characters, no lone surrogates
+    return value
+
+
+def _grant_store(store: Any) -> "GrantStore":
+    """Return ``store`` as a grant store, or refuse a store that cannot hold grants."""
+    if not all(callable(getattr(store, method, None)) for method in _GRANT_METHODS):
+        raise InvalidConfigError(
+            f"{type(store).__name__} cannot hold grants: use MemoryStore or SqliteStore"
+            " (or your own store with the GrantStore methods)"
+        )
+    return typing.cast(GrantStore, store)
+
+
+def _store_call(call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Call a store method; any failure but the store's own is StoreUnavailableError (fail closed)."""
+    try:
+        return call(*args, **kwargs)
+    except StoreUnavailableError:
+        raise
+    except Exception as exc:
+        raise StoreUnavailableError("the store failed") from exc
+
+
+class _LastUsed:
+    """Record that a grant was used, at most once a minute per grant, never failing the caller.
+
+    Remembers when it last wrote each (subject, agent) in this process; a
+    bounded dict, cleared when full (the worst case is one extra write).
+    """
+
+    def __init__(self, store: "GrantStore") -> None:
+        self._store = store
+        self._written: Dict[Tuple[str, str], float] = {}
+
+    def record(self, claims: AgentClaims, now: float) -> None:
+        # The grant is the user's consent to the root agent; a delegated
+        # token uses its root's grant.
+        key = (claims.sub, claims.chain[0] if claims.chain else claims.agent)
+        last = self._written.get(key)
+        if last is not None and now - last < LAST_USED_INTERVAL_SECONDS:
+            return
+        if len(self._written) >= _LAST_USED_TRACKED:
+            self._written.clear()
+        self._written[key] = now
+        try:
+            self._store.touch_grant(key[0], key[1], math.floor(now))
+        except Exception as exc:  # a display-only timestamp never fails a verify
+            import logging
+
+            logging.getLogger("agentauth").warning("could not record a grant's last use: %s", type(exc).__name__)
+
+    def forget(self, subject: str, agent: str) -> None:
+        """Let the next use of a new or removed grant be written at once."""
+        self._written.pop((subject, agent), None)
+
+
+# ---------------------------------------------------------------------------
 # AgentAuth
 # ---------------------------------------------------------------------------
 
@@ -1851,21 +2173,6 @@ def _criterion(value: Any, kind: str) -> str:
         value.encode("utf-8")
     except UnicodeEncodeError as exc:
         raise ValueError(f"{kind} must be valid Unicode text") from exc
-    return value
-
-
-def _name(value: Any, what: str) -> str:
-    if type(value) is not str:
-        raise InvalidGrantError(f"{what} must be a string")
-    if not value or len(value) > MAX_NAME_CHARS:
-        raise InvalidGrantError(f"{what} must be 1 to {MAX_NAME_CHARS} characters")
-    if _CONTROL_CHARS.search(value):
-        raise InvalidGrantError(f"{what} must not contain control characters")
-    if not value.isascii():
-        try:
-            value.encode("utf-8")  # a lone surrogate could never be stored or revoked
-        except UnicodeEncodeError as exc:
-            raise InvalidGrantError(f"{what} must be valid Unicode text") from exc
     return value
 
 
@@ -1907,6 +2214,7 @@ class AgentAuth:
         max_chain_length: int = DEFAULT_MAX_CHAIN_LENGTH,
         check_revocation: bool = True,
         store: Optional[RevocationStore] = None,
+        require_grant: bool = False,
         on_event: Optional[Callable[[AgentEvent], Any]] = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -1923,6 +2231,11 @@ class AgentAuth:
             on_event=on_event,
             clock=clock,
         )
+        if type(require_grant) is not bool:
+            raise InvalidConfigError("require_grant must be True or False")
+        if require_grant:
+            _grant_store(self.store)  # a store that cannot hold grants could never allow an issue
+        self.require_grant = require_grant
         if (secret is None) == (signing_key is None):
             raise InvalidConfigError("give exactly one of secret (HS256) or signing_key (EdDSA)")
         if kid is not None and (type(kid) is not str or not kid):
@@ -2002,6 +2315,7 @@ class AgentAuth:
         max_ttl = options.get("max_ttl_seconds", DEFAULT_MAX_TTL_SECONDS)
         ttl = min(DEFAULT_TTL_SECONDS, max_ttl) if type(max_ttl) is int else DEFAULT_TTL_SECONDS
         self._configure(issuer=issuer, audience=audience, default_ttl_seconds=ttl, **options)
+        self.require_grant = False  # a verifier mints nothing
         self.kid = None
         self._signing_key = None
         if jwks is not None:
@@ -2066,6 +2380,10 @@ class AgentAuth:
         for method in ("revoke", "is_revoked"):
             if not callable(getattr(self.store, method, None)):
                 raise InvalidConfigError(f"store must have a {method}() method")
+        try:
+            self._last_used: Optional[_LastUsed] = _LastUsed(_grant_store(self.store))
+        except InvalidConfigError:  # a store without grants: nothing to record
+            self._last_used = None
         self._jwks: Optional[_JwksSource] = None
 
     def _set_keys(self, keys: Mapping[str, Union[_HmacKey, _EdDSAKey]]) -> None:
@@ -2111,16 +2429,23 @@ class AgentAuth:
     ) -> IssuedToken:
         """Mint a token granting ``agent`` the ``scopes``, acting for ``subject``.
 
+        With ``require_grant=True``, the scopes must be covered (wildcards
+        included) by the grant recorded with ``grant()`` for this subject and agent.
+
         Raises:
             InvalidGrantError: an empty or malformed scope list, a subject or
                 agent that is empty, longer than 256 characters or holds
                 control characters, a ttl <= 0 or above ``max_ttl_seconds``,
-                or a token that would exceed ``max_token_bytes``.
+                a token that would exceed ``max_token_bytes``, or (with
+                ``require_grant``) no grant or a scope outside it.
+            StoreUnavailableError: (with ``require_grant``) the store could not answer.
         """
         self._require_signing_key()
         _name(subject, "subject")
         _name(agent, "agent")
         granted = _grant_scopes(scopes)
+        if self.require_grant:
+            self._check_recorded_grant(subject, agent, granted)
         if ttl_seconds is None:
             ttl_seconds = self.default_ttl_seconds
         if type(ttl_seconds) is not int:
@@ -2133,6 +2458,19 @@ class AgentAuth:
         if self._on_event is not None:
             self._emit(AgentEvent("issued", clock_now, issued.jti, subject, agent, granted))
         return issued
+
+    def _check_recorded_grant(self, subject: str, agent: str, scopes: Tuple[str, ...]) -> None:
+        recorded = _store_call(_grant_store(self.store).get_grant, subject, agent)
+        if recorded is None:
+            raise InvalidGrantError(
+                "require_grant is on and this subject has not granted this agent anything: record consent with grant() first",
+                oauth_error="invalid_grant",
+            )
+        if not all(scope_satisfies(recorded.scopes, scope) for scope in scopes):
+            raise InvalidGrantError(
+                "require_grant is on and a requested scope is outside the subject's grant to this agent",
+                oauth_error="invalid_scope",
+            )
 
     def _mint(
         self, subject: str, agent: str, scopes: Tuple[str, ...], now: int, exp: int, act: Optional[Dict[str, Any]]
@@ -2251,8 +2589,9 @@ class AgentAuth:
         read; the key is chosen by ``kid`` among this instance's keys only.
         """
         claims = None
+        now = self._clock()
         try:
-            claims = self._check(token, self._clock())
+            claims = self._check(token, now)
             if check_revocation if check_revocation is not None else self.check_revocation:
                 self._check_revocation(claims)
             if required_scopes:
@@ -2263,6 +2602,8 @@ class AgentAuth:
             if self._on_event is not None:
                 self._emit_denied(claims, exc)
             raise
+        if self._last_used is not None:
+            self._last_used.record(claims, now)
         if self._on_event is not None:
             self._emit(AgentEvent("verified", self._clock(), claims.jti, claims.sub, claims.agent, claims.scopes))
         return claims
@@ -2407,7 +2748,7 @@ class AgentAuth:
         """
         now = self._clock()
         revoked_at = math.floor(now)
-        keep = self.max_ttl_seconds + self.clock_tolerance_seconds
+        keep = self._revocation_lifetime()
         if sum(x is not None for x in (token_or_jti, jti)) + (agent is not None or subject is not None) > 1:
             raise ValueError("pass one of: a token, a jti, or agent/subject criteria")
         if token_or_jti is not None:
@@ -2430,16 +2771,100 @@ class AgentAuth:
             if not criteria:
                 raise ValueError("revoke() needs a token, a jti, an agent or a subject")
             expires_at = revoked_at + keep
-        try:
-            self.store.revoke(criteria, revoked_at=revoked_at, expires_at=expires_at)
-        except StoreUnavailableError:
-            raise
-        except Exception as exc:
-            raise StoreUnavailableError("the revocation store failed") from exc
+        _store_call(self.store.revoke, criteria, revoked_at=revoked_at, expires_at=expires_at)
         entry = RevocationEntry(criteria.get("jti"), criteria.get("agent"), criteria.get("subject"), revoked_at, expires_at)
         if self._on_event is not None:
             self._emit(AgentEvent("revoked", now, entry.jti, entry.subject, entry.agent, ()))
         return entry
+
+    # -- grants --------------------------------------------------------------
+
+    def grant(
+        self,
+        *,
+        subject: str,
+        agent: str,
+        scopes: Iterable[str],
+        agent_name: Optional[str] = None,
+        replace: bool = False,
+    ) -> Grant:
+        """Record that ``subject`` allows ``agent`` the ``scopes``; return the grant as stored.
+
+        One grant per subject and agent: granting again widens it (the union
+        of scopes; id and ``created_at`` kept), ``replace=True`` sets exactly
+        these scopes. A narrowing takes effect at once: every token of this
+        agent for this subject minted up to this second stops verifying,
+        delegated ones included, and the agent must get a new token.
+
+        Raises:
+            InvalidGrantError: a malformed subject, agent, scope or agent_name
+                (the rules of ``issue()``; a name is 1 to 100 characters).
+            InvalidConfigError: the store cannot hold grants (RedisStore).
+            StoreUnavailableError: the store failed; nothing was recorded.
+        """
+        store = _grant_store(self.store)
+        _name(subject, "subject")
+        _name(agent, "agent")
+        scopes = _grant_scopes(scopes)
+        agent_name = _agent_name(agent_name)
+        if type(replace) is not bool:
+            raise TypeError("replace must be True or False")
+        clock_now = self._clock()
+        now = math.floor(clock_now)
+        new = Grant(secrets.token_urlsafe(_JTI_BYTES), subject, agent, agent_name, scopes, now, now, None)
+        stored: Grant = _store_call(
+            store.save_grant, new, replace=replace, revoked_at=now, expires_at=now + self._revocation_lifetime()
+        )
+        if self._last_used is not None:
+            self._last_used.forget(subject, agent)
+        if self._on_event is not None:
+            self._emit(AgentEvent("granted", clock_now, None, subject, agent, stored.scopes))
+        return stored
+
+    def grants(self, *, subject: str) -> List[Grant]:
+        """Return the agents ``subject`` has connected: their grants, most recently used first.
+
+        Raises:
+            InvalidGrantError: a malformed subject.
+            InvalidConfigError: the store cannot hold grants.
+            StoreUnavailableError: the store could not answer.
+        """
+        store = _grant_store(self.store)
+        return list(_store_call(store.list_grants, _name(subject, "subject")))
+
+    def disconnect(self, *, subject: str, agent: str) -> bool:
+        """Remove ``subject``'s grant to ``agent`` and refuse every token of it from the next verify on.
+
+        Delegated descendants are refused too, on every store; a later
+        ``grant()`` works again for tokens minted from the next second on
+        (the cutoff of ``revoke(agent=, subject=)``). Returns False, and
+        changes nothing, when there was no grant (never connected, or
+        disconnected already).
+
+        Raises:
+            InvalidGrantError: a malformed subject or agent.
+            InvalidConfigError: the store cannot hold grants.
+            StoreUnavailableError: the store failed; nothing was removed.
+        """
+        store = _grant_store(self.store)
+        _name(subject, "subject")
+        _name(agent, "agent")
+        clock_now = self._clock()
+        now = math.floor(clock_now)
+        removed = _store_call(
+            store.delete_grant, subject, agent, revoked_at=now, expires_at=now + self._revocation_lifetime()
+        )
+        if removed is not True and removed is not False:
+            raise StoreUnavailableError("the grant store did not answer True or False")
+        if self._last_used is not None:
+            self._last_used.forget(subject, agent)
+        if removed and self._on_event is not None:
+            self._emit(AgentEvent("disconnected", clock_now, None, subject, agent, ()))
+        return removed
+
+    def _revocation_lifetime(self) -> int:
+        """Seconds an agent/subject revocation is kept: longer than any token this instance accepts."""
+        return self.max_ttl_seconds + self.clock_tolerance_seconds
 
     # -- web -----------------------------------------------------------------
 
@@ -3362,6 +3787,8 @@ _CLI_EXAMPLES = {
     "decode": "python -m agentauth decode \"$TOKEN\"",
     "revoke": "python -m agentauth revoke --db revocations.db --agent bot --subject user_123",
     "revocations": "python -m agentauth revocations --db revocations.db",
+    "grants": "python -m agentauth grants --db agentauth.db --subject user_123",
+    "disconnect": "python -m agentauth disconnect --db agentauth.db --subject user_123 --agent bot",
     "bench": "python -m agentauth bench --seconds 2",
 }
 
@@ -3420,7 +3847,7 @@ def _open_store(args: Any, *, create: bool) -> Optional[SqliteStore]:
         return None
     if not create and not os.path.exists(path):
         # A mistyped path must not silently become an empty revocation list.
-        raise _CliError(f"no revocation database at {path!r}", EXIT_STORE)
+        raise _CliError(f"no database at {path!r} (check --db)", EXIT_STORE)
     store = SqliteStore(path)
     args.stores.append(store)
     return store
@@ -3615,6 +4042,39 @@ def _cmd_revocations(args: Any, out: Any, err: Any) -> int:
     return EXIT_OK
 
 
+def _store_auth(args: Any, store: SqliteStore) -> AgentAuth:
+    """An AgentAuth over ``store`` for commands that change grants and mint nothing: no key needed."""
+    max_ttl = getattr(args, "max_ttl", DEFAULT_MAX_TTL_SECONDS)
+    return AgentAuth(
+        secret=secrets.token_bytes(32), issuer=CLI_DEFAULT_ISSUER, audience=CLI_DEFAULT_AUDIENCE, store=store,
+        max_ttl_seconds=max_ttl, default_ttl_seconds=min(DEFAULT_TTL_SECONDS, max_ttl) if type(max_ttl) is int else 1,
+    )
+
+
+def _cmd_grants(args: Any, out: Any, err: Any) -> int:
+    store = _open_store(args, create=False)
+    grants = _store_auth(args, typing.cast(SqliteStore, store)).grants(subject=args.subject)
+    if args.json:
+        print(json.dumps([dict(g._asdict(), scopes=list(g.scopes)) for g in grants], indent=2), file=out)
+        return EXIT_OK
+    if not grants:
+        print(f"{args.subject} has no connected agents", file=out)
+    for g in grants:
+        name = "" if g.agent_name is None else f" ({g.agent_name})"
+        used = "never used" if g.last_used_at is None else f"last used {_utc(g.last_used_at)}"
+        print(f"{g.agent}{name}: {' '.join(g.scopes)}; since {_utc(g.created_at)}, {used}", file=out)
+    return EXIT_OK
+
+
+def _cmd_disconnect(args: Any, out: Any, err: Any) -> int:
+    store = _open_store(args, create=False)
+    if _store_auth(args, typing.cast(SqliteStore, store)).disconnect(subject=args.subject, agent=args.agent):
+        print(f"disconnected {args.agent} from {args.subject}: its tokens are refused from now on", file=out)
+    else:
+        print(f"{args.agent} was not connected to {args.subject}; nothing changed", file=out)
+    return EXIT_OK
+
+
 def _cmd_demo(args: Any, out: Any, err: Any) -> int:
     import tempfile
 
@@ -3740,6 +4200,8 @@ _COMMANDS = {
     "decode": (_cmd_decode, "show a token's header and claims WITHOUT checking them"),
     "revoke": (_cmd_revoke, "revoke a token, a jti, or an agent's and/or subject's tokens"),
     "revocations": (_cmd_revocations, "list the live revocations, newest first"),
+    "grants": (_cmd_grants, "list the agents a user has connected (their grants)"),
+    "disconnect": (_cmd_disconnect, "remove a user's grant to an agent and refuse its tokens"),
     "bench": (_cmd_bench, "measure issue and verify on this host"),
 }
 
@@ -3810,6 +4272,14 @@ def _parser() -> "argparse.ArgumentParser":
     sub["revoke"].add_argument("--db", required=True, help="SQLite revocation database (created if missing)")
     sub["revocations"].add_argument("--db", required=True, help="SQLite revocation database")
     sub["revocations"].add_argument("--json", action="store_true", help="print the entries as JSON")
+    for name in ("grants", "disconnect"):
+        sub[name].add_argument("--db", required=True, help="SQLite database holding the grants")
+        sub[name].add_argument("--subject", required=True, help="the user (sub)")
+    sub["grants"].add_argument("--json", action="store_true", help="print the grants as JSON")
+    sub["disconnect"].add_argument("--agent", required=True, help="the agent's id (client_id)")
+    sub["disconnect"].add_argument("--max-ttl", type=int, default=_env_int("AGENTAUTH_MAX_TTL", DEFAULT_MAX_TTL_SECONDS),
+                                   metavar="SECONDS", help="the server's max_ttl_seconds: how long the refusal is kept"
+                                   " (env AGENTAUTH_MAX_TTL, default %(default)s)")
     sub["bench"].add_argument("--seconds", type=float, default=2.0, help="total measuring time (default %(default)s)")
     sub["bench"].add_argument("--revocations", type=int, default=10000, metavar="N",
                               help="entries preloaded in each store (default %(default)s)")

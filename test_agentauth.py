@@ -2528,7 +2528,7 @@ class SqliteStoreTests(StoreContract, unittest.TestCase):
 
     def test_schema_version_is_in_user_version(self):
         conn = self.connect(self.path)
-        self.assertEqual(conn.execute("PRAGMA user_version").fetchone()[0], 1)
+        self.assertEqual(conn.execute("PRAGMA user_version").fetchone()[0], 2)
 
     def test_database_is_in_wal_mode(self):
         conn = self.connect(self.path)
@@ -5464,7 +5464,7 @@ class CommandLineTests(unittest.TestCase):
         token = self.issue()
         code, out, err = run_main("verify", token, "--db", self.db + ".typo")
         self.assertEqual((code, out), (3, ""))
-        self.assertIn("no revocation database", err)
+        self.assertIn("no database at", err)
 
     def test_locked_database_exits_3(self):
         run_main("revoke", "--db", self.db, "--jti", "j")
