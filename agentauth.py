@@ -1141,6 +1141,7 @@ class _JwksSource:
         self._last_attempt = -math.inf
         self._fetched = False
         self._lock = threading.Lock()
+        self._helper: Optional[threading.Thread] = None  # the thread of the last fetch
 
     def refresh(self, now: float, *, forced: bool) -> bool:
         """Fetch the set if due (or ``forced`` by an unknown kid and allowed); tell whether it changed.
@@ -1178,25 +1179,86 @@ class _JwksSource:
             self._lock.release()
 
     def _fetch(self) -> Any:
+        """Fetch and decode the set, all within ``timeout_seconds`` whatever the server does.
+
+        A socket timeout bounds each read only: a server trickling its status
+        line or headers a byte at a time could hold a verify for minutes. So
+        the fetch runs in a helper thread that the caller waits for at most
+        ``timeout_seconds``; at the deadline the connection is shut down, which
+        ends the helper too. Name resolution (DNS) cannot be interrupted: the
+        caller still returns at the deadline, and no new fetch starts until
+        that helper has ended.
+
+        Raises:
+            ValueError: the fetch failed or took too long (any error of the helper is re-raised).
+        """
+        deadline = time.monotonic() + self.timeout_seconds
+        helper = self._helper
+        if helper is not None:  # one helper at a time; a shut-down one ends at once
+            helper.join(self.timeout_seconds)
+            if helper.is_alive():
+                raise ValueError("the previous fetch of the key set has not ended yet")
+        result: Dict[str, Any] = {}
+        connections: List[Any] = []
+
+        def run() -> None:
+            try:
+                result["document"] = self._fetch_now(connections)
+            except BaseException as exc:  # handed to the waiting caller
+                result["error"] = exc
+
+        helper = self._helper = threading.Thread(target=run, name="agentauth-jwks-fetch", daemon=True)
+        helper.start()
+        helper.join(max(deadline - time.monotonic(), 0.0))
+        if helper.is_alive():
+            import socket
+
+            for sock in list(connections):
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)  # wakes the helper's blocked read
+                except OSError:
+                    pass
+            raise ValueError("the key set took longer than jwks_timeout_seconds")
+        if "error" in result:
+            raise result["error"]
+        return result["document"]
+
+    def _fetch_now(self, connections: List[Any]) -> Any:
+        """The fetch itself; each connected socket is added to ``connections``."""
+        import http.client
+        import urllib.error
         import urllib.request
+
+        class Http(http.client.HTTPConnection):
+            def connect(self) -> None:
+                super().connect()
+                connections.append(self.sock)
+
+        class Https(http.client.HTTPSConnection):
+            def connect(self) -> None:
+                super().connect()
+                connections.append(self.sock)
+
+        class HttpHandler(urllib.request.HTTPHandler):
+            def http_open(self, req: Any) -> Any:
+                return self.do_open(Http, req)
+
+        class HttpsHandler(urllib.request.HTTPSHandler):
+            def https_open(self, req: Any) -> Any:
+                return self.do_open(Https, req, context=self._context)  # type: ignore[attr-defined]
 
         class NoRedirect(urllib.request.HTTPRedirectHandler):
             # A redirect could lead past the https-only rule: refuse them all.
             def redirect_request(self, *args: Any, **kwargs: Any) -> None:
                 return None
 
-        import urllib.error
-
-        handlers: List[Any] = [NoRedirect]
+        handlers: List[Any] = [NoRedirect, HttpHandler, HttpsHandler]
         if self.url.startswith("http:"):
             # Plain http is allowed only because loopback traffic stays on
             # this host: never hand it to an $http_proxy elsewhere.
             handlers.append(urllib.request.ProxyHandler({}))
         opener = urllib.request.build_opener(*handlers)
         request = urllib.request.Request(self.url, headers={"Accept": "application/json"})
-        # The socket timeout bounds each read; the deadline bounds the whole
-        # fetch, so a server trickling bytes cannot stretch it.
-        deadline = time.monotonic() + self.timeout_seconds
         body = b""
         try:
             with opener.open(request, timeout=self.timeout_seconds) as response:
@@ -1207,8 +1269,6 @@ class _JwksSource:
                     if not chunk:
                         break
                     body += chunk
-                    if time.monotonic() > deadline:
-                        raise ValueError("the key set took longer than jwks_timeout_seconds")
         except urllib.error.HTTPError as exc:
             exc.close()  # free the socket now, not at garbage collection
             raise ValueError(f"the key set answered HTTP {exc.code}") from None
@@ -2292,7 +2352,8 @@ class AgentAuth:
         https, or http to a loopback address; cached ``jwks_cache_seconds``;
         refetched once when a token names an unknown kid, at most once per
         ``jwks_min_refresh_seconds``; the last good set kept when a refresh
-        fails; at most ``jwks_max_bytes``, within ``jwks_timeout_seconds``).
+        fails; at most ``jwks_max_bytes``; the whole fetch, headers included,
+        within ``jwks_timeout_seconds``).
         Tokens must name their key (``kid``). ``options`` are the constructor's
         keyword arguments that apply to verifying: ``clock``,
         ``clock_tolerance_seconds``, ``store``, ``check_revocation``,

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import traceback
 import types
 import unittest
@@ -1909,6 +1910,42 @@ class JwksUrlTests(unittest.TestCase):
         self.server.stall = True
         verifier = self.url_verifier(jwks_timeout_seconds=0.1)
         self.assertFetchFails(verifier, self.token1)
+
+    def test_a_server_trickling_its_headers_is_cut_off_at_the_timeout(self):
+        # One byte of headers every 20 ms for ~8 s: each read is quick, the whole is not.
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        done = threading.Event()
+        closed = threading.Event()
+
+        def trickle():
+            connection, _ = listener.accept()
+            with connection:
+                try:
+                    connection.sendall(b"HTTP/1.1 200 OK\r\n")
+                    for _ in range(400):
+                        if done.wait(0.02):
+                            break
+                        connection.sendall(b"X")
+                except OSError:
+                    pass
+                finally:
+                    closed.set()
+
+        thread = threading.Thread(target=trickle, daemon=True)
+        thread.start()
+        self.addCleanup(thread.join, 10)
+        self.addCleanup(listener.close)
+        self.addCleanup(done.set)
+        verifier = self.url_verifier(f"http://127.0.0.1:{listener.getsockname()[1]}/jwks", jwks_timeout_seconds=0.3)
+        started = time.monotonic()
+        self.assertFetchFails(verifier, self.token1)
+        self.assertLess(time.monotonic() - started, 2.0)  # not the ~8 s the trickle lasts
+        helper = verifier._jwks._helper
+        helper.join(2)
+        self.assertFalse(helper.is_alive())  # the connection was shut down, not left to run
+        self.assertTrue(closed.wait(2))
 
     def test_redirects_are_not_followed(self):
         # A redirect could lead past the https-only rule: the fetch fails instead.
