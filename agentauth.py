@@ -116,6 +116,10 @@ _PLACEHOLDER_WORDS = frozenset((
 ))
 _SECRET_WORD_SEPARATORS = re.compile(rb"[-_. :/+]+")
 _Refusal = Tuple[int, List[Tuple[str, str]], bytes]  # an HTTP refusal: status, headers, body
+#: Keys derived from the signing key start their input with this: a NUL byte
+#: never occurs in a JWS signing input (base64url and "."), so no derived key
+#: is ever a token's signature.
+_DERIVE_PREFIX = b"agentauth derived key\x00"
 
 # ---------------------------------------------------------------------------
 # Errors
@@ -803,6 +807,12 @@ class _HmacKey:
     def verify(self, signing_input: bytes, signature: str) -> bool:
         return hmac.compare_digest(self.sign(signing_input), signature)
 
+    def derive(self, label: bytes) -> bytes:
+        """HMAC-SHA256 of the secret over ``_DERIVE_PREFIX + label``; never a JWS signature (no NUL in those)."""
+        mac = self._mac.copy()
+        mac.update(_DERIVE_PREFIX + label)
+        return mac.digest()
+
     def __repr__(self) -> str:
         return f"<_HmacKey kid={self.kid!r}>"
 
@@ -1042,6 +1052,10 @@ class _EdDSAKey:
 
     def sign(self, signing_input: bytes) -> str:
         return _b64encode(self.key.sign(signing_input))
+
+    def derive(self, label: bytes) -> bytes:
+        """HMAC-SHA256 of the private seed over ``_DERIVE_PREFIX + label`` (signing hashes the seed with SHA-512)."""
+        return hmac.new(typing.cast(bytes, self.key._seed), _DERIVE_PREFIX + label, hashlib.sha256).digest()
 
     def verify(self, signing_input: bytes, signature: str) -> bool:
         if len(signature) != 86:  # 64 bytes, unpadded base64url
@@ -2561,6 +2575,17 @@ class AgentAuth:
             raise InvalidConfigError("this instance only verifies: it holds no signing key")
         return self._signing_key
 
+    def _derived_key(self, label: bytes) -> bytes:
+        """Return a 32-byte key for ``label`` (e.g. a page's CSRF tokens), derived from the signing key.
+
+        Each label gets its own key, unrelated to any token signature, so a
+        value MACed with it can never pass for a token, nor one label's for another's.
+
+        Raises:
+            InvalidConfigError: this instance holds no signing key.
+        """
+        return self._require_signing_key().derive(label)
+
     # -- delegate ------------------------------------------------------------
 
     def delegate(
@@ -3200,9 +3225,11 @@ _CURRENT_CLAIMS: "contextvars.ContextVar[Optional[AgentClaims]]" = contextvars.C
 _METADATA_WELL_KNOWN = "/.well-known/oauth-protected-resource"  # RFC 9728 §3
 _STATUS_TEXT = {
     200: "OK",
+    303: "See Other",
     400: "Bad Request",
     401: "Unauthorized",
     403: "Forbidden",
+    404: "Not Found",
     405: "Method Not Allowed",
     500: "Internal Server Error",
     503: "Service Unavailable",
@@ -3505,13 +3532,277 @@ class _AsgiMiddleware:
         await send({"type": "http.response.body", "body": body})
 
 
+_MAX_FORM_BYTES = 65536  # a form posted to an endpoint or a page: a few KiB at most
+
+
+class _MalformedRequest(Exception):
+    """A request body that cannot be read as a form: each endpoint answers it with its own 400."""
+
+
+def _content_length(value: Optional[str]) -> int:
+    try:
+        length = int(value or 0)
+    except ValueError:
+        length = -1
+    if not 0 <= length <= _MAX_FORM_BYTES:
+        raise _MalformedRequest("the body is missing or too large")
+    return length
+
+
+def _wsgi_body(environ: Mapping[str, Any]) -> bytes:
+    """Read a WSGI request body of at most ``_MAX_FORM_BYTES`` (its Content-Length says how much)."""
+    length = _content_length(environ.get("CONTENT_LENGTH"))
+    return environ["wsgi.input"].read(length) if length else b""
+
+
+async def _asgi_body(receive: Callable[..., Any]) -> bytes:
+    """Read an ASGI request body of at most ``_MAX_FORM_BYTES``, however many messages carry it."""
+    body = b""
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if len(body) > _MAX_FORM_BYTES:
+            raise _MalformedRequest("the body is missing or too large")
+        if not message.get("more_body"):
+            return body
+
+
+def _form_fields(content_type: str, body: bytes) -> Dict[str, List[str]]:
+    """Parse an ``application/x-www-form-urlencoded`` body strictly: every value of every name.
+
+    Raises:
+        _MalformedRequest: another media type, bad percent-encoding, not UTF-8.
+    """
+    from urllib.parse import parse_qs
+
+    if content_type.split(";")[0].strip().lower() != "application/x-www-form-urlencoded":
+        raise _MalformedRequest("the body must be application/x-www-form-urlencoded")
+    try:
+        return parse_qs(body.decode("utf-8"), keep_blank_values=True, strict_parsing=bool(body), errors="strict")
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise _MalformedRequest("the body is not a valid form") from exc
+
+
+# ---------------------------------------------------------------------------
+# Pages
+# ---------------------------------------------------------------------------
+
+#: How long a rendered page's forms work: their CSRF tokens expire then.
+_CSRF_TTL_SECONDS = 3600
+_CSRF_TOKEN = re.compile(r"([0-9]{1,12})\.([A-Za-z0-9_-]{43})")  # "<expires_at>.<base64url HMAC-SHA256>"
+#: The one stylesheet of every page, inline and allowed by its hash (CSP
+#: Level 3 hash-source): readable from 375 px wide up, light and dark.
+_PAGE_STYLE = (
+    ":root{color-scheme:light dark;--bg:#fff;--fg:#1f1f1f;--muted:#5e5e5e;--line:#d0d0d0;--card:#fafafa;"
+    "--danger:#b3261e}"
+    "@media (prefers-color-scheme:dark){:root{--bg:#121212;--fg:#e6e6e6;--muted:#a8a8a8;--line:#3a3a3a;"
+    "--card:#1c1c1c;--danger:#ffb4ab}}"
+    "*{box-sizing:border-box}"
+    "body{margin:0;background:var(--bg);color:var(--fg);"
+    "font:16px/1.5 system-ui,-apple-system,'Segoe UI',Roboto,sans-serif}"
+    "main{max-width:46rem;margin:0 auto;padding:1rem}"
+    "h1{font-size:1.5rem;margin:.5rem 0 1rem}"
+    "p{margin:0 0 1rem}"
+    ".grants{list-style:none;margin:0;padding:0}"
+    ".grant{background:var(--card);border:1px solid var(--line);border-radius:.5rem;padding:1rem;"
+    "margin:0 0 1rem;overflow-wrap:anywhere}"
+    ".grant h2{font-size:1.125rem;margin:0}"
+    ".agent,.meta{color:var(--muted);font-size:.875rem;margin:0}"
+    ".scopes{margin:.75rem 0;padding-left:1.25rem}"
+    ".scopes code{color:var(--muted);font-size:.8125rem}"
+    "form{margin:.75rem 0 0}"
+    "button{font:inherit;color:var(--danger);background:transparent;border:1px solid var(--danger);"
+    "border-radius:.375rem;min-height:2.75rem;padding:.5rem 1rem;cursor:pointer}"
+    "button:focus-visible{outline:2px solid var(--fg);outline-offset:2px}"
+)
+_PAGE_STYLE_HASH = binascii.b2a_base64(hashlib.sha256(_PAGE_STYLE.encode("utf-8")).digest(), newline=False).decode()
+#: Security headers of every page response, whatever its status (CSP Level 3,
+#: RFC 7034, RFC 9111 §5.2.2.5, Referrer Policy, Fetch's nosniff).
+_PAGE_HEADERS = (
+    (
+        "Content-Security-Policy",
+        f"default-src 'none'; style-src 'sha256-{_PAGE_STYLE_HASH}'; frame-ancestors 'none'; base-uri 'none'",
+    ),
+    ("X-Frame-Options", "DENY"),
+    ("Cache-Control", "no-store"),
+    ("Referrer-Policy", "no-referrer"),
+    ("X-Content-Type-Options", "nosniff"),
+)
+_PAGE_DOCUMENT = """<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{title}</title>
+<style>{style}</style>
+</head>
+<body>
+<main>
+<h1>{title}</h1>
+{content}
+</main>
+</body>
+</html>
+"""
+_MESSAGE_TEMPLATE = "<p>{message}</p>"
+
+
+class _Markup(str):
+    """HTML already rendered by ``_fill``: the one kind of value it does not escape."""
+
+
+def _fill(template: str, **fields: Any) -> _Markup:
+    """Fill a template's named fields, HTML-escaping every value that is not ``_Markup``."""
+    import html
+
+    return _Markup(template.format_map({
+        name: value if type(value) is _Markup else html.escape(str(value), quote=True)
+        for name, value in fields.items()
+    }))
+
+
+def _page_response(
+    status: int, content_type: str, body: bytes, extra: Iterable[Tuple[str, str]] = ()
+) -> _Refusal:
+    """Every page response goes out through here, so each carries the security headers."""
+    return status, [("Content-Type", content_type), *_PAGE_HEADERS, *extra], body
+
+
+def _render(status: int, title: str, template: str, **fields: Any) -> _Refusal:
+    """Render ``template`` (escaping every value) into the page document, with the security headers."""
+    document = _fill(_PAGE_DOCUMENT, title=title, style=_Markup(_PAGE_STYLE), content=_fill(template, **fields))
+    return _page_response(status, "text/html; charset=utf-8", document.encode("utf-8"))
+
+
+def _render_message(status: int, title: str, message: str, extra: Iterable[Tuple[str, str]] = ()) -> _Refusal:
+    status, headers, body = _render(status, title, _MESSAGE_TEMPLATE, message=message)
+    return status, headers + list(extra), body
+
+
+def _page_json(status: int, document: Mapping[str, Any]) -> _Refusal:
+    return _page_response(status, "application/json", _JSON_ENCODER.encode(dict(document)).encode("utf-8"))
+
+
+def _page_redirect(location: str) -> _Refusal:
+    """303 See Other (RFC 9110 §15.4.4): the browser follows it with a GET, never re-posting the form."""
+    return _page_response(303, "text/plain; charset=utf-8", b"See Other", (("Location", location),))
+
+
+class _PageRequest(NamedTuple):
+    """One HTTP request as a page sees it: read-only, the same under WSGI and ASGI.
+
+    ``path`` is the full decoded path (mount point included), ``query`` the
+    raw query string, ``headers`` maps lower-case names to values (repeated
+    headers joined by ", "), ``cookies`` maps names to values (the first of a
+    repeated name), ``body`` is the form a POST sent (at most 64 KiB).
+    ``environ`` (WSGI) or ``scope`` (ASGI) is the server's own, as given; the
+    other is None.
+    """
+
+    method: str
+    path: str
+    query: str
+    headers: Mapping[str, str]
+    cookies: Mapping[str, str]
+    body: bytes
+    environ: Optional[Dict[str, Any]]
+    scope: Optional[Dict[str, Any]]
+
+
+def _cookies(header: str) -> Mapping[str, str]:
+    """Parse a Cookie header (RFC 6265 §5.4): ``name=value`` pairs split by ";"; the first of a name wins."""
+    cookies: Dict[str, str] = {}
+    for pair in header.split(";"):
+        name, sep, value = pair.partition("=")
+        name, value = name.strip(), value.strip()
+        if not sep or not name:
+            continue
+        if len(value) >= 2 and value[0] == value[-1] == '"':  # RFC 6265 §4.1.1: a quoted cookie-value
+            value = value[1:-1]
+        cookies.setdefault(name, value)
+    return types.MappingProxyType(cookies)
+
+
+def _wsgi_request(environ: Dict[str, Any], body: bytes) -> _PageRequest:
+    headers: Dict[str, str] = {}
+    for key, value in environ.items():
+        if key.startswith("HTTP_"):
+            headers[key[5:].replace("_", "-").lower()] = value
+    for key in ("CONTENT_TYPE", "CONTENT_LENGTH"):
+        if environ.get(key):
+            headers[key.replace("_", "-").lower()] = environ[key]
+    # PEP 3333: paths arrive as bytes decoded as latin-1; give the text they are.
+    raw = (environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")).encode("latin-1", "replace")
+    return _PageRequest(
+        method=environ.get("REQUEST_METHOD", "GET").upper(),
+        path=raw.decode("utf-8", "replace") or "/",
+        query=environ.get("QUERY_STRING", ""),
+        headers=types.MappingProxyType(headers),
+        cookies=_cookies(headers.get("cookie", "")),
+        body=body,
+        environ=environ,
+        scope=None,
+    )
+
+
+def _asgi_request(scope: Dict[str, Any], body: bytes) -> _PageRequest:
+    headers: Dict[str, str] = {}
+    for name, value in scope.get("headers", ()):
+        key, text = name.decode("latin-1").lower(), value.decode("latin-1")
+        separator = "; " if key == "cookie" else ", "  # RFC 9113 §8.2.3: HTTP/2 splits cookies
+        headers[key] = headers[key] + separator + text if key in headers else text
+    path, root_path = scope.get("path", "/"), scope.get("root_path", "")
+    if root_path and not path.startswith(root_path):  # servers differ on whether path includes root_path
+        path = root_path + path
+    return _PageRequest(
+        method=scope.get("method", "GET").upper(),
+        path=path or "/",
+        query=scope.get("query_string", b"").decode("latin-1"),
+        headers=types.MappingProxyType(headers),
+        cookies=_cookies(headers.get("cookie", "")),
+        body=body,
+        environ=None,
+        scope=scope,
+    )
+
+
+class _CsrfTokens:
+    """CSRF tokens for a page's forms: bound to the signed-in subject, expiring.
+
+    A token is ``<expires_at>.<HMAC-SHA256(key, expires_at NUL subject)>``
+    (base64url), under a key derived from the instance's signing key for
+    this use only. No server state: any process with the same key checks it.
+    """
+
+    def __init__(self, key: bytes, clock: Callable[[], float], ttl_seconds: int = _CSRF_TTL_SECONDS) -> None:
+        self._key = key
+        self._clock = clock
+        self._ttl_seconds = ttl_seconds
+
+    def _mac(self, subject: str, expires_at: int) -> str:
+        message = f"{expires_at}\x00{subject}".encode("utf-8")  # a subject never holds NUL (no control chars)
+        return _b64encode(hmac.new(self._key, message, hashlib.sha256).digest())
+
+    def issue(self, subject: str) -> str:
+        """Return a token for ``subject``'s forms, valid ``ttl_seconds`` from now."""
+        expires_at = math.floor(self._clock()) + self._ttl_seconds
+        return f"{expires_at}.{self._mac(subject, expires_at)}"
+
+    def check(self, subject: str, token: Optional[str]) -> bool:
+        """Whether ``token`` was issued for ``subject`` and has not expired (False for anything else)."""
+        match = _CSRF_TOKEN.fullmatch(token) if type(token) is str else None
+        if match is None:
+            return False
+        expires_at = int(match.group(1))
+        return hmac.compare_digest(self._mac(subject, expires_at), match.group(2)) and self._clock() < expires_at
+
+
 # ---------------------------------------------------------------------------
 # Token exchange
 # ---------------------------------------------------------------------------
 
 GRANT_TYPE_TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"  # RFC 8693 §2.1
 TOKEN_TYPE_ACCESS_TOKEN = "urn:ietf:params:oauth:token-type:access_token"  # RFC 8693 §3
-_MAX_FORM_BYTES = 65536  # a token exchange request is a few KiB at most
 _EXCHANGE_PARAMS = ("grant_type", "subject_token", "subject_token_type", "actor", "scope", "requested_token_type")
 
 
@@ -3535,16 +3826,12 @@ def _exchange_answer(status: int, document: Mapping[str, Any], extra: Tuple[Tupl
 
 def _exchange_form(method: str, content_type: str, body: bytes) -> Dict[str, str]:
     """Parse the form of a token exchange request, refusing anything ambiguous."""
-    from urllib.parse import parse_qs
-
     if method != "POST":
         raise _ExchangeRefusal(405, "invalid_request", "use POST")
-    if content_type.split(";")[0].strip().lower() != "application/x-www-form-urlencoded":
-        raise _ExchangeRefusal(400, "invalid_request", "the body must be application/x-www-form-urlencoded")
     try:
-        fields = parse_qs(body.decode("utf-8"), keep_blank_values=True, strict_parsing=bool(body), errors="strict")
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise _ExchangeRefusal(400, "invalid_request", "the body is not a valid form") from exc
+        fields = _form_fields(content_type, body)
+    except _MalformedRequest as exc:
+        raise _ExchangeRefusal(400, "invalid_request", str(exc)) from exc
     form = {}
     for name in _EXCHANGE_PARAMS:
         values = fields.get(name, [])
@@ -3594,24 +3881,16 @@ def _exchange(auth: "AgentAuth", form: Mapping[str, str]) -> _Refusal:
     })
 
 
-def _content_length(value: Optional[str]) -> int:
-    try:
-        length = int(value or 0)
-    except ValueError:
-        length = -1
-    if not 0 <= length <= _MAX_FORM_BYTES:
-        raise _ExchangeRefusal(400, "invalid_request", "the body is missing or too large")
-    return length
-
-
 class _ExchangeWsgi:
     def __init__(self, auth: "AgentAuth") -> None:
         self._auth = auth
 
     def __call__(self, environ: Dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         try:
-            length = _content_length(environ.get("CONTENT_LENGTH"))
-            body = environ["wsgi.input"].read(length) if length else b""
+            try:
+                body = _wsgi_body(environ)
+            except _MalformedRequest as exc:
+                raise _ExchangeRefusal(400, "invalid_request", str(exc)) from exc
             form = _exchange_form(environ.get("REQUEST_METHOD", "GET"), environ.get("CONTENT_TYPE", ""), body)
             answer = _exchange(self._auth, form)
         except _ExchangeRefusal as refusal:
@@ -3627,15 +3906,11 @@ class _ExchangeAsgi:
         if scope["type"] != "http":
             return
         content_type = next((v.decode("latin-1") for k, v in scope["headers"] if k.lower() == b"content-type"), "")
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if len(body) > _MAX_FORM_BYTES or not message.get("more_body"):
-                break
         try:
-            if len(body) > _MAX_FORM_BYTES:
-                raise _ExchangeRefusal(400, "invalid_request", "the body is missing or too large")
+            try:
+                body = await _asgi_body(receive)
+            except _MalformedRequest as exc:
+                raise _ExchangeRefusal(400, "invalid_request", str(exc)) from exc
             form = _exchange_form(scope["method"], content_type, body)
         except _ExchangeRefusal as refusal:
             answer = refusal.answer()

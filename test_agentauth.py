@@ -5186,6 +5186,220 @@ class RequireTests(unittest.TestCase):
 
 
 # ---------------------------------------------------------------------------
+# Pages: the machinery (request, render, headers, CSRF)
+# ---------------------------------------------------------------------------
+
+PAGE_SECURITY_HEADERS = {
+    "x-frame-options": "DENY",
+    "cache-control": "no-store",
+    "referrer-policy": "no-referrer",
+    "x-content-type-options": "nosniff",
+}
+
+
+def assert_page_headers(test, headers):
+    """The security headers every page response carries (headers: lower-case names)."""
+    for name, value in PAGE_SECURITY_HEADERS.items():
+        test.assertEqual(headers.get(name), value, name)
+    directives = [d.strip() for d in headers["content-security-policy"].split(";")]
+    test.assertIn("default-src 'none'", directives)
+    test.assertIn("frame-ancestors 'none'", directives)
+    style = [d for d in directives if d.startswith("style-src")]
+    test.assertEqual(len(style), 1)
+    test.assertRegex(style[0], r"^style-src 'sha256-[A-Za-z0-9+/]{43}='$")  # a hash only: no 'unsafe-inline'
+    test.assertFalse([d for d in directives if d.startswith("script-src")])
+
+
+class DerivedKeyTests(unittest.TestCase):
+    def test_derived_key_is_hmac_of_the_secret_over_the_label(self):
+        key = make_auth()._derived_key(b"pages/csrf")
+        self.assertEqual(key, hmac.new(SECRET, b"agentauth derived key\x00pages/csrf", hashlib.sha256).digest())
+
+    def test_each_label_gets_its_own_key_and_no_key_equals_the_secret(self):
+        auth = make_auth()
+        keys = {auth._derived_key(label) for label in (b"a", b"b", b"")}
+        self.assertEqual(len(keys), 3)
+        self.assertNotIn(SECRET, keys)
+        self.assertNotEqual(make_auth(secret=OTHER_SECRET)._derived_key(b"a"), auth._derived_key(b"a"))
+
+    def test_eddsa_instance_derives_from_its_seed(self):
+        seed = bytes(range(32))
+        auth = make_auth(secret=None, signing_key=Ed25519Key.from_seed(seed), kid=None)
+        self.assertEqual(auth._derived_key(b"x"), hmac.new(seed, b"agentauth derived key\x00x", hashlib.sha256).digest())
+
+    def test_verifier_has_no_key_to_derive(self):
+        key = Ed25519Key.generate()
+        verifier = AgentAuth.verifier(issuer=ISSUER, audience=AUDIENCE, jwks={"keys": [key.public_jwk("k")]})
+        with raises_exactly(self, InvalidConfigError):
+            verifier._derived_key(b"x")
+
+
+class RenderTests(unittest.TestCase):
+    def render(self, **fields):
+        status, headers, body = agentauth._render(200, "Title <b>", "<p>{a}</p><p title=\"{b}\">{c}</p>", **fields)
+        self.assertEqual(status, 200)
+        return {name.lower(): value for name, value in headers}, body.decode("utf-8")
+
+    def test_every_value_is_escaped(self):
+        _headers, body = self.render(a="<script>alert(1)</script>", b='" onmouseover="x', c="&amp;")
+        self.assertIn("<p>&lt;script&gt;alert(1)&lt;/script&gt;</p>", body)
+        self.assertIn('title="&quot; onmouseover=&quot;x"', body)
+        self.assertIn("&amp;amp;", body)
+        self.assertIn("<title>Title &lt;b&gt;</title>", body)
+        self.assertNotIn("<script", body)
+
+    def test_markup_from_fill_is_kept_and_its_own_fields_escaped(self):
+        inner = agentauth._fill("<em>{x}</em>", x="<i>")
+        _headers, body = self.render(a=inner, b="", c="")
+        self.assertIn("<p><em>&lt;i&gt;</em></p>", body)
+
+    def test_a_plain_str_that_looks_like_html_is_still_escaped(self):
+        class Sneaky(str):
+            pass
+
+        _headers, body = self.render(a=Sneaky("<b>"), b="", c="")
+        self.assertIn("<p>&lt;b&gt;</p>", body)
+
+    def test_security_headers_and_a_style_allowed_by_its_hash(self):
+        headers, body = self.render(a="", b="", c="")
+        assert_page_headers(self, headers)
+        self.assertEqual(headers["content-type"], "text/html; charset=utf-8")
+        style = re.search(r"<style>(.*?)</style>", body, re.S).group(1)
+        digest = base64.b64encode(hashlib.sha256(style.encode("utf-8")).digest()).decode()
+        self.assertIn(f"'sha256-{digest}'", headers["content-security-policy"])
+        self.assertIn("prefers-color-scheme:dark", style)
+        self.assertIn('<meta name="viewport" content="width=device-width, initial-scale=1">', body)
+
+    def test_no_script_and_no_external_asset(self):
+        _headers, body = self.render(a="", b="", c="")
+        self.assertNotIn("<script", body.lower())
+        self.assertNotIn(" src=", body)
+        self.assertNotIn("<link", body)
+        self.assertNotIn("url(", body)
+        self.assertNotIn("@import", body)
+
+    def test_json_redirect_and_message_answers_carry_the_headers_too(self):
+        for status, headers, _body in (
+            agentauth._page_json(200, {"a": 1}),
+            agentauth._page_redirect("/x"),
+            agentauth._render_message(403, "t", "m"),
+        ):
+            assert_page_headers(self, {name.lower(): value for name, value in headers})
+
+
+class CsrfTokenTests(unittest.TestCase):
+    def setUp(self):
+        self.clock = FixedClock()
+        self.tokens = agentauth._CsrfTokens(make_auth()._derived_key(b"test"), self.clock, ttl_seconds=600)
+
+    def test_a_fresh_token_checks_for_its_subject(self):
+        token = self.tokens.issue("user_123")
+        self.assertRegex(token, r"^\d+\.[A-Za-z0-9_-]{43}$")
+        self.assertTrue(self.tokens.check("user_123", token))
+
+    def test_another_subjects_token_fails(self):
+        self.assertFalse(self.tokens.check("user_456", self.tokens.issue("user_123")))
+
+    def test_token_expires_after_its_ttl(self):
+        token = self.tokens.issue("user_123")
+        self.clock.advance(599)
+        self.assertTrue(self.tokens.check("user_123", token))
+        self.clock.advance(1)
+        self.assertFalse(self.tokens.check("user_123", token))
+
+    def test_a_changed_expiry_breaks_the_mac(self):
+        expires_at, mac = self.tokens.issue("user_123").split(".")
+        self.assertFalse(self.tokens.check("user_123", f"{int(expires_at) + 3600}.{mac}"))
+
+    def test_missing_malformed_and_foreign_key_tokens_fail(self):
+        token = self.tokens.issue("user_123")
+        other = agentauth._CsrfTokens(make_auth(secret=OTHER_SECRET)._derived_key(b"test"), self.clock, 600)
+        for bad in (None, "", "x", token + "A", token[:-1], " " + token, token.replace(".", ". "),
+                    other.issue("user_123"), 123, token.encode()):
+            self.assertFalse(self.tokens.check("user_123", bad), bad)
+
+    def test_check_compares_with_compare_digest(self):
+        token = self.tokens.issue("user_123")
+        with unittest.mock.patch.object(agentauth.hmac, "compare_digest", wraps=hmac.compare_digest) as spy:
+            self.assertTrue(self.tokens.check("user_123", token))
+        spy.assert_called_once()
+
+
+class PageRequestTests(unittest.TestCase):
+    def test_wsgi_request(self):
+        environ = {}
+        wsgiref.util.setup_testing_defaults(environ)
+        environ.update({
+            "REQUEST_METHOD": "post", "SCRIPT_NAME": "/account", "PATH_INFO": "/agents/caf\xc3\xa9",
+            "QUERY_STRING": "format=json", "CONTENT_TYPE": "application/x-www-form-urlencoded",
+            "HTTP_COOKIE": 'session=abc; theme="dark"; session=second', "HTTP_X_FORWARDED_FOR": "10.0.0.1",
+        })
+        request = agentauth._wsgi_request(environ, b"a=1")
+        self.assertEqual((request.method, request.path, request.query), ("POST", "/account/agents/café", "format=json"))
+        self.assertEqual(request.headers["content-type"], "application/x-www-form-urlencoded")
+        self.assertEqual(request.headers["x-forwarded-for"], "10.0.0.1")
+        self.assertNotIn("X-Forwarded-For", request.headers)
+        self.assertEqual(dict(request.cookies), {"session": "abc", "theme": "dark"})
+        self.assertIs(request.environ, environ)
+        self.assertIsNone(request.scope)
+        self.assertEqual(request.body, b"a=1")
+
+    def test_asgi_request(self):
+        scope = {"type": "http", "method": "GET", "path": "/account/agents", "root_path": "/account",
+                 "query_string": b"a=1", "headers": [(b"Cookie", b"a=1"), (b"cookie", b"b=2"), (b"accept", b"text/html"),
+                                                     (b"accept", b"application/json")]}
+        request = agentauth._asgi_request(scope, b"")
+        self.assertEqual((request.method, request.path, request.query), ("GET", "/account/agents", "a=1"))
+        self.assertEqual(dict(request.cookies), {"a": "1", "b": "2"})
+        self.assertEqual(request.headers["accept"], "text/html, application/json")
+        self.assertIs(request.scope, scope)
+        self.assertIsNone(request.environ)
+
+    def test_asgi_path_without_its_root_path_gets_it(self):
+        scope = {"type": "http", "method": "GET", "path": "/agents", "root_path": "/account", "headers": []}
+        self.assertEqual(agentauth._asgi_request(scope, b"").path, "/account/agents")
+
+    def test_request_is_read_only(self):
+        request = agentauth._asgi_request({"type": "http", "method": "GET", "path": "/", "headers": [(b"a", b"1")]}, b"")
+        with self.assertRaises(AttributeError):
+            request.path = "/other"
+        with self.assertRaises(TypeError):
+            request.headers["a"] = "2"
+        with self.assertRaises(TypeError):
+            request.cookies["a"] = "2"
+
+
+class RequestBodyTests(unittest.TestCase):
+    FORM = "application/x-www-form-urlencoded"
+
+    def test_form_fields_parse_strictly(self):
+        self.assertEqual(agentauth._form_fields(self.FORM + "; charset=UTF-8", b"a=1&a=2&b="), {"a": ["1", "2"], "b": [""]})
+        for content_type, body in ((self.FORM, b"a=%ff"), (self.FORM, b"a&&"), ("text/plain", b"a=1"), ("", b"")):
+            with raises_exactly(self, agentauth._MalformedRequest):
+                agentauth._form_fields(content_type, body)
+
+    def test_wsgi_body_refuses_a_bad_or_too_large_length(self):
+        for length in ("-1", "x", str(agentauth._MAX_FORM_BYTES + 1)):
+            with raises_exactly(self, agentauth._MalformedRequest):
+                agentauth._wsgi_body({"CONTENT_LENGTH": length, "wsgi.input": io.BytesIO(b"")})
+        self.assertEqual(agentauth._wsgi_body({"CONTENT_LENGTH": "3", "wsgi.input": io.BytesIO(b"a=1b")}), b"a=1")
+        self.assertEqual(agentauth._wsgi_body({"wsgi.input": io.BytesIO(b"ignored")}), b"")
+
+    def test_asgi_body_joins_messages_and_stops_at_the_limit(self):
+        def run(chunks):
+            messages = [{"type": "http.request", "body": c, "more_body": i < len(chunks) - 1} for i, c in enumerate(chunks)]
+
+            async def receive():
+                return messages.pop(0)
+
+            return asyncio.run(agentauth._asgi_body(receive))
+
+        self.assertEqual(run([b"a=", b"1"]), b"a=1")
+        with raises_exactly(self, agentauth._MalformedRequest):
+            run([b"x" * 40000, b"x" * 40000])
+
+
+# ---------------------------------------------------------------------------
 # RedisStore (against a fake client; the real server is in test_integration.py)
 # ---------------------------------------------------------------------------
 
