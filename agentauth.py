@@ -350,9 +350,18 @@ def _split(token: Any, max_bytes: int) -> Tuple[str, str, str]:
     if len(token) > max_bytes:  # before any parsing
         raise TokenInvalidError("token is longer than the size limit")
     if _COMPACT_JWS.fullmatch(token) is None:
-        raise TokenInvalidError("token is not three base64url segments")
+        raise TokenInvalidError(_malformed_token_message(token))
     head, body, sig = token.split(".")
     return head, body, sig
+
+
+def _malformed_token_message(token: str) -> str:
+    """Say what is wrong with a string that is not a compact JWS, for the server's log."""
+    if token[:7].lower() == "bearer " or token.lower() == "bearer":
+        return "token starts with 'Bearer ': pass the token alone, without the Authorization scheme"
+    if token != token.strip():
+        return "token has white space around it: pass the token alone, stripped"
+    return "token is not three base64url segments"
 
 
 _HS256_ONLY = frozenset((ALGORITHM,))
@@ -2243,6 +2252,10 @@ def _criterion(value: Any, kind: str) -> str:
         raise TypeError(f"{kind} must be a string")
     if not value:
         raise ValueError(f"{kind} must not be empty")
+    if kind == "jti" and (_CONTROL_CHARS.search(value) or any(c.isspace() for c in value)):
+        # Nothing agentauth mints holds these: a sentence passed by mistake
+        # would otherwise be recorded as a revocation that matches nothing.
+        raise ValueError("a jti holds no white space or control characters: is this a token or a jti?")
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as exc:
@@ -2744,9 +2757,9 @@ class AgentAuth:
         if type(aud) is list and aud and all(type(a) is str for a in aud):
             aud = tuple(aud)
             if self.audience not in aud:
-                raise TokenInvalidError("token audience is not accepted")
+                raise TokenInvalidError(f"token audience is not accepted (this instance expects {self.audience!r})")
         elif aud != self.audience or type(aud) is not str:
-            raise TokenInvalidError("token audience is not accepted")
+            raise TokenInvalidError(f"token audience is not accepted (this instance expects {self.audience!r})")
         # Declared as the checks just below leave them (mypy cannot follow the
         # chained type() test); bare annotations compile to nothing.
         sub: str
@@ -3026,6 +3039,11 @@ class AgentAuth:
             TokenExpiredError, RevokedError, StoreUnavailableError: the token
                 expired, or (in an MCP tool) was revoked or could not be checked.
         """
+        for scope in scopes:
+            if not isinstance(scope, str) and isinstance(scope, Iterable):
+                raise InvalidConfigError("require() takes scopes as separate arguments: require('a', 'b'), not a list")
+            if isinstance(scope, str) and len(scope.split()) > 1:
+                raise InvalidConfigError("require() takes one scope per argument: require('a', 'b'), not 'a b'")
         required = _configured_scopes(scopes, "require()")
         if not required:
             raise InvalidConfigError("require() needs at least one scope")
@@ -4219,11 +4237,22 @@ def _cli_auth(args: Any, store: Optional[SqliteStore] = None) -> AgentAuth:
     key_text = _read_file(key_file) if key_file else None
     if key_text is None and verifies_only and os.environ.get("AGENTAUTH_JWKS"):
         options.pop("default_ttl_seconds", None)
-        return AgentAuth.verifier(jwks=_parse_json_arg(os.environ["AGENTAUTH_JWKS"], "the JWK set"), **options)
+        jwks_text = os.environ["AGENTAUTH_JWKS"]
+        if not jwks_text.lstrip().startswith("{"):
+            raise _CliError("AGENTAUTH_JWKS holds the JWK set's JSON, not a path: for a file use --jwks-file PATH",
+                            EXIT_USAGE)
+        return AgentAuth.verifier(jwks=_parse_json_arg(jwks_text, "the JWK set"), **options)
     key_text = key_text or os.environ.get("AGENTAUTH_PRIVATE_KEY")
     if key_text:
-        key, jwk_kid = _read_private_key(key_text)
-        return AgentAuth(signing_key=key, kid=args.kid or jwk_kid, **options)
+        key, jwk_kid = _read_key(key_text)
+        kid = args.kid or jwk_kid
+        if key.is_private:
+            return AgentAuth(signing_key=key, kid=kid, **options)
+        if not verifies_only:
+            raise _CliError("the key is a public key; issuing needs the private key", EXIT_USAGE)
+        # A public key verifies (and revokes by token): a verifier of that one key.
+        options.pop("default_ttl_seconds", None)
+        return AgentAuth.verifier(jwks={"keys": [key.public_jwk(kid or key.thumbprint())]}, **options)
     secret = os.environ.get("AGENTAUTH_SECRET")
     if not secret:
         raise _CliError(
@@ -4249,8 +4278,8 @@ def _parse_json_arg(text: str, what: str) -> Any:
         raise _CliError(f"{what} is not valid JSON", EXIT_USAGE) from exc
 
 
-def _read_private_key(text: str) -> Tuple[Ed25519Key, Optional[str]]:
-    """A private Ed25519 key from PEM or JWK text, and the JWK's kid if it has one.
+def _read_key(text: str) -> Tuple[Ed25519Key, Optional[str]]:
+    """An Ed25519 key (private or public) from PEM or JWK text, and the JWK's kid if it has one.
 
     Without a kid (PEM) the key's RFC 7638 thumbprint is its kid, as keygen's.
     """
@@ -4261,9 +4290,15 @@ def _read_private_key(text: str) -> Tuple[Ed25519Key, Optional[str]]:
         kid = jwk.get("kid") if isinstance(jwk.get("kid"), str) else None
     else:
         key = Ed25519Key.from_pem(text)
-    if not key.is_private:
-        raise _CliError("the key is a public key; issuing needs the private key", EXIT_USAGE)
     return key, kid
+
+
+def _cli_scopes(values: Optional[List[str]], flag: str) -> List[str]:
+    """The scopes of a repeatable flag; "a b" in one flag gets told how to give two."""
+    for value in values or ():
+        if len(value.split()) > 1:
+            raise _CliError(f"{flag} takes one scope; repeat the flag for more: {flag} a {flag} b", EXIT_USAGE)
+    return list(values or ())
 
 
 def _cmd_keygen(args: Any, out: Any, err: Any) -> int:
@@ -4290,7 +4325,8 @@ def _cmd_keygen(args: Any, out: Any, err: Any) -> int:
 
 def _cmd_issue(args: Any, out: Any, err: Any) -> int:
     auth = _cli_auth(args)
-    issued = auth.issue(subject=args.subject, agent=args.agent, scopes=args.scope, ttl_seconds=args.ttl)
+    scopes = _cli_scopes(args.scope, "--scope")
+    issued = auth.issue(subject=args.subject, agent=args.agent, scopes=scopes, ttl_seconds=args.ttl)
     if args.json:
         print(json.dumps({"token": issued.token, "jti": issued.jti, "expires_at": issued.expires_at}), file=out)
     else:
@@ -4300,7 +4336,7 @@ def _cmd_issue(args: Any, out: Any, err: Any) -> int:
 
 def _cmd_verify(args: Any, out: Any, err: Any) -> int:
     try:
-        required = _required_scopes(args.require or ())
+        required = _required_scopes(_cli_scopes(args.require, "--require"))
     except ValueError as exc:
         raise _CliError(f"--require: {exc}", EXIT_USAGE) from exc
     store = _open_store(args, create=False)
@@ -4580,9 +4616,12 @@ def _parser() -> "argparse.ArgumentParser":
         group.add_argument("--kid", default=os.environ.get("AGENTAUTH_KID"), help="key id (env AGENTAUTH_KID)")
         group.add_argument("--max-ttl", type=int, default=_env_int("AGENTAUTH_MAX_TTL", DEFAULT_MAX_TTL_SECONDS),
                            metavar="SECONDS", help="the server's max_ttl_seconds (env AGENTAUTH_MAX_TTL, default %(default)s)")
-    for name in ("issue", "verify", "revoke"):
+    sub["issue"].add_argument("--key-file", metavar="PATH",
+                              help="Ed25519 private key file, PEM or JWK (or env AGENTAUTH_PRIVATE_KEY with the key's text);"
+                                   " default: AGENTAUTH_SECRET")
+    for name in ("verify", "revoke"):
         sub[name].add_argument("--key-file", metavar="PATH",
-                               help="Ed25519 private key file, PEM or JWK (or env AGENTAUTH_PRIVATE_KEY with the key's text);"
+                               help="Ed25519 key file, private or public, PEM or JWK (or env AGENTAUTH_PRIVATE_KEY);"
                                     " default: AGENTAUTH_SECRET")
     for name in ("verify", "revoke"):
         sub[name].add_argument("--jwks-file", metavar="PATH", help="verify EdDSA tokens with this JWK set file (or env AGENTAUTH_JWKS with the set's JSON)")

@@ -2113,6 +2113,39 @@ class EdDSACommandLineTests(unittest.TestCase):
                 self.assertIn("public key", err)
                 self.assertNotIn("Traceback", err)
 
+    def test_verify_and_revoke_accept_a_public_key_file(self):
+        token = self.issue("--key-file", self.write("issuer.pem", self.key.private_pem()))
+        db = self.path("revocations.db")
+        for name, text in (("public PEM", self.key.public_pem()),
+                           ("public JWK", json.dumps(self.key.public_jwk(self.key.thumbprint())))):
+            with self.subTest(name=name):
+                code, out, err = run_main("verify", token, "--key-file", self.write("public.key", text), env={})
+                self.assertEqual(code, 0, err)
+                self.assertEqual(json.loads(out)["sub"], "user_123")
+        public = self.write("public.pem", self.key.public_pem())
+        code, _, err = run_main("revoke", token, "--key-file", public, "--db", db, env={})
+        self.assertEqual(code, 0, err)
+        code, _, err = run_main("verify", token, "--key-file", public, "--db", db, env={})
+        self.assertEqual(code, 1)
+        self.assertIn("token_revoked", err)
+        other = run_main("verify", token, "--key-file", self.write("other.pem", Ed25519Key.from_seed(ED_OTHER_SEED).public_pem()), env={})
+        self.assertEqual(other[0], 1)
+
+    def test_key_file_help_says_key_file_for_verify(self):
+        with self.assertRaises(SystemExit):
+            with contextlib.redirect_stdout(io.StringIO()) as out:
+                agentauth._parser().parse_args(["verify", "--help"])
+        text = " ".join(out.getvalue().split())
+        self.assertIn("Ed25519 key file, private or public", text)
+
+    def test_agentauth_jwks_holding_a_path_points_to_jwks_file(self):
+        token = self.issue("--key-file", self.write("issuer.pem", self.key.private_pem()))
+        path = self.write("jwks.json", json.dumps({"keys": [self.key.public_jwk(self.key.thumbprint())]}))
+        code, out, err = run_main("verify", token, env={"AGENTAUTH_JWKS": path})
+        self.assertEqual((code, out), (2, ""))
+        self.assertIn("--jwks-file", err)
+        self.assertEqual(run_main("verify", token, "--jwks-file", path, env={})[0], 0)
+
     def test_bad_key_material_exits_2_without_traceback(self):
         body = "".join(self.key.private_pem().splitlines()[1:-1])
         mismatched = dict(self.key.private_jwk(), x=Ed25519Key.from_seed(ED_OTHER_SEED).public_jwk()["x"])
@@ -3419,6 +3452,59 @@ class VerifyTests(unittest.TestCase):
         with self.assertRaises(StoreUnavailableError):
             auth.verify(issued.token, check_revocation=True)
         self.assertEqual(store.lookups, 1)
+
+
+class ErrorMessageTests(unittest.TestCase):
+    """Messages are for the server's log: each says what to do."""
+
+    def setUp(self):
+        self.auth = make_auth()
+        self.token = self.auth.issue(subject="u", agent="a", scopes=["email:read"]).token
+
+    def refusal(self, token):
+        with raises_exactly(self, TokenInvalidError) as cm:
+            self.auth.verify(token)
+        return str(cm.exception)
+
+    def test_a_bearer_prefix_says_to_pass_the_token_alone(self):
+        for value in (f"Bearer {self.token}", f"bearer {self.token}", f"BEARER {self.token}"):
+            with self.subTest(value=value[:7]):
+                self.assertIn("starts with 'Bearer '", self.refusal(value))
+
+    def test_surrounding_white_space_says_so(self):
+        for value in (f" {self.token}", f"{self.token}\n", f"\t{self.token} "):
+            with self.subTest(value=repr(value[:2])):
+                self.assertIn("white space around it", self.refusal(value))
+        self.assertEqual(self.refusal("not a token"), "token is not three base64url segments")
+
+    def test_messages_never_hold_the_token(self):
+        for value in (f"Bearer {self.token}", f" {self.token} "):
+            self.assertNotIn(self.token, self.refusal(value))
+
+    def test_wrong_audience_names_the_audience_expected(self):
+        other = make_auth(audience="https://other.example").issue(subject="u", agent="a", scopes=["x"]).token
+        self.assertEqual(self.refusal(other), f"token audience is not accepted (this instance expects {AUDIENCE!r})")
+
+    def test_require_with_a_list_says_to_pass_separate_arguments(self):
+        for scopes, says in (((["email:read", "email:send"],), "separate arguments"),
+                             ((("a", "b"),), "separate arguments"),
+                             (("email:read email:send",), "one scope per argument")):
+            with self.subTest(scopes=scopes):
+                with raises_exactly(self, InvalidConfigError) as cm:
+                    self.auth.require(*scopes)
+                self.assertIn(says, str(cm.exception))
+        self.auth.require("email:read", "email:send")  # the right way
+
+    def test_revoke_refuses_text_no_jti_can_hold(self):
+        for text in ("some text", "revoke this agent", "jti\x00", "tab\there", "line\n"):
+            with self.subTest(text=repr(text)):
+                with self.assertRaises(ValueError) as cm:
+                    self.auth.revoke(text)
+                self.assertIs(type(cm.exception), ValueError)
+                with self.assertRaises(ValueError):
+                    self.auth.revoke(jti=text)
+        self.assertEqual(self.auth.store.entries(), [])
+        self.assertEqual(self.auth.revoke("Qk44L-IXQwTL-p_TSkkeHw").jti, "Qk44L-IXQwTL-p_TSkkeHw")
 
 
 class SpyStore:
@@ -5670,8 +5756,17 @@ class CommandLineTests(unittest.TestCase):
         self.assertIn("invalid_config", err)
         self.assertNotIn("short", err)
 
+    def test_two_scopes_in_one_flag_say_to_repeat_the_flag(self):
+        token = self.issue()
+        for argv, flag in ((("issue", "--subject", "u", "--agent", "b", "--scope", "email:read calendar:read"), "--scope"),
+                           (("verify", token, "--require", "email:read calendar:read"), "--require")):
+            with self.subTest(flag=flag):
+                code, out, err = run_main(*argv)
+                self.assertEqual((code, out), (2, ""))
+                self.assertEqual(err, f"agentauth: {flag} takes one scope; repeat the flag for more: {flag} a {flag} b\n")
+
     def test_refused_grant_exits_2(self):
-        code, _, err = run_main("issue", "--subject", "u", "--agent", "b", "--scope", "two words")
+        code, _, err = run_main("issue", "--subject", "u", "--agent", "b", "--scope", 'em"ail')
         self.assertEqual(code, 2)
         self.assertIn("invalid_grant", err)
 
