@@ -2730,6 +2730,221 @@ class SqliteStoreTests(StoreContract, unittest.TestCase):
 
 
 # ---------------------------------------------------------------------------
+# Stores: grants
+# ---------------------------------------------------------------------------
+
+V1_SQLITE_SCHEMA = (  # the schema of a version-1 (revocations only) database, as released
+    """CREATE TABLE IF NOT EXISTS agentauth_revocations (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        key TEXT NOT NULL UNIQUE,
+        jti TEXT,
+        agent TEXT,
+        subject TEXT,
+        revoked_at INTEGER NOT NULL,
+        expires_at INTEGER NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS agentauth_revocations_expires ON agentauth_revocations (expires_at)",
+)
+
+
+def new_grant(subject="user_a", agent="agent_a", scopes=("email:read",), at=T0, name=None, grant_id=None):
+    """A Grant as AgentAuth.grant() hands it to a store."""
+    return agentauth.Grant(grant_id or f"id-{subject}-{agent}-{at}", subject, agent, name, tuple(scopes), at, at, None)
+
+
+def grant_in_process(path: str, index: int, barrier, results) -> None:
+    """Worker of the multi-process grant test: widen ten grants of one user, read them, disconnect them all."""
+    try:
+        auth = make_auth(store=SqliteStore(path))
+        barrier.wait(timeout=60)
+        for n in range(10):
+            auth.grant(subject="user_shared", agent=f"bot-{n}", scopes=[f"scope:{index}"])
+        barrier.wait(timeout=60)
+        scopes = sorted(sorted(g.scopes) for g in auth.grants(subject="user_shared"))
+        barrier.wait(timeout=60)
+        removed = [auth.disconnect(subject="user_shared", agent=f"bot-{n}") for n in range(10)]
+        results.put((index, scopes, removed, None))
+    except Exception as exc:  # reported to the parent, which fails the test
+        results.put((index, [], [], f"{type(exc).__name__}: {exc}"))
+
+
+class GrantStoreContract:
+    """The GrantStore protocol, as every built-in grant store keeps it."""
+
+    def make_store(self):
+        raise NotImplementedError
+
+    def setUp(self):
+        self.store = self.make_store()
+
+    def save(self, grant, replace=False, revoked_at=T0, expires_at=T0 + 1000):
+        return self.store.save_grant(grant, replace=replace, revoked_at=revoked_at, expires_at=expires_at)
+
+    def test_a_first_grant_is_stored_as_given(self):
+        grant = new_grant(name="Research bot")
+        self.assertEqual(self.save(grant), grant)
+        self.assertEqual(self.store.get_grant("user_a", "agent_a"), grant)
+        self.assertEqual(self.store.list_grants("user_a"), [grant])
+        self.assertIsNone(self.store.get_grant("user_a", "agent_b"))
+        self.assertEqual(self.store.list_grants("user_b"), [])
+
+    def test_granting_again_widens_and_keeps_id_creation_and_last_use(self):
+        first = self.save(new_grant(scopes=("email:read", "calendar:read"), name="Bot"))
+        self.store.touch_grant("user_a", "agent_a", T0 + 5)
+        again = self.save(new_grant(scopes=("email:send", "email:read"), at=T0 + 10, grant_id="other-id"))
+        self.assertEqual(again.scopes, ("email:read", "calendar:read", "email:send"))
+        self.assertEqual((again.grant_id, again.created_at, again.updated_at), (first.grant_id, T0, T0 + 10))
+        self.assertEqual((again.last_used_at, again.agent_name), (T0 + 5, "Bot"))
+        self.assertEqual(self.store.get_grant("user_a", "agent_a"), again)
+        renamed = self.save(new_grant(name="Renamed", at=T0 + 11))
+        self.assertEqual(renamed.agent_name, "Renamed")
+
+    def test_widening_never_revokes(self):
+        self.save(new_grant(scopes=("email:read",)))
+        self.save(new_grant(scopes=("calendar:read",)), revoked_at=T0 + 10)
+        widened = self.save(new_grant(scopes=("email:*", "calendar:read")), replace=True, revoked_at=T0 + 20)
+        self.assertEqual(widened.scopes, ("email:*", "calendar:read"))  # email:* covers email:read
+        self.assertIs(self.store.is_revoked(agent_claims(agent="agent_a", sub="user_a", iat=T0 - 5)), False)
+
+    def test_replace_sets_exactly_the_scopes_and_a_narrowing_revokes_older_tokens(self):
+        self.save(new_grant(scopes=("email:read", "email:send")))
+        narrowed = self.save(new_grant(scopes=("email:read",), at=T0 + 50), replace=True, revoked_at=T0 + 50)
+        self.assertEqual(narrowed.scopes, ("email:read",))
+        self.assertEqual(self.store.get_grant("user_a", "agent_a").scopes, ("email:read",))
+        self.assertIs(self.store.is_revoked(agent_claims(agent="agent_a", sub="user_a", iat=T0 + 50)), True)
+        self.assertIs(self.store.is_revoked(agent_claims(agent="agent_a", sub="user_a", iat=T0 + 51)), False)
+        self.assertIs(self.store.is_revoked(agent_claims(agent="agent_a", sub="user_b", iat=T0)), False)
+        self.assertIs(self.store.is_revoked(agent_claims(agent="agent_b", sub="user_a", iat=T0)), False)
+
+    def test_delete_removes_the_grant_and_revokes_its_tokens(self):
+        self.save(new_grant())
+        self.save(new_grant(agent="agent_b"))
+        self.assertIs(self.store.delete_grant("user_a", "agent_a", revoked_at=T0 + 5, expires_at=T0 + 1000), True)
+        self.assertIsNone(self.store.get_grant("user_a", "agent_a"))
+        self.assertEqual([g.agent for g in self.store.list_grants("user_a")], ["agent_b"])
+        self.assertIs(self.store.is_revoked(agent_claims(agent="agent_a", sub="user_a", iat=T0 + 5)), True)
+        self.assertIs(self.store.is_revoked(agent_claims(agent="agent_a", sub="user_a", iat=T0 + 6)), False)
+        self.assertIs(self.store.is_revoked(agent_claims(agent="agent_b", sub="user_a", iat=T0)), False)
+
+    def test_deleting_a_missing_grant_changes_nothing(self):
+        self.assertIs(self.store.delete_grant("user_a", "agent_a", revoked_at=T0, expires_at=T0 + 1000), False)
+        self.assertIs(self.store.is_revoked(agent_claims(agent="agent_a", sub="user_a", iat=T0)), False)
+        self.save(new_grant())
+        self.assertIs(self.store.delete_grant("user_a", "agent_a", revoked_at=T0, expires_at=T0 + 1000), True)
+        self.assertIs(self.store.delete_grant("user_a", "agent_a", revoked_at=T0 + 9, expires_at=T0 + 2000), False)
+        self.assertIs(self.store.is_revoked(agent_claims(agent="agent_a", sub="user_a", iat=T0 + 1)), False)
+
+    def test_touch_records_the_latest_use_only(self):
+        self.save(new_grant())
+        self.store.touch_grant("user_a", "agent_a", T0 + 100)
+        self.store.touch_grant("user_a", "agent_a", T0 + 40)  # a slower host's older write
+        self.assertEqual(self.store.get_grant("user_a", "agent_a").last_used_at, T0 + 100)
+        self.store.touch_grant("user_a", "agent_zz", T0 + 100)  # no grant: nothing created
+        self.assertIsNone(self.store.get_grant("user_a", "agent_zz"))
+
+    def test_list_is_most_recently_used_first_then_newest(self):
+        for agent, at in (("old_unused", T0), ("new_unused", T0 + 10), ("used_early", T0 + 1), ("used_late", T0 + 2)):
+            self.save(new_grant(agent=agent, at=at))
+        self.save(new_grant(subject="user_b", agent="elsewhere"))
+        self.store.touch_grant("user_a", "used_early", T0 + 20)
+        self.store.touch_grant("user_a", "used_late", T0 + 30)
+        self.assertEqual(
+            [g.agent for g in self.store.list_grants("user_a")], ["used_late", "used_early", "new_unused", "old_unused"]
+        )
+
+    def test_subjects_and_agents_do_not_collide(self):
+        self.save(new_grant(subject="ab", agent="c"))
+        self.assertIsNone(self.store.get_grant("a", "bc"))
+        self.assertEqual(self.store.list_grants("a"), [])
+        self.assertIs(self.store.delete_grant("a", "bc", revoked_at=T0, expires_at=T0 + 1), False)
+
+
+class MemoryGrantStoreTests(GrantStoreContract, unittest.TestCase):
+    def make_store(self):
+        return MemoryStore()
+
+
+class SqliteGrantStoreTests(GrantStoreContract, unittest.TestCase):
+    def make_store(self):
+        directory = tempfile.mkdtemp(prefix="agentauth-test-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        self.path = os.path.join(directory, "agentauth.db")
+        return self.open_store(self.path)
+
+    def open_store(self, path):
+        store = SqliteStore(path)
+        self.addCleanup(store.close)
+        return store
+
+    def test_grants_persist_and_other_connections_see_them(self):
+        grant = self.save(new_grant(name="Bot"))
+        other = self.open_store(self.path)
+        self.assertEqual(other.get_grant("user_a", "agent_a"), grant)
+        other.delete_grant("user_a", "agent_a", revoked_at=T0, expires_at=T0 + 1000)
+        self.assertEqual(self.store.list_grants("user_a"), [])
+        self.assertIs(self.store.is_revoked(agent_claims(agent="agent_a", sub="user_a")), True)
+
+    def test_a_version_1_database_is_migrated_in_place_without_losing_a_revocation(self):
+        directory = tempfile.mkdtemp(prefix="agentauth-test-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        path = os.path.join(directory, "v1.db")
+        conn = sqlite3.connect(path, isolation_level=None)
+        for statement in V1_SQLITE_SCHEMA:
+            conn.execute(statement)
+        conn.execute(
+            "INSERT INTO agentauth_revocations (key, jti, agent, subject, revoked_at, expires_at)"
+            " VALUES ('agent:agent_a', NULL, 'agent_a', NULL, ?, ?)", (T0, T0 + 1000),
+        )
+        conn.execute("INSERT INTO agentauth_revocations (key, jti, agent, subject, revoked_at, expires_at)"
+                     " VALUES ('jti:jti-7', 'jti-7', NULL, NULL, ?, ?)", (T0, T0 + 1000))
+        conn.execute("PRAGMA user_version = 1")
+        conn.close()
+        store = self.open_store(path)
+        self.assertIs(store.is_revoked(agent_claims(agent="agent_a", sub="anyone")), True)
+        self.assertIs(store.is_revoked(agent_claims(jti="jti-7", agent="agent_b")), True)
+        self.assertEqual(len(store.entries()), 2)
+        grant = store.save_grant(new_grant(), replace=False, revoked_at=T0, expires_at=T0 + 1000)
+        self.assertEqual(self.open_store(path).get_grant("user_a", "agent_a"), grant)
+        check = sqlite3.connect(path)
+        self.addCleanup(check.close)
+        self.assertEqual(check.execute("PRAGMA user_version").fetchone()[0], 2)
+
+    def test_a_failed_narrowing_writes_nothing(self):
+        self.save(new_grant(scopes=("email:read", "email:send")))
+
+        def broken(cursor, key, entry):
+            raise sqlite3.OperationalError("disk I/O error")
+
+        with unittest.mock.patch.object(SqliteStore, "_write_revocation", staticmethod(broken)):
+            with raises_exactly(self, StoreUnavailableError):
+                self.save(new_grant(scopes=("email:read",)), replace=True)
+            with raises_exactly(self, StoreUnavailableError):
+                self.store.delete_grant("user_a", "agent_a", revoked_at=T0, expires_at=T0 + 1000)
+        self.assertEqual(self.store.get_grant("user_a", "agent_a").scopes, ("email:read", "email:send"))
+        self.assertIs(self.open_store(self.path).is_revoked(agent_claims(agent="agent_a", sub="user_a")), False)
+
+    def test_processes_granting_and_disconnecting_one_user_at_once(self):
+        context = multiprocessing.get_context("spawn")
+        barrier = context.Barrier(2)
+        results = context.Queue()
+        processes = [context.Process(target=grant_in_process, args=(self.path, i, barrier, results)) for i in range(2)]
+        for process in processes:
+            process.start()
+        try:
+            outcomes = sorted(results.get(timeout=60) for _ in processes)
+        finally:
+            for process in processes:
+                process.join(timeout=60)
+        self.assertEqual([problem for *_rest, problem in outcomes], [None, None])
+        # Both processes' scopes are in every grant: no widening was lost.
+        for _index, scopes, _removed, _problem in outcomes:
+            self.assertEqual(scopes, [["scope:0", "scope:1"]] * 10)
+        # Every agent was disconnected exactly once, by one process or the other.
+        self.assertEqual([a + b for a, b in zip(outcomes[0][2], outcomes[1][2])], [1] * 10)
+        self.assertEqual(self.store.list_grants("user_shared"), [])
+
+
+# ---------------------------------------------------------------------------
 # AgentAuth: configuration
 # ---------------------------------------------------------------------------
 
@@ -3671,6 +3886,256 @@ class RevocationTests(unittest.TestCase):
 # ---------------------------------------------------------------------------
 # AgentAuth: failing closed
 # ---------------------------------------------------------------------------
+
+
+# ---------------------------------------------------------------------------
+# AgentAuth: grants
+# ---------------------------------------------------------------------------
+
+
+class GrantsContract:
+    """grant(), grants(), disconnect(), require_grant and last use, on every built-in grant store."""
+
+    def make_store(self):
+        raise NotImplementedError
+
+    def setUp(self):
+        self.clock = FixedClock()
+        self.events = []
+        self.auth = make_auth(store=self.make_store(), clock=self.clock, on_event=self.events.append)
+
+    def connect(self, agent="bot", scopes=("email:read", "calendar:read"), **kwargs):
+        return self.auth.grant(subject="user_123", agent=agent, scopes=list(scopes), **kwargs)
+
+    def token(self, agent="bot", scopes=("email:read",)):
+        return self.auth.issue(subject="user_123", agent=agent, scopes=list(scopes)).token
+
+    def test_grant_returns_the_record(self):
+        grant = self.connect(agent_name="Research bot")
+        self.assertIsInstance(grant, agentauth.Grant)
+        self.assertEqual(
+            grant[1:], ("user_123", "bot", "Research bot", ("email:read", "calendar:read"), T0, T0, None)
+        )
+        self.assertRegex(grant.grant_id, r"^[A-Za-z0-9_-]{22}$")
+        self.assertNotEqual(grant.grant_id, self.connect(agent="other").grant_id)
+        with self.assertRaises(AttributeError):
+            grant.scopes = ("*",)  # immutable
+        self.assertEqual({g.agent: g for g in self.auth.grants(subject="user_123")}["bot"], grant)
+
+    def test_granting_again_widens_and_keeps_the_tokens(self):
+        first = self.connect(scopes=["email:read"])
+        token = self.token()
+        self.clock.advance(10)
+        wider = self.connect(scopes=["calendar:read"])
+        self.assertEqual(wider.scopes, ("email:read", "calendar:read"))
+        self.assertEqual((wider.grant_id, wider.created_at, wider.updated_at), (first.grant_id, T0, T0 + 10))
+        self.assertEqual(self.auth.verify(token).sub, "user_123")
+
+    def test_a_narrowing_refuses_older_tokens_at_once(self):
+        self.connect()
+        child_parent = self.token(scopes=["email:read", "calendar:read"])
+        old = self.token()
+        child = self.auth.delegate(child_parent, agent="sub_bot", scopes=["email:read"]).token
+        narrowed = self.connect(scopes=["email:read"], replace=True)
+        self.assertEqual(narrowed.scopes, ("email:read",))
+        for token in (old, child):
+            with raises_exactly(self, RevokedError):
+                self.auth.verify(token)
+        self.clock.advance(1)
+        self.assertEqual(self.auth.verify(self.token()).agent, "bot")
+
+    def test_disconnect_refuses_every_token_of_that_agent_for_that_user(self):
+        self.connect()
+        self.connect(agent="other")
+        token = self.token(scopes=["email:read", "calendar:read"])
+        child = self.auth.delegate(token, agent="sub_bot", scopes=["email:read"]).token
+        kept = self.token(agent="other")
+        elsewhere = self.auth.issue(subject="user_999", agent="bot", scopes=["email:read"]).token
+        self.assertIs(self.auth.disconnect(subject="user_123", agent="bot"), True)
+        for refused in (token, child):
+            with raises_exactly(self, RevokedError):
+                self.auth.verify(refused)
+        self.assertEqual(self.auth.verify(kept).agent, "other")
+        self.assertEqual(self.auth.verify(elsewhere).sub, "user_999")
+        self.assertEqual([g.agent for g in self.auth.grants(subject="user_123")], ["other"])
+
+    def test_disconnect_twice_or_never_connected_is_a_no_op(self):
+        token = self.token()  # issued without a grant (require_grant is off)
+        self.assertIs(self.auth.disconnect(subject="user_123", agent="bot"), False)
+        self.assertEqual(self.auth.verify(token).agent, "bot")
+        self.connect()
+        self.assertIs(self.auth.disconnect(subject="user_123", agent="bot"), True)
+        self.assertIs(self.auth.disconnect(subject="user_123", agent="bot"), False)
+        self.assertEqual([e.type for e in self.events].count("disconnected"), 1)
+
+    def test_a_later_consent_works_again_from_the_next_second(self):
+        self.connect()
+        self.auth.disconnect(subject="user_123", agent="bot")
+        self.connect()
+        same_second = self.token()
+        with raises_exactly(self, RevokedError):
+            self.auth.verify(same_second)
+        self.clock.advance(1)
+        self.assertEqual(self.auth.verify(self.token()).agent, "bot")
+
+    def test_require_grant_refuses_what_the_user_did_not_grant(self):
+        auth = make_auth(store=self.auth.store, clock=self.clock, require_grant=True)
+        with raises_exactly(self, InvalidGrantError) as cm:
+            auth.issue(subject="user_123", agent="bot", scopes=["email:read"])
+        self.assertIn("grant()", str(cm.exception))
+        self.connect(scopes=["email:*"])
+        self.assertEqual(auth.verify(auth.issue(subject="user_123", agent="bot", scopes=["email:send"]).token).agent, "bot")
+        with raises_exactly(self, InvalidGrantError) as cm:
+            auth.issue(subject="user_123", agent="bot", scopes=["email:read", "calendar:read"])
+        self.assertEqual(cm.exception.oauth_error, "invalid_scope")
+        self.assertNotIn("calendar", str(cm.exception))
+        with raises_exactly(self, InvalidGrantError):
+            auth.issue(subject="user_999", agent="bot", scopes=["email:read"])  # another user's grant is not theirs
+        auth.disconnect(subject="user_123", agent="bot")
+        with raises_exactly(self, InvalidGrantError):
+            auth.issue(subject="user_123", agent="bot", scopes=["email:read"])
+
+    def test_require_grant_is_off_by_default(self):
+        self.assertIs(self.auth.require_grant, False)
+        self.assertEqual(self.auth.verify(self.token()).agent, "bot")
+
+    def test_bad_names_and_scopes_are_refused_like_issue(self):
+        cases = [
+            dict(subject="", agent="bot", scopes=["s"]),
+            dict(subject="u", agent="bad\x00agent", scopes=["s"]),
+            dict(subject="u", agent="bot", scopes="email:read"),
+            dict(subject="u", agent="bot", scopes=[]),
+            dict(subject="u", agent="bot", scopes=["has space"]),
+            dict(subject="u", agent="bot", scopes=["s"], agent_name=""),
+            dict(subject="u", agent="bot", scopes=["s"], agent_name="x" * 101),
+            dict(subject="u", agent="bot", scopes=["s"], agent_name="tab\there"),
+            dict(subject="u", agent="bot", scopes=["s"], agent_name=7),
+            dict(subject="u", agent="bot", scopes=["s"], agent_name="\ud800"),
+        ]
+        for kwargs in cases:
+            with self.subTest(kwargs=kwargs):
+                with raises_exactly(self, InvalidGrantError):
+                    self.auth.grant(**kwargs)
+        self.assertEqual(self.connect(agent_name="x" * 100).agent_name, "x" * 100)
+        for call in (lambda: self.auth.grants(subject=None), lambda: self.auth.disconnect(subject="u", agent="")):
+            with raises_exactly(self, InvalidGrantError):
+                call()
+        self.assertEqual([e.type for e in self.events], ["granted"])
+
+    def test_events_granted_and_disconnected(self):
+        self.connect(scopes=["email:read"])
+        self.clock.advance(3)
+        self.connect(scopes=["calendar:read"])
+        self.auth.disconnect(subject="user_123", agent="bot")
+        self.assertEqual(self.events, [
+            AgentEvent("granted", T0, None, "user_123", "bot", ("email:read",)),
+            AgentEvent("granted", T0 + 3, None, "user_123", "bot", ("email:read", "calendar:read")),
+            AgentEvent("disconnected", T0 + 3, None, "user_123", "bot", ()),
+        ])
+
+    def last_used(self, agent="bot"):
+        return {g.agent: g.last_used_at for g in self.auth.grants(subject="user_123")}[agent]
+
+    def test_verify_records_the_last_use_at_most_once_a_minute(self):
+        self.connect()
+        self.connect(agent="other")
+        token = self.token()
+        self.assertIsNone(self.last_used())
+        self.clock.advance(5)
+        self.auth.verify(token)
+        self.assertEqual(self.last_used(), T0 + 5)
+        self.clock.advance(59)
+        self.auth.verify(token)
+        self.assertEqual(self.last_used(), T0 + 5)  # throttled
+        self.auth.verify(self.token(agent="other"))
+        self.assertEqual(self.last_used("other"), T0 + 64)  # per grant
+        self.clock.advance(1)
+        self.auth.verify(token)
+        self.assertEqual(self.last_used(), T0 + 65)
+
+    def test_a_delegated_token_uses_its_root_agents_grant(self):
+        self.connect()
+        child = self.auth.delegate(self.token(), agent="sub_bot", scopes=["email:read"]).token
+        self.clock.advance(7)
+        self.auth.verify(child)
+        self.assertEqual(self.last_used(), T0 + 7)
+
+    def test_a_new_grant_records_its_first_use_at_once(self):
+        self.connect()
+        self.auth.verify(self.token())
+        self.auth.disconnect(subject="user_123", agent="bot")
+        self.clock.advance(2)
+        self.connect()
+        self.auth.verify(self.token())
+        self.assertEqual(self.last_used(), T0 + 2)
+
+    def test_a_failed_last_use_write_never_fails_verify(self):
+        self.connect()
+        token = self.token()
+        with unittest.mock.patch.object(type(self.auth.store), "touch_grant", side_effect=StoreUnavailableError("down")):
+            with self.assertLogs("agentauth", "WARNING") as logs:
+                claims = self.auth.verify(token)
+        self.assertEqual(claims.agent, "bot")
+        self.assertIn("StoreUnavailableError", logs.output[0])
+        self.assertNotIn(token, "".join(logs.output))
+
+
+class MemoryGrantsTests(GrantsContract, unittest.TestCase):
+    def make_store(self):
+        return MemoryStore()
+
+
+class SqliteGrantsTests(GrantsContract, unittest.TestCase):
+    def make_store(self):
+        directory = tempfile.mkdtemp(prefix="agentauth-test-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        store = SqliteStore(os.path.join(directory, "agentauth.db"))
+        self.addCleanup(store.close)
+        return store
+
+
+class GrantStoreRequirementTests(unittest.TestCase):
+    def test_a_store_without_grants_is_refused_naming_the_stores_that_can(self):
+        auth = make_auth(store=agentauth.RedisStore(FakeRedis()))
+        for call in (
+            lambda: auth.grant(subject="u", agent="bot", scopes=["s"]),
+            lambda: auth.grants(subject="u"),
+            lambda: auth.disconnect(subject="u", agent="bot"),
+        ):
+            with raises_exactly(self, InvalidConfigError) as cm:
+                call()
+            self.assertIn("MemoryStore or SqliteStore", str(cm.exception))
+        issued = auth.issue(subject="u", agent="bot", scopes=["s"])
+        self.assertEqual(auth.verify(issued.token).agent, "bot")  # verify records no last use, and works
+        with raises_exactly(self, InvalidConfigError):
+            make_auth(store=agentauth.RedisStore(FakeRedis()), require_grant=True)
+        with raises_exactly(self, InvalidConfigError):
+            make_auth(require_grant="yes")
+
+    def test_a_failing_custom_store_is_unavailable_and_nothing_is_reported_done(self):
+        class Broken(MemoryStore):
+            def save_grant(self, *args, **kwargs):
+                raise OSError("disk full")
+
+            def delete_grant(self, *args, **kwargs):
+                raise OSError("disk full")
+
+        events = []
+        auth = make_auth(store=Broken(), on_event=events.append)
+        with raises_exactly(self, StoreUnavailableError):
+            auth.grant(subject="u", agent="bot", scopes=["s"])
+        with raises_exactly(self, StoreUnavailableError):
+            auth.disconnect(subject="u", agent="bot")
+        self.assertEqual(events, [])
+
+    def test_require_grant_fails_closed_when_the_store_is_down(self):
+        class Down(MemoryStore):
+            def get_grant(self, subject, agent):
+                raise OSError("unreachable")
+
+        auth = make_auth(store=Down(), require_grant=True)
+        with raises_exactly(self, StoreUnavailableError):
+            auth.issue(subject="u", agent="bot", scopes=["s"])
 
 
 class AnswerStore:
@@ -5707,6 +6172,39 @@ class CommandLineTests(unittest.TestCase):
         self.assertEqual(claims["exp"] - claims["iat"], 600)
         self.assertRegex(err, r"valid for (9m5\d|10m00)s")
         self.assertIn("no revocation list was consulted", err)
+
+    def test_grants_and_disconnect_commands(self):
+        store = SqliteStore(self.db)
+        self.addCleanup(store.close)
+        auth = make_auth(store=store)  # T0 is before the command's real time, so its cutoff covers the token
+        auth.grant(subject="user_123", agent="bot", scopes=["email:read", "calendar:read"], agent_name="Research bot")
+        token = auth.issue(subject="user_123", agent="bot", scopes=["email:read"]).token
+        code, out, err = run_main("grants", "--db", self.db, "--subject", "user_123")
+        self.assertEqual(code, 0, err)
+        self.assertRegex(out, r"^bot \(Research bot\): email:read calendar:read; since \d{4}-.* UTC, never used\n$")
+        code, out, _ = run_main("grants", "--db", self.db, "--subject", "user_123", "--json")
+        self.assertEqual(code, 0)
+        [listed] = json.loads(out)
+        self.assertEqual((listed["agent"], listed["scopes"], listed["last_used_at"]), ("bot", ["email:read", "calendar:read"], None))
+        code, out, _ = run_main("disconnect", "--db", self.db, "--subject", "user_123", "--agent", "bot")
+        self.assertEqual((code, out), (0, "disconnected bot from user_123: its tokens are refused from now on\n"))
+        with raises_exactly(self, RevokedError):
+            auth.verify(token)
+        code, out, _ = run_main("disconnect", "--db", self.db, "--subject", "user_123", "--agent", "bot")
+        self.assertEqual((code, out), (0, "bot was not connected to user_123; nothing changed\n"))
+        self.assertEqual(run_main("grants", "--db", self.db, "--subject", "user_123")[1], "user_123 has no connected agents\n")
+
+    def test_grants_commands_refuse_a_missing_database_and_bad_names(self):
+        missing = os.path.join(os.path.dirname(self.db), "typo.db")
+        for argv in (("grants", "--db", missing, "--subject", "u"), ("disconnect", "--db", missing, "--subject", "u", "--agent", "b")):
+            code, out, err = run_main(*argv)
+            self.assertEqual((code, out), (3, ""))
+            self.assertIn("check --db", err)
+        self.assertFalse(os.path.exists(missing))
+        SqliteStore(self.db).close()
+        code, out, err = run_main("disconnect", "--db", self.db, "--subject", "u", "--agent", "bad\x01")
+        self.assertEqual((code, out), (2, ""))
+        self.assertIn("invalid_grant", err)
 
     def test_issue_json(self):
         code, out, _ = run_main("issue", "--subject", "u", "--agent", "bot", "--scope", "s", "--json")
