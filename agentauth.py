@@ -4523,6 +4523,10 @@ def _cmd_bench(args: Any, out: Any, err: Any) -> int:
         }
         token = stateless.issue(**grant).token
         make_memory, make_sqlite = make(memory_store), make(sqlite_store)
+        # Verify with a recorded grant: its last use is written at most once a minute.
+        granted = AgentAuth(secret=secret, issuer="bench", audience="bench", kid="k1", store=sqlite_store,
+                            check_revocation=False)
+        granted.grant(**grant)
         ed_key = Ed25519Key.generate()
         eddsa = AgentAuth(signing_key=ed_key, issuer="bench", audience="bench", check_revocation=False)
         ed_token = eddsa.issue(**grant).token
@@ -4532,6 +4536,7 @@ def _cmd_bench(args: Any, out: Any, err: Any) -> int:
             ("verify, stateless", lambda: stateless.verify(token, ["email:read"])),
             ("verify + MemoryStore", lambda: make_memory.verify(token, ["email:read"])),
             ("verify + SqliteStore", lambda: make_sqlite.verify(token, ["email:read"])),
+            ("verify + grant last use", lambda: granted.verify(token, ["email:read"])),
             ("issue, EdDSA", lambda: eddsa.issue(**grant)),
             ("verify, EdDSA", lambda: eddsa.verify(ed_token, ["email:read"])),
         ]

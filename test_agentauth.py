@@ -6393,7 +6393,7 @@ class CommandLineTests(unittest.TestCase):
     def test_bench_with_tiny_duration_prints_a_table(self):
         code, out, err = run_main("bench", "--seconds", "0.05", "--revocations", "10", env={})
         self.assertEqual(code, 0)
-        rows = ("issue, HS256", "verify, stateless", "verify + MemoryStore", "verify + SqliteStore", "issue, EdDSA", "verify, EdDSA")
+        rows = ("issue, HS256", "verify, stateless", "verify + MemoryStore", "verify + SqliteStore", "verify + grant last use", "issue, EdDSA", "verify, EdDSA")
         for row in rows:
             self.assertRegex(out, rf"{re.escape(row)}\s+[\d,]+\s+[\d.]+")
         self.assertIn("measuring", err)
