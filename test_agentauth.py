@@ -6401,7 +6401,7 @@ class CommandLineTests(unittest.TestCase):
     def test_version_and_help(self):
         code, out, _ = run_main("--version")
         self.assertEqual((code, out.strip()), (0, f"agentauth {agentauth.__version__}"))
-        for command in ("demo", "keygen", "issue", "verify", "decode", "revoke", "revocations", "bench"):
+        for command in ("demo", "keygen", "issue", "verify", "decode", "revoke", "revocations", "grants", "disconnect", "bench"):
             with self.subTest(command=command):
                 code, out, _ = run_main(command, "--help")
                 self.assertEqual(code, 0)
