@@ -65,6 +65,7 @@ __all__ = [
     "IssuedToken",
     "AgentEvent",
     "RevocationEntry",
+    "log_events",
     "Grant",
     # Stores
     "RevocationStore",
@@ -1438,6 +1439,50 @@ class AgentEvent(NamedTuple):
     error: Optional[str] = None
     parent_jti: Optional[str] = None
     parent_agent: Optional[str] = None
+
+
+class _EventLog:
+    """The ``on_event`` hook ``log_events()`` returns: one JSON object per event."""
+
+    __slots__ = ("_logger", "_verified")
+
+    def __init__(self, logger: Any, verified: bool) -> None:
+        self._logger = logger
+        self._verified = verified
+
+    def __call__(self, event: AgentEvent) -> None:
+        if event.type == "verified" and not self._verified:
+            return
+        # Every field of an event is a name, a code or a time: never a token,
+        # a key or a signature, so the whole event can be written out.
+        record = event._asdict()
+        record["scopes"] = list(event.scopes)
+        self._logger.info(_JSON_ENCODER.encode(record))
+
+    def __repr__(self) -> str:
+        return f"log_events(verified={self._verified!r})"
+
+
+def log_events(*, verified: bool = True) -> Callable[[AgentEvent], None]:
+    """Return an ``on_event`` hook that writes each event to the ``agentauth.audit`` logger.
+
+    Each event is one line of JSON at level INFO, its fields by name
+    (``{"type":"issued","time":1700000000.0,"jti":"...","subject":...}``);
+    Python's ``logging`` handlers take it from there (a file, rotation,
+    syslog, a log shipper). ``verified=False`` leaves out successful
+    verifies, the busiest event on a server; refusals ('denied') are kept.
+
+    Raises:
+        InvalidConfigError: ``verified`` is not a bool.
+
+    Security: events hold names, scopes, jtis and error codes only, never a
+    token or a key.
+    """
+    import logging
+
+    if type(verified) is not bool:
+        raise InvalidConfigError("verified must be True or False")
+    return _EventLog(logging.getLogger("agentauth.audit"), verified)
 
 
 class RevocationEntry(NamedTuple):

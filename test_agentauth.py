@@ -4301,6 +4301,62 @@ class EventTests(unittest.TestCase):
 # ---------------------------------------------------------------------------
 
 
+class AuditLogTests(unittest.TestCase):
+    def setUp(self):
+        self.auth = make_auth(on_event=agentauth.log_events())
+
+    def lines(self, logs):
+        return [json.loads(record.getMessage()) for record in logs.records]
+
+    def test_each_event_is_one_json_line_on_the_audit_logger(self):
+        with self.assertLogs("agentauth.audit", "INFO") as logs:
+            issued = self.auth.issue(subject="user_123", agent="bot", scopes=["email:read"])
+            self.auth.verify(issued.token)
+            with self.assertRaises(MissingScopeError):
+                self.auth.verify(issued.token, required_scopes=["email:send"])
+            self.auth.revoke(issued.token)
+        self.assertTrue(all(record.name == "agentauth.audit" and record.levelname == "INFO" for record in logs.records))
+        self.assertTrue(all("\n" not in record.getMessage() for record in logs.records))
+        events = self.lines(logs)
+        self.assertEqual([e["type"] for e in events], ["issued", "verified", "denied", "revoked"])
+        self.assertEqual(events[0], {"type": "issued", "time": T0, "jti": issued.jti, "subject": "user_123", "agent": "bot",
+                                     "scopes": ["email:read"], "error": None, "parent_jti": None, "parent_agent": None})
+        self.assertEqual(events[2]["error"], "insufficient_scope")
+
+    def test_verified_false_leaves_out_successful_verifies_only(self):
+        auth = make_auth(on_event=agentauth.log_events(verified=False))
+        token = auth.issue(subject="u", agent="a", scopes=["x"]).token
+        with self.assertLogs("agentauth.audit", "INFO") as logs:
+            auth.verify(token)
+            auth.verify(token)
+            with self.assertRaises(TokenInvalidError):
+                auth.verify(tamper(token, "signature"))
+        self.assertEqual([e["type"] for e in self.lines(logs)], ["denied"])
+        with raises_exactly(self, InvalidConfigError):
+            agentauth.log_events(verified="no")
+
+    def test_events_never_hold_a_token_or_a_key(self):
+        auth = make_auth(on_event=agentauth.log_events(), previous_secrets={"k0": OLD_SECRET})
+        with self.assertLogs("agentauth.audit", "INFO") as logs:
+            parent = auth.issue(subject="u", agent="a", scopes=["email:*"])
+            child = auth.delegate(parent.token, agent="sub", scopes=["email:read"])
+            auth.verify(child.token)
+            for bad in (tamper(parent.token, "signature"), parent.token + "x", "Bearer " + parent.token):
+                with self.assertRaises(TokenInvalidError):
+                    auth.verify(bad)
+            auth.revoke(parent.token)
+            with self.assertRaises(RevokedError):
+                auth.verify(child.token)
+        text = "\n".join(record.getMessage() for record in logs.records)
+        self.assertEqual(len(logs.records), 8)  # issued, delegated, verified, 3 denied, revoked, denied
+        for token in (parent.token, child.token):
+            for part in token.split("."):
+                self.assertNotIn(part, text)
+        for secret in (SECRET, OLD_SECRET):
+            for form in (secret.decode(), secret.hex(), b64url(secret)):
+                self.assertNotIn(form, text)
+
+
 class SecretTests(unittest.TestCase):
     def setUp(self):
         self.auth = make_auth(previous_secrets={"k0": OLD_SECRET})
