@@ -58,6 +58,7 @@ __all__ = [
     "jws_verify",
     # Keys
     "Ed25519Key",
+    "P256Key",
     # Scopes
     "scope_satisfies",
     # Claims and events
@@ -89,6 +90,8 @@ __all__ = [
 
 ALGORITHM = "HS256"
 ALGORITHM_EDDSA = "EdDSA"  # RFC 8037 §3.1: Ed25519 signatures in JOSE
+ALGORITHM_ED25519 = "Ed25519"  # RFC 9864 §2.2: the fully-specified name of the same signatures
+ALGORITHM_ES256 = "ES256"  # RFC 7518 §3.4: ECDSA P-256 SHA-256, raw r || s
 TOKEN_TYPE = "at+jwt"  # RFC 9068 §2.1
 _ACCEPTED_TYPES = frozenset(("at+jwt", "application/at+jwt"))  # compared lower-cased
 MIN_SECRET_BYTES = 32  # RFC 7518 §3.2: an HS256 key is at least the hash size
@@ -366,6 +369,7 @@ def _malformed_token_message(token: str) -> str:
 
 
 _HS256_ONLY = frozenset((ALGORITHM,))
+_EDDSA_NAMES = frozenset((ALGORITHM_EDDSA, ALGORITHM_ED25519))  # RFC 9864 §2.2: one algorithm, two names
 
 
 def _parse_header(head: str, algorithms: typing.AbstractSet[str] = _HS256_ONLY) -> Dict[str, Any]:
@@ -795,6 +799,304 @@ def _ed25519_public_ok(public: bytes) -> bool:
 
 
 # ---------------------------------------------------------------------------
+# P-256
+# ---------------------------------------------------------------------------
+
+#: ECDSA over NIST P-256 with SHA-256 (FIPS 186-5 §6.4, SEC 1 §4.1), pure
+#: standard library: what JOSE calls ES256 (RFC 7518 §3.4).
+#:
+#: Points are plain ints and tuples, as for Ed25519. Internally a point is
+#: Jacobian (X, Y, Z) with x = X/Z**2, y = Y/Z**3 and Z == 0 for the point at
+#: infinity, or affine (x, y) in tables.
+#:
+#: Scalar multiplication by a fixed point P uses a table: window i
+#: (0 <= i < 33) index t holds (t - 128) * 256**i * P (None for t == 128, the
+#: identity). A scalar below 2**256 plus 0x8080...80 (33 bytes) gives the
+#: signed digits t_i - 128, so [s]P is at most 33 mixed additions and no
+#: doubling. G's table is built on first use; a public key's table is built
+#: the second time the key verifies, and kept in a bounded cache (about 0.7 MB
+#: each). A key seen once is multiplied by a width-5 sliding window instead.
+#:
+#: The pure path is NOT constant-time: signing leaks timing that depends on
+#: the nonce and the private key. Verification handles public data only.
+
+_P256Table = List[List[Optional[Tuple[int, int]]]]
+
+#: Curve parameters (FIPS 186-5 / SEC 2 §2.4.2): y**2 = x**3 - 3x + b over GF(p), order n, cofactor 1.
+_P256_P = 0xFFFFFFFF00000001000000000000000000000000FFFFFFFFFFFFFFFFFFFFFFFF
+_P256_N = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
+_P256_B = 0x5AC635D8AA3A93E7B3EBBD55769886BC651D06B0CC53B0F63BCE3C3E27D2604B
+_P256_GX = 0x6B17D1F2E12C4247F8BCE6E563A440F277037D812DEB33A0F4A13945D898C296
+_P256_GY = 0x4FE342E2FE1A7F9B8EE7EB4A7C0F9E162BCE33576B315ECECBB6406837BF51F5
+_P256_BIAS = int.from_bytes(b"\x80" * 33, "little")  # turns 33 bytes into signed digits
+_P256_KEY_TABLES = 16  # public keys whose table is kept (LRU), about 0.7 MB each
+_P256_KEYS_SEEN = 1024  # public keys whose use count is kept (LRU), to tell a known key
+
+
+def _p256_on_curve(x: int, y: int) -> bool:
+    p = _P256_P
+    return 0 <= x < p and 0 <= y < p and (y * y - (x * x * x - 3 * x + _P256_B)) % p == 0
+
+
+def _p256_double(X: int, Y: int, Z: int) -> Tuple[int, int, int]:
+    # Jacobian doubling with a = -3 ("dbl-2001-b", 3M + 5S); [2]O = O, and a
+    # point with y == 0 does not exist on P-256 (odd order).
+    p = _P256_P
+    if Z == 0:
+        return 0, 1, 0
+    delta = Z * Z % p
+    gamma = Y * Y % p
+    beta = X * gamma % p
+    alpha = 3 * (X - delta) * (X + delta) % p
+    X3 = (alpha * alpha - 8 * beta) % p
+    Z3 = ((Y + Z) * (Y + Z) - gamma - delta) % p
+    Y3 = (alpha * (4 * beta - X3) - 8 * gamma * gamma) % p
+    return X3, Y3, Z3
+
+
+def _p256_add(X: int, Y: int, Z: int, x2: int, y2: int) -> Tuple[int, int, int]:
+    # Jacobian plus affine ("madd-2004-hmv", 8M + 3S), with the exceptional
+    # cases handled: either operand the identity, P + P, and P + (-P).
+    p = _P256_P
+    if Z == 0:
+        return x2, y2, 1
+    zz = Z * Z % p
+    h = (x2 * zz - X) % p
+    r = (y2 * zz % p * Z - Y) % p
+    if h == 0:
+        if r == 0:
+            return _p256_double(X, Y, Z)
+        return 0, 1, 0
+    hh = h * h % p
+    hhh = h * hh % p
+    v = X * hh % p
+    X3 = (r * r - hhh - 2 * v) % p
+    return X3, (r * (v - X3) - Y * hhh) % p, Z * h % p
+
+
+def _p256_add_jacobian(X1: int, Y1: int, Z1: int, X2: int, Y2: int, Z2: int) -> Tuple[int, int, int]:
+    # General Jacobian addition ("add-2007-bl" without its shortcuts), exceptional cases handled.
+    p = _P256_P
+    if Z1 == 0:
+        return X2, Y2, Z2
+    if Z2 == 0:
+        return X1, Y1, Z1
+    z1z1 = Z1 * Z1 % p
+    z2z2 = Z2 * Z2 % p
+    u1 = X1 * z2z2 % p
+    u2 = X2 * z1z1 % p
+    s1 = Y1 * Z2 % p * z2z2 % p
+    s2 = Y2 * Z1 % p * z1z1 % p
+    h = (u2 - u1) % p
+    r = (s2 - s1) % p
+    if h == 0:
+        if r == 0:
+            return _p256_double(X1, Y1, Z1)
+        return 0, 1, 0
+    hh = h * h % p
+    hhh = h * hh % p
+    v = u1 * hh % p
+    X3 = (r * r - hhh - 2 * v) % p
+    return X3, (r * (v - X3) - s1 * hhh) % p, Z1 * Z2 % p * h % p
+
+
+def _p256_normalize(points: List[Tuple[int, int, int]]) -> List[Optional[Tuple[int, int]]]:
+    # Jacobian to affine with one inversion for the whole list (Montgomery's
+    # trick); the identity becomes None.
+    p = _P256_P
+    prefix = []
+    acc = 1
+    for _X, _Y, Z in points:
+        prefix.append(acc)
+        if Z:
+            acc = acc * Z % p
+    inv = pow(acc, -1, p)
+    out: List[Optional[Tuple[int, int]]] = [None] * len(points)
+    for j in range(len(points) - 1, -1, -1):
+        X, Y, Z = points[j]
+        if not Z:
+            continue
+        zi = inv * prefix[j] % p
+        inv = inv * Z % p
+        zi2 = zi * zi % p
+        out[j] = (X * zi2 % p, Y * zi2 % p * zi % p)
+    return out
+
+
+def _p256_table(x: int, y: int) -> _P256Table:
+    # Window i, index t holds (t - 128) * 256**i * (x, y), affine; None at t == 128.
+    p = _P256_P
+    table: _P256Table = []
+    for _ in range(33):
+        multiples = [(x, y, 1), _p256_double(x, y, 1)]
+        X, Y, Z = multiples[1]
+        for _ in range(126):  # 3Q .. 128Q
+            X, Y, Z = _p256_add(X, Y, Z, x, y)
+            multiples.append((X, Y, Z))
+        multiples.append(_p256_double(X, Y, Z))  # 256Q: the next window's Q
+        affine = _p256_normalize(multiples)
+        window: List[Optional[Tuple[int, int]]] = [None] * 256
+        for j in range(128):
+            point = affine[j]
+            if point is not None:
+                ax, ay = point
+                if j < 127:  # +128 is not a digit
+                    window[129 + j] = (ax, ay)
+                window[127 - j] = (ax, (p - ay) % p)
+        table.append(window)
+        nxt = affine[128]
+        if nxt is None:  # only for a point of small order, which P-256 has not
+            break
+        x, y = nxt
+    return table
+
+
+@functools.lru_cache(maxsize=None)
+def _p256_base_table() -> _P256Table:
+    # Built on first use (33 windows of 256 entries), never at import time.
+    return _p256_table(_P256_GX, _P256_GY)
+
+
+def _p256_mul_table(scalar: int, table: _P256Table, X: int = 0, Y: int = 1, Z: int = 0) -> Tuple[int, int, int]:
+    # (X, Y, Z) + [scalar]P from P's table; scalar must be below 2**256.
+    for window, t in zip(table, (scalar + _P256_BIAS).to_bytes(33, "little")):
+        point = window[t]
+        if point is not None:
+            X, Y, Z = _p256_add(X, Y, Z, *point)
+    return X, Y, Z
+
+
+def _p256_mul_window(scalar: int, x: int, y: int) -> Tuple[int, int, int]:
+    # [scalar](x, y) by a width-5 sliding window: 255 doublings and about 50
+    # additions, after 16 odd multiples; for keys not worth a table.
+    p = _P256_P
+    dbl = _p256_double(x, y, 1)
+    odd = [(x, y, 1)]
+    for _ in range(15):
+        odd.append(_p256_add_jacobian(*odd[-1], *dbl))
+    affine = _p256_normalize(odd)
+    X, Y, Z = 0, 1, 0
+    i = scalar.bit_length() - 1
+    while i >= 0:
+        if not (scalar >> i) & 1:
+            X, Y, Z = _p256_double(X, Y, Z)
+            i -= 1
+            continue
+        low = max(i - 4, 0)
+        while not (scalar >> low) & 1:
+            low += 1
+        digit = (scalar >> low) & ((1 << (i - low + 1)) - 1)
+        for _ in range(i - low + 1):
+            X, Y, Z = _p256_double(X, Y, Z)
+        point = affine[digit >> 1]
+        if point is not None:
+            X, Y, Z = _p256_add(X, Y, Z, *point)
+        i = low - 1
+    return X, Y, Z
+
+
+def _p256_affine(X: int, Y: int, Z: int) -> Optional[Tuple[int, int]]:
+    if Z == 0:
+        return None
+    p = _P256_P
+    zi = pow(Z, -1, p)
+    zi2 = zi * zi % p
+    return X * zi2 % p, Y * zi2 % p * zi % p
+
+
+def _p256_split(signature: bytes) -> Optional[Tuple[int, int]]:
+    # RFC 7518 §3.4: exactly 64 bytes, r then s, big-endian; FIPS 186-5
+    # §6.4.2 step 1: 0 < r, s < n. Shared by both backends.
+    if len(signature) != 64:
+        return None
+    r = int.from_bytes(signature[:32], "big")
+    s = int.from_bytes(signature[32:], "big")
+    if not (0 < r < _P256_N and 0 < s < _P256_N):
+        return None
+    return r, s
+
+
+class _P256Verifier:
+    """ECDSA P-256 SHA-256 verification against one public point (FIPS 186-5 §6.4.2)."""
+
+    __slots__ = ("x", "y", "uses")
+
+    def __init__(self, x: int, y: int) -> None:
+        self.x, self.y = x, y
+        self.uses = 0
+
+    def verify(self, message: bytes, signature: bytes) -> bool:
+        try:
+            parts = _p256_split(_ed25519_bytes(signature))
+            digest = hashlib.sha256(message).digest()
+        except TypeError:
+            return False
+        if parts is None:
+            return False
+        r, s = parts
+        n = _P256_N
+        w = pow(s, -1, n)
+        u1 = int.from_bytes(digest, "big") * w % n
+        u2 = r * w % n
+        self.uses += 1
+        # A key seen again earns its table; a flood of one-off keys builds none.
+        table = _p256_key_table(self.x, self.y) if self.uses >= 2 else None
+        if table is None:
+            X, Y, Z = _p256_mul_window(u2, self.x, self.y)
+        else:
+            X, Y, Z = _p256_mul_table(u2, table)
+        X, Y, Z = _p256_mul_table(u1, _p256_base_table(), X, Y, Z)
+        if Z == 0:  # R is the point at infinity (step 5)
+            return False
+        # x(R) mod n == r, without an inversion: x(R) = X / Z**2 is below p,
+        # so x(R) mod n is r exactly when x(R) is r or r + n (p > n).
+        p = _P256_P
+        zz = Z * Z % p
+        if (r * zz - X) % p == 0:
+            return True
+        return r + n < p and ((r + n) * zz - X) % p == 0
+
+
+@functools.lru_cache(maxsize=_P256_KEYS_SEEN)
+def _p256_verifier(x: int, y: int) -> _P256Verifier:
+    """One verifier per public point, shared by every key object of it: it counts the point's uses."""
+    return _P256Verifier(x, y)
+
+
+@functools.lru_cache(maxsize=_P256_KEY_TABLES)
+def _p256_key_table(x: int, y: int) -> _P256Table:
+    """One table per public point (about 15 ms and 0.7 MB to build), shared by every key object of it."""
+    return _p256_table(x, y)
+
+
+class _P256Signer:
+    """ECDSA P-256 SHA-256 signing with a random nonce (FIPS 186-5 §6.4.1)."""
+
+    __slots__ = ("_d",)
+
+    def __init__(self, d: int) -> None:
+        self._d = d
+
+    def sign(self, message: bytes) -> bytes:
+        # Not constant-time (see the comment at the top of this block).
+        n = _P256_N
+        e = int.from_bytes(hashlib.sha256(message).digest(), "big")
+        while True:
+            k = secrets.randbelow(n - 1) + 1
+            point = _p256_affine(*_p256_mul_table(k, _p256_base_table()))
+            if point is None:
+                continue
+            r = point[0] % n
+            s = pow(k, -1, n) * (e + r * self._d) % n
+            if r and s:
+                return r.to_bytes(32, "big") + s.to_bytes(32, "big")
+
+
+def _p256_public_point(d: int) -> Tuple[int, int]:
+    return typing.cast(Tuple[int, int], _p256_affine(*_p256_mul_table(d, _p256_base_table())))
+
+
+# ---------------------------------------------------------------------------
 # Keys
 # ---------------------------------------------------------------------------
 
@@ -803,6 +1105,7 @@ class _HmacKey:
     """One HS256 key, prepared once: ``hmac.copy()`` skips the key schedule."""
 
     __slots__ = ("kid", "alg", "_mac")
+    algs = _HS256_ONLY  # the algorithm names this key verifies
 
     def __init__(self, secret: bytes, kid: Optional[str]) -> None:
         self.kid = kid
@@ -1006,12 +1309,18 @@ class Ed25519Key:
         """Return the public key as PEM SubjectPublicKeyInfo (RFC 8410 §4)."""
         return _pem("PUBLIC KEY", _SPKI_PREFIX + self.public_bytes)
 
-    def public_jwk(self, kid: Optional[str] = None) -> Dict[str, Any]:
-        """Return the public key as an RFC 8037 JWK for a JWKS (``use`` sig, ``alg`` EdDSA)."""
+    def public_jwk(self, kid: Optional[str] = None, *, alg: str = ALGORITHM_EDDSA) -> Dict[str, Any]:
+        """Return the public key as an RFC 8037 JWK for a JWKS (``use`` sig, ``alg`` EdDSA).
+
+        ``alg="Ed25519"`` names the algorithm as RFC 9864 §2.2 does; older
+        readers (PyJWT) know only "EdDSA".
+        """
+        if alg not in _EDDSA_NAMES:
+            raise InvalidConfigError('alg must be "EdDSA" or "Ed25519"')
         jwk: Dict[str, Any] = {"kty": "OKP", "crv": "Ed25519", "x": _b64encode(self.public_bytes)}
         if kid is not None:
             jwk["kid"] = kid
-        jwk.update(use="sig", alg=ALGORITHM_EDDSA)
+        jwk.update(use="sig", alg=alg)
         return jwk
 
     def private_jwk(self, kid: Optional[str] = None) -> Dict[str, Any]:
@@ -1050,14 +1359,261 @@ def _pem(label: str, der: bytes) -> str:
     return "\n".join([f"-----BEGIN {label}-----", *lines, f"-----END {label}-----"]) + "\n"
 
 
+#: SEC 1 / RFC 5480 DER for P-256 keys: a SubjectPublicKeyInfo before its
+#: 65-byte uncompressed point, a PKCS#8 (RFC 5208, as ``openssl genpkey``
+#: writes it) and a SEC 1 ``EC PRIVATE KEY`` before the 32-byte private
+#: scalar, each followed by the public point after _P256_PUBLIC_TAG.
+_P256_SPKI_PREFIX = bytes.fromhex("3059301306072a8648ce3d020106082a8648ce3d030107034200")
+_P256_PKCS8_PREFIX = bytes.fromhex("308187020100301306072a8648ce3d020106082a8648ce3d030107046d306b0201010420")
+_P256_SEC1_PREFIX = bytes.fromhex("30770201010420")
+_P256_SEC1_PARAMS = bytes.fromhex("a00a06082a8648ce3d030107")
+_P256_PUBLIC_TAG = bytes.fromhex("a144034200")
+
+
+@functools.lru_cache(maxsize=None)
+def _crypto_ec() -> Any:
+    """Return the ``cryptography`` package's EC modules if importable, else None.
+
+    Checked once, on the first P-256 key, never at import time.
+    """
+    try:
+        from cryptography.exceptions import InvalidSignature
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.asymmetric import ec, utils
+    except ImportError:
+        return None
+    return types.SimpleNamespace(
+        ec=ec, utils=utils, algorithm=ec.ECDSA(hashes.SHA256()), InvalidSignature=InvalidSignature
+    )
+
+
+class P256Key:
+    """An ECDSA P-256 key (ES256, RFC 7518 §3.4): private (signs and verifies) or public only.
+
+    Build one with ``generate()``, ``from_private_value()``, ``from_public_point()``,
+    ``from_pem()`` (PKCS#8, SEC 1 ``EC PRIVATE KEY`` or SubjectPublicKeyInfo,
+    as ``openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256``
+    writes them) or ``from_jwk()`` (RFC 7518 §6.2). Signatures are JOSE's
+    raw 64 bytes ``r || s``, never DER.
+
+    The ``cryptography`` package does the arithmetic when it is importable
+    (``backend == "cryptography"``); otherwise this module's own
+    implementation does (``"pure"``). Both apply the same strict checks: the
+    public point on the curve, 0 < r, s < n, exactly 64 bytes. ECDSA itself
+    is malleable: ``(r, n - s)`` is a second valid signature of the same
+    message, so never use signature bytes as an identifier.
+
+    Security: the pure-Python signer is not constant-time; on a host where
+    an attacker can time signing, install ``cryptography``. A key's repr
+    never shows private material.
+
+    Raises:
+        InvalidConfigError: malformed key material, a point not on the curve,
+            or a private value out of range.
+    """
+
+    __slots__ = ("x", "y", "backend", "_d", "_signer", "_verifier")
+
+    def __init__(self, d: Optional[int], x: int, y: int) -> None:
+        """Use the ``from_*`` constructors; this one trusts its arguments."""
+        self._d = d
+        self.x, self.y = x, y
+        self.backend = "pure" if _crypto_ec() is None else "cryptography"
+        self._signer: Any = None
+        self._verifier: Any = None
+
+    @classmethod
+    def generate(cls) -> "P256Key":
+        """Return a new random private key."""
+        return cls.from_private_value(secrets.randbelow(_P256_N - 1) + 1)
+
+    @classmethod
+    def from_private_value(cls, d: int) -> "P256Key":
+        """Return the private key of the scalar ``d`` (1 <= d < n)."""
+        if type(d) is not int or not 0 < d < _P256_N:
+            raise InvalidConfigError("a P-256 private value is an integer between 1 and n - 1")
+        crypto = _crypto_ec()
+        if crypto is None:
+            x, y = _p256_public_point(d)
+            signer: Any = _P256Signer(d)
+        else:
+            signer = crypto.ec.derive_private_key(d, crypto.ec.SECP256R1())
+            numbers = signer.public_key().public_numbers()
+            x, y = numbers.x, numbers.y
+        key = cls(d, x, y)
+        key._signer = signer
+        return key
+
+    @classmethod
+    def from_public_point(cls, x: int, y: int) -> "P256Key":
+        """Return the public key of the affine point (x, y).
+
+        Raises:
+            InvalidConfigError: the point is not on P-256 (an invalid-curve
+                attack key), or a coordinate is out of range.
+        """
+        if type(x) is not int or type(y) is not int or not _p256_on_curve(x, y):
+            raise InvalidConfigError("not a valid P-256 public key: the point is not on the curve")
+        return cls(None, x, y)
+
+    @classmethod
+    def from_pem(cls, text: Union[str, bytes]) -> "P256Key":
+        """Read a PEM PKCS#8 or SEC 1 private key, or a SubjectPublicKeyInfo public key."""
+        if isinstance(text, bytes):
+            text = text.decode("ascii", "replace")
+        blocks = list(_PEM.finditer(text)) if isinstance(text, str) else []
+        if len(blocks) != 1:
+            raise InvalidConfigError("expected exactly one PEM block")
+        label, body = blocks[0].group(1), blocks[0].group(2)
+        try:
+            der = binascii.a2b_base64(body.encode("ascii"))
+        except binascii.Error as exc:
+            raise InvalidConfigError("the PEM block is not base64") from exc
+        if label == "PUBLIC KEY" and len(der) == 91 and der.startswith(_P256_SPKI_PREFIX + b"\x04"):
+            return cls.from_public_point(int.from_bytes(der[27:59], "big"), int.from_bytes(der[59:], "big"))
+        if label == "PRIVATE KEY" and len(der) == 138 and der.startswith(_P256_PKCS8_PREFIX):
+            d, rest = der[36:68], der[68:]
+        elif label == "EC PRIVATE KEY" and len(der) == 121 and der.startswith(_P256_SEC1_PREFIX):
+            d, rest = der[7:39], der[39:]
+            if not rest.startswith(_P256_SEC1_PARAMS):
+                raise InvalidConfigError("not a P-256 SEC 1 private key")
+            rest = rest[len(_P256_SEC1_PARAMS) :]
+        else:
+            raise InvalidConfigError("not a P-256 PKCS#8 or SEC 1 private key or SubjectPublicKeyInfo public key")
+        if not rest.startswith(_P256_PUBLIC_TAG + b"\x04") or len(rest) != 70:
+            raise InvalidConfigError("the private key does not carry its public point")
+        key = cls.from_private_value(int.from_bytes(d, "big"))
+        if (key.x, key.y) != (int.from_bytes(rest[6:38], "big"), int.from_bytes(rest[38:], "big")):
+            raise InvalidConfigError("the PEM's public point does not belong to its private value")
+        return key
+
+    @classmethod
+    def from_jwk(cls, jwk: Mapping[str, Any]) -> "P256Key":
+        """Read an RFC 7518 §6.2 EC JWK on P-256: private when it has "d", public otherwise."""
+        if not isinstance(jwk, Mapping) or jwk.get("kty") != "EC" or jwk.get("crv") != "P-256":
+            raise InvalidConfigError('not a P-256 JWK (kty "EC", crv "P-256")')
+        try:
+            x, y = _b64decode_checked(jwk.get("x")), _b64decode_checked(jwk.get("y"))
+            d = None if "d" not in jwk else _b64decode_checked(jwk.get("d"))
+        except ValueError as exc:
+            raise InvalidConfigError("the JWK's x, y or d is not base64url") from exc
+        # RFC 7518 §6.2.1.2, §6.2.2.1: each member is the full 32 bytes.
+        if len(x) != 32 or len(y) != 32 or (d is not None and len(d) != 32):
+            raise InvalidConfigError("the JWK's x, y and d must be 32 bytes each")
+        public = cls.from_public_point(int.from_bytes(x, "big"), int.from_bytes(y, "big"))
+        if d is None:
+            return public
+        key = cls.from_private_value(int.from_bytes(d, "big"))
+        if (key.x, key.y) != (public.x, public.y):
+            raise InvalidConfigError("the JWK's x and y do not belong to its d")
+        return key
+
+    @property
+    def is_private(self) -> bool:
+        """True when this key can sign."""
+        return self._d is not None
+
+    def public_key(self) -> "P256Key":
+        """Return this key without its private part."""
+        return P256Key(None, self.x, self.y)
+
+    def sign(self, message: bytes) -> bytes:
+        """Return the 64-byte ES256 signature ``r || s`` of ``message`` (random nonce).
+
+        Raises:
+            InvalidConfigError: a public key cannot sign.
+        """
+        if self._signer is None:
+            raise InvalidConfigError("a public P-256 key cannot sign")
+        if isinstance(self._signer, _P256Signer):
+            return self._signer.sign(message)
+        crypto = _crypto_ec()
+        r, s = crypto.utils.decode_dss_signature(self._signer.sign(message, crypto.algorithm))
+        return r.to_bytes(32, "big") + s.to_bytes(32, "big")
+
+    def verify(self, message: bytes, signature: bytes) -> bool:
+        """Tell whether ``signature`` (64 bytes, ``r || s``) is a valid ES256 signature of ``message``.
+
+        Strict on both backends: exactly 64 bytes, 0 < r, s < n. Never raises.
+        """
+        verifier = self._verifier
+        if verifier is None:
+            verifier = self._verifier = self._make_verifier()
+        return verifier(message, signature)
+
+    def _make_verifier(self) -> Callable[[bytes, bytes], bool]:
+        crypto = _crypto_ec()
+        if crypto is None:
+            return _p256_verifier(self.x, self.y).verify
+        public = crypto.ec.EllipticCurvePublicNumbers(self.x, self.y, crypto.ec.SECP256R1()).public_key()
+        encode, algorithm, invalid = crypto.utils.encode_dss_signature, crypto.algorithm, crypto.InvalidSignature
+
+        def verify(message: bytes, signature: bytes) -> bool:
+            try:
+                parts = _p256_split(_ed25519_bytes(signature))
+                if parts is None:  # the same range checks as the pure path, before DER
+                    return False
+                public.verify(encode(*parts), message, algorithm)
+            except (invalid, TypeError, ValueError):  # never raises, like the pure path
+                return False
+            return True
+
+        return verify
+
+    def _coordinates(self) -> Tuple[str, str]:
+        return _b64encode(self.x.to_bytes(32, "big")), _b64encode(self.y.to_bytes(32, "big"))
+
+    def private_pem(self) -> str:
+        """Return the private key as PEM PKCS#8 (RFC 5915 inside RFC 5208), as ``openssl`` writes it."""
+        if self._d is None:
+            raise InvalidConfigError("a public P-256 key has no private part")
+        point = b"\x04" + self.x.to_bytes(32, "big") + self.y.to_bytes(32, "big")
+        return _pem("PRIVATE KEY", _P256_PKCS8_PREFIX + self._d.to_bytes(32, "big") + _P256_PUBLIC_TAG + point)
+
+    def public_pem(self) -> str:
+        """Return the public key as PEM SubjectPublicKeyInfo (RFC 5480)."""
+        point = b"\x04" + self.x.to_bytes(32, "big") + self.y.to_bytes(32, "big")
+        return _pem("PUBLIC KEY", _P256_SPKI_PREFIX + point)
+
+    def public_jwk(self, kid: Optional[str] = None) -> Dict[str, Any]:
+        """Return the public key as an RFC 7518 §6.2 JWK (``use`` sig, ``alg`` ES256)."""
+        x, y = self._coordinates()
+        jwk: Dict[str, Any] = {"kty": "EC", "crv": "P-256", "x": x, "y": y}
+        if kid is not None:
+            jwk["kid"] = kid
+        jwk.update(use="sig", alg=ALGORITHM_ES256)
+        return jwk
+
+    def private_jwk(self, kid: Optional[str] = None) -> Dict[str, Any]:
+        """Return the private key as an RFC 7518 §6.2 JWK (with "d"): keep it secret."""
+        if self._d is None:
+            raise InvalidConfigError("a public P-256 key has no private part")
+        return {**self.public_jwk(kid), "d": _b64encode(self._d.to_bytes(32, "big"))}
+
+    def thumbprint(self) -> str:
+        """Return the RFC 7638 JWK thumbprint (crv, kty, x, y; sorted, no white space)."""
+        canonical = '{"crv":"P-256","kty":"EC","x":"%s","y":"%s"}' % self._coordinates()
+        return _b64encode(hashlib.sha256(canonical.encode("ascii")).digest())
+
+    def __repr__(self) -> str:
+        kind = "private" if self._d is not None else "public"
+        x, y = self._coordinates()
+        return f"P256Key({kind}, x={x!r}, y={y!r}, backend={self.backend!r})"
+
+
 class _EdDSAKey:
-    """An Ed25519 key bound to the EdDSA algorithm (RFC 8037 §3.1) and a kid."""
+    """An Ed25519 key bound to the EdDSA algorithm (RFC 8037 §3.1) and a kid.
+
+    It verifies tokens that name the algorithm "EdDSA" or, as RFC 9864 §2.2
+    does, "Ed25519"; ``alg`` is the name it signs with.
+    """
 
     __slots__ = ("kid", "alg", "key")
+    algs = _EDDSA_NAMES
 
-    def __init__(self, key: Ed25519Key, kid: Optional[str]) -> None:
+    def __init__(self, key: Ed25519Key, kid: Optional[str], alg: str = ALGORITHM_EDDSA) -> None:
         self.kid = kid
-        self.alg = ALGORITHM_EDDSA  # the key is bound to its algorithm
+        self.alg = alg  # the key is bound to its algorithm
         self.key = key
 
     def sign(self, signing_input: bytes) -> str:
@@ -1108,7 +1664,7 @@ def _parse_jwks(document: Any) -> Dict[str, _EdDSAKey]:
             jwk.get("kty") == "OKP"
             and jwk.get("crv") == "Ed25519"
             and jwk.get("use", "sig") == "sig"
-            and jwk.get("alg", ALGORITHM_EDDSA) == ALGORITHM_EDDSA
+            and jwk.get("alg", ALGORITHM_EDDSA) in _EDDSA_NAMES
             and ("key_ops" not in jwk or (type(jwk["key_ops"]) is list and "verify" in jwk["key_ops"]))
         )
         if not usable:
@@ -1121,7 +1677,7 @@ def _parse_jwks(document: Any) -> Dict[str, _EdDSAKey]:
             public = Ed25519Key.from_jwk({"kty": "OKP", "crv": "Ed25519", "x": jwk.get("x")})
         except InvalidConfigError as exc:
             raise ValueError(f"key {kid!r}: {exc}") from exc
-        keys[kid] = _EdDSAKey(public, kid)
+        keys[kid] = _EdDSAKey(public, kid, jwk.get("alg", ALGORITHM_EDDSA))
     return keys
 
 
@@ -2321,7 +2877,12 @@ class AgentAuth:
         InvalidConfigError: neither or both of secret and signing_key, a
             secret shorter than 32 bytes or easy to guess (a published
             example, a repeated pattern, a run like "1234..."), an empty issuer or audience, a
-            non-positive or inconsistent duration, a rotation key without a kid.
+            non-positive or inconsistent duration, a rotation key without a kid,
+            an ``alg`` that does not fit the key.
+
+    ``alg`` names the algorithm in the tokens' header: "HS256" for a secret;
+    "EdDSA" (the default) or "Ed25519" (RFC 9864 §2.2) for an Ed25519 key.
+    Verification accepts both names for Ed25519 keys whatever ``alg`` says.
 
     Security: an HS256 secret both mints and verifies; give it only to
     services that may mint, or use EdDSA and give verifiers the JWKS. Keep
@@ -2349,6 +2910,7 @@ class AgentAuth:
         require_grant: bool = False,
         on_event: Optional[Callable[[AgentEvent], Any]] = None,
         clock: Callable[[], float] = time.time,
+        alg: Optional[str] = None,
     ) -> None:
         self._configure(
             issuer=issuer,
@@ -2374,12 +2936,17 @@ class AgentAuth:
             raise InvalidConfigError("kid must be a non-empty string")
         signing: Union[_HmacKey, _EdDSAKey]
         if secret is not None:
+            if alg not in (None, ALGORITHM):
+                raise InvalidConfigError('alg of a secret can only be "HS256"')
             signing = _HmacKey(_as_key(secret, "secret"), kid)
         else:
             if not isinstance(signing_key, Ed25519Key) or not signing_key.is_private:
                 raise InvalidConfigError("signing_key must be a private Ed25519Key")
             kid = signing_key.thumbprint() if kid is None else kid  # RFC 7638: a stable default kid
-            signing = _EdDSAKey(signing_key, kid)
+            # "EdDSA" by default: PyJWT and other readers do not know RFC 9864's "Ed25519" yet.
+            if alg is not None and alg not in _EDDSA_NAMES:
+                raise InvalidConfigError('alg of an Ed25519 signing_key must be "EdDSA" or "Ed25519"')
+            signing = _EdDSAKey(signing_key, kid, ALGORITHM_EDDSA if alg is None else alg)
         self.kid = kid
         keys: Dict[str, Union[_HmacKey, _EdDSAKey]] = {} if kid is None else {kid: signing}
         for label, previous in (("previous_secrets", previous_secrets), ("previous_keys", previous_keys)):
@@ -2522,11 +3089,11 @@ class AgentAuth:
     def _set_keys(self, keys: Mapping[str, Union[_HmacKey, _EdDSAKey]]) -> None:
         """Hold these verification keys (by kid); accept exactly their algorithms."""
         self._keys = dict(keys)
-        algorithms = {key.alg for key in self._keys.values()}
+        algorithms = {alg for key in self._keys.values() for alg in key.algs}
         if self._signing_key is not None:
-            algorithms.add(self._signing_key.alg)
+            algorithms.update(self._signing_key.algs)
         if self._jwks is not None:  # a fetched key set brings EdDSA keys only
-            algorithms.add(ALGORITHM_EDDSA)
+            algorithms.update(_EDDSA_NAMES)
         self._algorithms = frozenset(algorithms)
         self._header_cache: Dict[str, Union[_HmacKey, _EdDSAKey]] = {}
 
@@ -2538,7 +3105,7 @@ class AgentAuth:
         Raises:
             InvalidConfigError: this instance holds no EdDSA key.
         """
-        public = [key.key.public_jwk(kid) for kid, key in self._keys.items() if isinstance(key, _EdDSAKey)]
+        public = [key.key.public_jwk(kid, alg=key.alg) for kid, key in self._keys.items() if isinstance(key, _EdDSAKey)]
         if not public:
             raise InvalidConfigError("this instance holds no EdDSA key to publish")
         return {"keys": public}
@@ -2678,7 +3245,7 @@ class AgentAuth:
         # A parent signed by a key of another algorithm (an HS256 secret kept
         # while moving to EdDSA) must not become an EdDSA token: every holder
         # of that secret could otherwise mint one for anyone.
-        if _parse_header(parent_token.split(".", 1)[0], self._algorithms)["alg"] != signing.alg:
+        if _parse_header(parent_token.split(".", 1)[0], self._algorithms)["alg"] not in signing.algs:
             raise InvalidGrantError("the parent token is not signed with this issuer's algorithm")
         self._check_revocation(parent)
         _name(agent, "agent")
@@ -2773,7 +3340,7 @@ class AgentAuth:
             raise TokenInvalidError("token key id is unknown")
         # RFC 8725 §2.1: a key verifies only its own algorithm (no HS256
         # token checked with an Ed25519 public key, nor the reverse).
-        if key.alg != header["alg"]:
+        if header["alg"] not in key.algs:
             raise TokenInvalidError("token algorithm does not match its key")
         return key
 

@@ -46,6 +46,7 @@ from agentauth import (
     IssuedToken,
     MemoryStore,
     MissingScopeError,
+    P256Key,
     RevocationEntry,
     RevokedError,
     SqliteStore,
@@ -1067,6 +1068,320 @@ class OpenSslInteropTests(unittest.TestCase):
         self.assertIs(Ed25519Key.from_pem(key.public_pem()).verify(message, theirs), True)
 
 
+# -- P-256 (ES256) -----------------------------------------------------------------
+
+WYCHEPROOF_P256 = os.path.join(HERE, "vectors", "wycheproof", "ecdsa_secp256r1_sha256_p1363_test.json")
+P256_P = 2**256 - 2**224 + 2**192 + 2**96 - 1  # SEC 2 §2.4.2: the field prime
+P256_N = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551  # the group order
+P256_D = 0xC9AFA9D845BA75166B5C215767B1D6934E50C3DB36E89B127B8A622B120F6721  # RFC 6979 §A.2.5's private key
+P256_X = 0x60FED4BA255A9D31C961EB74C6356D68C049B8923B61FA6CE669622E60F29FB6
+P256_Y = 0x7903FE1008B8BC99A41AE9E95628BC64F2F1B20C2D7E9F5177A3C294D4462299
+
+
+def pure_p256():
+    """Patch agentauth so P-256 keys built inside use the standard-library path."""
+    return unittest.mock.patch.object(agentauth, "_crypto_ec", lambda: None)
+
+
+def load_wycheproof_p256() -> dict:
+    with open(WYCHEPROOF_P256, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def p256_jwk_thumbprint(x: str, y: str) -> str:
+    """RFC 7638 §3 for an EC key, computed here: SHA-256 of the required members, sorted, no white space."""
+    canonical = json.dumps({"kty": "EC", "crv": "P-256", "x": x, "y": y}, sort_keys=True, separators=(",", ":"))
+    return b64url(hashlib.sha256(canonical.encode("ascii")).digest())
+
+
+class P256Contract:
+    """ES256 behaviour both backends share; mixed into one TestCase per backend."""
+
+    backend = ""  # "pure" or "cryptography"
+
+    def setUp(self):
+        if self.backend == "pure":
+            patcher = pure_p256()
+            patcher.start()
+            self.addCleanup(patcher.stop)
+        self.key = P256Key.from_private_value(P256_D)
+        self.message = b"eyJ0eXAiOiJkcG9wK2p3dCJ9.eyJqdGkiOiJ4In0"
+        self.signature = self.key.sign(self.message)
+
+    def test_keys_use_this_backend(self):
+        self.assertEqual(self.key.backend, self.backend)
+        self.assertEqual(P256Key.from_public_point(self.key.x, self.key.y).backend, self.backend)
+        self.assertEqual(P256Key.generate().backend, self.backend)
+
+    def test_public_point_of_rfc6979_key(self):
+        self.assertEqual((self.key.x, self.key.y), (P256_X, P256_Y))
+
+    def test_signatures_verify_and_tampering_is_refused(self):
+        public = self.key.public_key()
+        self.assertEqual(len(self.signature), 64)
+        self.assertIs(public.verify(self.message, self.signature), True)
+        self.assertIs(public.verify(self.message + b"x", self.signature), False)
+        for position in (0, 31, 32, 63):
+            bad = bytearray(self.signature)
+            bad[position] ^= 1
+            with self.subTest(position=position):
+                self.assertIs(public.verify(self.message, bytes(bad)), False)
+        other = P256Key.generate()
+        self.assertIs(other.verify(self.message, self.signature), False)
+
+    def test_signatures_are_randomised(self):
+        self.assertNotEqual(self.key.sign(self.message), self.key.sign(self.message))
+
+    def test_out_of_range_and_malformed_signatures_are_refused(self):
+        public = self.key.public_key()
+        r = int.from_bytes(self.signature[:32], "big")
+        s = int.from_bytes(self.signature[32:], "big")
+
+        def raw(r_value, s_value):
+            return r_value.to_bytes(32, "big") + s_value.to_bytes(32, "big")
+
+        cases = {
+            "r zero": raw(0, s),
+            "s zero": raw(r, 0),
+            "r = n": raw(P256_N, s),
+            "s = n": raw(r, P256_N),
+            "r + n": raw(r + P256_N, s) if r + P256_N < 2**256 else raw(P256_N + 1, s),
+            "s + n": raw(r, s + P256_N) if s + P256_N < 2**256 else raw(r, P256_N + 1),
+            "63 bytes": self.signature[:63],
+            "65 bytes": self.signature + b"\x00",
+            "leading zero": b"\x00" + self.signature,
+            "empty": b"",
+            "DER": b"\x30\x44\x02\x20" + self.signature[:32] + b"\x02\x20" + self.signature[32:],
+        }
+        for name, signature in cases.items():
+            with self.subTest(case=name):
+                self.assertIs(public.verify(self.message, signature), False)
+        for junk in (None, "text", 12, self.signature.hex()):
+            with self.subTest(junk=junk):
+                self.assertIs(public.verify(self.message, junk), False)
+
+    def test_malleable_copy_is_a_valid_signature(self):
+        # ECDSA: (r, n - s) verifies too. Nothing may use signature bytes as an identifier (DPoP replay).
+        r = self.signature[:32]
+        s = int.from_bytes(self.signature[32:], "big")
+        self.assertIs(self.key.verify(self.message, r + (P256_N - s).to_bytes(32, "big")), True)
+
+    def test_wycheproof_p1363_every_case(self):
+        data = load_wycheproof_p256()
+        self.assertEqual(data["numberOfTests"], 262)
+        counted = 0
+        for group in data["testGroups"]:
+            x = int(group["publicKey"]["wx"], 16)
+            y = int(group["publicKey"]["wy"], 16)
+            key = P256Key.from_public_point(x, y)
+            for case in group["tests"]:
+                counted += 1
+                message, signature = bytes.fromhex(case["msg"]), bytes.fromhex(case["sig"])
+                expected = case["result"] == "valid"
+                with self.subTest(tcId=case["tcId"], comment=case["comment"]):
+                    self.assertIs(P256Key.from_public_point(x, y).verify(message, signature), expected)
+                    if self.backend == "pure":
+                        # A fresh verifier (a first-seen key: sliding window), then
+                        # the key's precomputed table (a known key).
+                        first_seen = agentauth._P256Verifier(x, y)
+                        self.assertIs(first_seen.verify(message, signature), expected)
+                        known = agentauth._P256Verifier(x, y)
+                        known.uses = 1
+                        self.assertIs(known.verify(message, signature), expected)
+                    self.assertIs(key.verify(message, signature), expected)
+        self.assertEqual(counted, 262)
+
+
+class PureP256Tests(P256Contract, unittest.TestCase):
+    backend = "pure"
+
+    def test_known_key_tables_are_bounded_and_shared(self):
+        self.assertLessEqual(agentauth._p256_key_table.cache_info().maxsize, 16)
+        self.assertLessEqual(agentauth._p256_verifier.cache_info().maxsize, 4096)
+        first = P256Key.from_public_point(P256_X, P256_Y)
+        second = P256Key.from_public_point(P256_X, P256_Y)
+        first.verify(self.message, self.signature)
+        self.assertIs(first._verifier.__self__, second._make_verifier().__self__)
+
+    def test_a_key_earns_its_table_on_its_second_verify(self):
+        key = P256Key.generate().public_key()
+        signature = P256Key.from_private_value(P256_D).sign(self.message)
+        agentauth._p256_key_table.cache_clear()
+        key.verify(self.message, signature)
+        self.assertEqual(agentauth._p256_key_table.cache_info().currsize, 0)
+        key.verify(self.message, signature)
+        self.assertEqual(agentauth._p256_key_table.cache_info().currsize, 1)
+
+
+@unittest.skipUnless(HAVE_CRYPTOGRAPHY, NEEDS_CRYPTOGRAPHY)
+class CryptographyP256Tests(P256Contract, unittest.TestCase):
+    backend = "cryptography"
+
+    def test_both_backends_agree_and_interoperate_with_cryptography(self):
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec, utils
+
+        rng = random.Random(7)
+        for i in range(20):
+            message = bytes(rng.getrandbits(8) for _ in range(rng.randrange(200)))
+            theirs = ec.generate_private_key(ec.SECP256R1())
+            d = theirs.private_numbers().private_value
+            r, s = utils.decode_dss_signature(theirs.sign(message, ec.ECDSA(hashes.SHA256())))
+            their_signature = r.to_bytes(32, "big") + s.to_bytes(32, "big")
+            ours = P256Key.from_private_value(d)
+            with pure_p256():
+                pure = P256Key.from_private_value(d)
+            with self.subTest(i=i):
+                self.assertEqual((pure.backend, pure.x, pure.y), ("pure", ours.x, ours.y))
+                for key in (ours, pure):
+                    self.assertIs(key.verify(message, their_signature), True)
+                    signature = key.sign(message)
+                    theirs.public_key().verify(
+                        utils.encode_dss_signature(int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big")),
+                        message,
+                        ec.ECDSA(hashes.SHA256()),
+                    )
+                pem = theirs.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()).decode("ascii")
+                self.assertEqual(P256Key.from_pem(pem).private_pem(), pem)
+                sec1 = theirs.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+                                            serialization.NoEncryption())
+                self.assertEqual(P256Key.from_pem(sec1).x, ours.x)
+                public_pem = theirs.public_key().public_bytes(serialization.Encoding.PEM,
+                                                              serialization.PublicFormat.SubjectPublicKeyInfo).decode("ascii")
+                self.assertEqual(ours.public_pem(), public_pem)
+                loaded = serialization.load_pem_private_key(ours.private_pem().encode("ascii"), None)
+                self.assertEqual(loaded.private_numbers().private_value, d)
+
+
+class P256KeyTests(unittest.TestCase):
+    """The P256Key API: constructors, formats, JWK, thumbprint, repr (whatever the backend)."""
+
+    def setUp(self):
+        self.key = P256Key.from_private_value(P256_D)
+
+    def test_jwk_round_trip_and_rfc7638_thumbprint(self):
+        jwk = self.key.public_jwk("k")
+        self.assertEqual(jwk["kty"], "EC")
+        self.assertEqual((jwk["crv"], jwk["alg"], jwk["use"], jwk["kid"]), ("P-256", "ES256", "sig", "k"))
+        self.assertEqual(unb64url(jwk["x"]), P256_X.to_bytes(32, "big"))
+        self.assertEqual(unb64url(jwk["y"]), P256_Y.to_bytes(32, "big"))
+        self.assertEqual(self.key.thumbprint(), p256_jwk_thumbprint(jwk["x"], jwk["y"]))
+        public = P256Key.from_jwk(jwk)
+        self.assertIs(public.is_private, False)
+        self.assertEqual((public.x, public.y), (P256_X, P256_Y))
+        private = P256Key.from_jwk(self.key.private_jwk())
+        self.assertIs(private.is_private, True)
+        self.assertIs(public.verify(b"m", private.sign(b"m")), True)
+
+    def test_pem_round_trips(self):
+        for pem in (self.key.private_pem(), self.key.public_pem()):
+            with self.subTest(pem=pem.splitlines()[0]):
+                again = P256Key.from_pem(pem)
+                self.assertEqual((again.x, again.y), (P256_X, P256_Y))
+                self.assertIs(again.is_private, "PRIVATE" in pem)
+                self.assertEqual(again.public_pem(), self.key.public_pem())
+        self.assertEqual(P256Key.from_pem(self.key.private_pem()).private_pem(), self.key.private_pem())
+
+    def test_bad_jwks_are_refused(self):
+        good = self.key.private_jwk()
+        off_curve = b64url((P256_Y + 1).to_bytes(32, "big"))
+        cases = {
+            "kty OKP": dict(good, kty="OKP"),
+            "crv P-384": dict(good, crv="P-384"),
+            "no y": {k: v for k, v in good.items() if k != "y"},
+            "y off the curve": dict(good, y=off_curve, d=DROP),
+            "x = p": dict(good, x=b64url(P256_P.to_bytes(32, "big")), d=DROP),
+            "short x": dict(good, x=b64url(P256_X.to_bytes(32, "big")[1:]), d=DROP),
+            "long x": dict(good, x=b64url(b"\x00" + P256_X.to_bytes(32, "big")), d=DROP),
+            "x not base64url": dict(good, x="+" * 43, d=DROP),
+            "x a number": dict(good, x=P256_X, d=DROP),
+            "d of another key": dict(good, d=b64url((P256_D + 1).to_bytes(32, "big"))),
+            "d zero": dict(good, d=b64url(bytes(32))),
+            "d = n": dict(good, d=b64url(P256_N.to_bytes(32, "big"))),
+            "not a mapping": [good],
+        }
+        for name, jwk in cases.items():
+            if isinstance(jwk, dict):
+                jwk = {k: v for k, v in jwk.items() if v is not DROP}
+            with self.subTest(case=name):
+                with raises_exactly(self, InvalidConfigError):
+                    P256Key.from_jwk(jwk)
+
+    def test_bad_points_values_and_pems_are_refused(self):
+        for x, y in ((P256_X, P256_Y + 1), (0, 0), (P256_X + P256_P, P256_Y), (-P256_X, P256_Y), (1.0, 2.0)):
+            with self.subTest(point=(x, y)):
+                with raises_exactly(self, InvalidConfigError):
+                    P256Key.from_public_point(x, y)
+        for d in (0, P256_N, -1, True, 1.5, "1"):
+            with self.subTest(d=d):
+                with raises_exactly(self, InvalidConfigError):
+                    P256Key.from_private_value(d)
+        ed = Ed25519Key.from_seed(ED_SEED)
+        mismatched = self.key.private_pem().replace(self.key.private_pem().splitlines()[3], P256Key.generate().private_pem().splitlines()[3])
+        for text in (ed.private_pem(), ed.public_pem(), "", self.key.public_pem() * 2, mismatched):
+            with self.subTest(text=text[:40]):
+                with raises_exactly(self, InvalidConfigError):
+                    P256Key.from_pem(text)
+
+    def test_public_keys_cannot_sign_or_export_private_parts(self):
+        public = self.key.public_key()
+        for call in (lambda: public.sign(b"m"), public.private_pem, public.private_jwk):
+            with raises_exactly(self, InvalidConfigError):
+                call()
+
+    def test_repr_shows_no_private_value(self):
+        text = repr(self.key)
+        self.assertIn("private", text)
+        for secret in (str(P256_D), hex(P256_D)[2:], b64url(P256_D.to_bytes(32, "big"))):
+            self.assertNotIn(secret.lower(), text.lower())
+
+
+class Rfc9864Tests(unittest.TestCase):
+    """RFC 9864 §2.2: "Ed25519" names EdDSA over Ed25519; accepted wherever EdDSA is, emitted on request."""
+
+    def setUp(self):
+        self.key = Ed25519Key.from_seed(ED_SEED)
+
+    def test_tokens_that_say_ed25519_verify_on_issuer_and_verifier(self):
+        token = forge_eddsa(dict(ED_HEADER, alg="Ed25519"), claims_for(), self.key)
+        self.assertEqual(make_ed_auth().verify(token).sub, "user_123")
+        self.assertEqual(make_verifier(make_ed_auth().jwks()).verify(token).sub, "user_123")
+
+    def test_eddsa_stays_the_default_and_ed25519_is_opt_in(self):
+        default = make_ed_auth()
+        self.assertEqual(json_segment(default.issue(subject="u", agent="a", scopes=["s"]).token.split(".")[0])["alg"], "EdDSA")
+        self.assertEqual(default.jwks()["keys"][0]["alg"], "EdDSA")
+        opted = make_ed_auth(alg="Ed25519")
+        token = opted.issue(subject="u", agent="a", scopes=["s"]).token
+        self.assertEqual(json_segment(token.split(".")[0])["alg"], "Ed25519")
+        self.assertEqual(opted.jwks()["keys"][0]["alg"], "Ed25519")
+        self.assertEqual(default.verify(token).sub, "u")
+        verifier = make_verifier(opted.jwks())
+        self.assertEqual(verifier.verify(token).sub, "u")
+        self.assertEqual(verifier.jwks()["keys"][0]["alg"], "Ed25519")
+        self.assertEqual(self.key.public_jwk(alg="Ed25519")["alg"], "Ed25519")
+        child = opted.delegate(token, agent="b", scopes=["s"])
+        self.assertEqual(opted.verify(child.token).chain, ("a", "b"))
+
+    def test_alg_must_fit_the_key(self):
+        for options in (dict(alg="HS256"), dict(alg="ES256"), dict(alg="ed25519"), dict(alg=1)):
+            with self.subTest(options=options):
+                with raises_exactly(self, InvalidConfigError):
+                    make_ed_auth(**options)
+        for alg in ("EdDSA", "Ed25519"):
+            with raises_exactly(self, InvalidConfigError):
+                make_auth(alg=alg)
+        self.assertEqual(make_auth(alg="HS256").issue(subject="u", agent="a", scopes=["s"]).token.count("."), 2)
+        with raises_exactly(self, InvalidConfigError):
+            self.key.public_jwk(alg="ES256")
+
+    def test_hs256_token_named_ed25519_is_refused(self):
+        with raises_exactly(self, TokenInvalidError):
+            make_ed_auth().verify(forge(dict(ED_HEADER, alg="Ed25519"), claims_for(), self.key.public_bytes))
+
+
+
 # -- AgentAuth with an Ed25519 signing key -------------------------------------
 
 
@@ -1277,8 +1592,9 @@ class AlgorithmConfusionTests(unittest.TestCase):
                 self.assertRefused(both, token)
 
     def test_other_algorithm_names_are_refused(self):
-        for alg in ("none", "None", "eddsa", "EDDSA", "Ed25519", "ed25519", "EdDSA ", " EdDSA", "ES256", "HS256", "",
-                    None, ["EdDSA"]):
+        # "Ed25519" is RFC 9864's name of EdDSA over Ed25519: accepted (RFC9864Tests).
+        for alg in ("none", "None", "eddsa", "EDDSA", "ed25519", "ED25519", "Ed448", "EdDSA ", " EdDSA", "ES256",
+                    "HS256", "", None, ["EdDSA"]):
             token = forge_eddsa(header_for(alg=alg, kid=ED_KID), claims_for(), self.key)
             for auth_name, auth in (("issuer", self.issuer), ("verifier", self.verifier)):
                 with self.subTest(alg=alg, auth=auth_name):
@@ -1519,7 +1835,7 @@ class JwksRulesTests(unittest.TestCase):
             "use enc": dict(ed, use="enc"),
             "alg RS256": dict(ed, alg="RS256"),
             "alg HS256": dict(ed, alg="HS256"),
-            "alg Ed25519": dict(ed, alg="Ed25519"),
+            "alg ES256": dict(ed, alg="ES256"),
             "key_ops sign": dict(ed, key_ops=["sign"]),
             "key_ops encrypt": dict(ed, key_ops=["encrypt"]),
             "key_ops not a list": dict(ed, key_ops="verify"),
