@@ -3783,6 +3783,62 @@ class AgentAuth:
         self._require_signing_key()
         return _ExchangeAsgi(self)
 
+    # -- pages ---------------------------------------------------------------
+
+    def agents_page_wsgi(
+        self,
+        *,
+        authenticate: Callable[..., Optional[str]],
+        scope_descriptions: Optional[Mapping[str, str]] = None,
+        login_url: Optional[str] = None,
+    ) -> Callable[..., Iterable[bytes]]:
+        """Return a WSGI app: the page where a signed-in user sees their connected agents and disconnects one.
+
+        Mount it at one path (e.g. ``/account/agents``). ``authenticate(request)``
+        is your login: it gets a read-only request (``.method``, ``.path``,
+        ``.query``, ``.headers`` with lower-case names, ``.cookies``,
+        ``.environ``) and returns the signed-in user's subject, or None. No
+        user: 303 to ``login_url`` with ``next=`` this page, or 401 without
+        one. GET shows one row per grant (``grants()``): the agent's name and
+        id, each scope with its description from ``scope_descriptions`` (the
+        scope itself when none), since when, last used, and a Disconnect
+        button; ``?format=json`` or ``Accept: application/json`` gives the
+        same list as JSON. POST disconnects one agent of the signed-in user
+        (``disconnect()``) and answers 303 back to the page.
+
+        Raises:
+            InvalidConfigError: this instance holds no signing key (the CSRF
+                tokens need one), the store cannot hold grants, authenticate
+                is not callable (or is a coroutine function), a malformed
+                scope description or login_url.
+
+        Security: every form carries a CSRF token bound to the signed-in
+        user and valid for an hour; a POST without a valid one is 403 and
+        changes nothing. Every response is ``no-store``, unframeable, without
+        script, and escapes every value. ``authenticate`` decides who the
+        user is: it must check a session the way the rest of your app does.
+        """
+        return _AgentsPageWsgi(_AgentsPage(self, authenticate, scope_descriptions, login_url, asgi=False))
+
+    def agents_page_asgi(
+        self,
+        *,
+        authenticate: Callable[..., Any],
+        scope_descriptions: Optional[Mapping[str, str]] = None,
+        login_url: Optional[str] = None,
+    ) -> Callable[..., Any]:
+        """Return an ASGI app: the same connected-agents page as ``agents_page_wsgi``.
+
+        ``authenticate`` may be a coroutine function; it gets the request with
+        ``.scope`` instead of ``.environ``. A plain function runs in the
+        loop's default thread pool, as do store calls that may block (any
+        store but ``MemoryStore``).
+
+        Raises:
+            InvalidConfigError: as ``agents_page_wsgi`` (a coroutine function is fine here).
+        """
+        return _AgentsPageAsgi(_AgentsPage(self, authenticate, scope_descriptions, login_url, asgi=True))
+
     # -- MCP -----------------------------------------------------------------
 
     def mcp(self) -> Any:
@@ -4425,6 +4481,283 @@ class _CsrfTokens:
             return False
         expires_at = int(match.group(1))
         return hmac.compare_digest(self._mac(subject, expires_at), match.group(2)) and self._clock() < expires_at
+
+
+_AGENTS_TITLE = "Connected agents"
+_AGENTS_TEMPLATE = """<p>These agents can act for you, each only within the permissions listed.
+Disconnect one and its access ends at once.</p>
+<ul class="grants">
+{rows}
+</ul>"""
+_NO_AGENTS_TEMPLATE = "<p>No agent is connected to your account.</p>"
+_GRANT_TEMPLATE = """<li class="grant" data-agent="{agent}">
+<h2>{name}</h2>
+<p class="agent">{agent}</p>
+<ul class="scopes">
+{scopes}
+</ul>
+<p class="meta">Connected since {created}<br>Last used: {last_used}</p>
+<form method="post" action="{action}">
+<input type="hidden" name="csrf_token" value="{csrf_token}">
+<input type="hidden" name="agent" value="{agent}">
+<button type="submit" aria-label="Disconnect {name}">Disconnect</button>
+</form>
+</li>"""
+_SCOPE_TEMPLATE = "<li>{description} <code>{scope}</code></li>"
+_RAW_SCOPE_TEMPLATE = "<li><code>{scope}</code></li>"
+_TIME_TEMPLATE = '<time datetime="{iso}">{text}</time>'
+
+
+def _page_time(timestamp: Optional[int]) -> _Markup:
+    """A unix time as a ``<time>`` element in UTC (the server cannot know the reader's zone without script)."""
+    if timestamp is None:
+        return _Markup("never")
+    moment = time.gmtime(timestamp)
+    return _fill(
+        _TIME_TEMPLATE, iso=time.strftime("%Y-%m-%dT%H:%M:%SZ", moment), text=time.strftime("%Y-%m-%d %H:%M UTC", moment)
+    )
+
+
+def _login_url(value: Any) -> str:
+    """Check ``login_url``: a path on this site or an absolute http(s) URL, no fragment, safe in a header."""
+    from urllib.parse import urlsplit
+
+    if type(value) is not str or not value or _CONTROL_CHARS.search(value) or " " in value:
+        raise InvalidConfigError("login_url must be a URL without spaces or control characters")
+    parts = urlsplit(value)
+    local = not parts.scheme and not parts.netloc and value.startswith("/") and not value.startswith(("//", "/\\"))
+    if parts.fragment or "#" in value or not (local or (parts.scheme in ("http", "https") and parts.netloc)):
+        raise InvalidConfigError("login_url must be a path starting with / or an http(s) URL, without a fragment")
+    return value
+
+
+def _is_coroutine_function(func: Any) -> bool:
+    import inspect
+
+    return inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(getattr(func, "__call__", None))
+
+
+class _AgentsPage:
+    """The connected-agents page's settings, checked once, shared by its WSGI and ASGI entry points."""
+
+    def __init__(
+        self,
+        auth: "AgentAuth",
+        authenticate: Callable[[_PageRequest], Any],
+        scope_descriptions: Optional[Mapping[str, str]],
+        login_url: Optional[str],
+        *,
+        asgi: bool,
+    ) -> None:
+        _grant_store(auth.store)  # a store without grants cannot back this page
+        if not callable(authenticate):
+            raise InvalidConfigError("authenticate must be a function of the request")
+        self.async_authenticate = _is_coroutine_function(authenticate)
+        if self.async_authenticate and not asgi:
+            raise InvalidConfigError("under WSGI, authenticate must be a plain function (async works under ASGI)")
+        if scope_descriptions is not None and not isinstance(scope_descriptions, Mapping):
+            raise InvalidConfigError("scope_descriptions must map scopes to descriptions")
+        descriptions: Dict[str, str] = {}
+        for scope, text in (scope_descriptions or {}).items():
+            if type(scope) is not str or _SCOPE_TOKEN.fullmatch(scope) is None:
+                raise InvalidConfigError("scope_descriptions keys must be scopes")
+            if type(text) is not str or not text.strip():
+                raise InvalidConfigError("scope_descriptions values must be non-empty strings")
+            descriptions[scope] = text
+        self.auth = auth
+        self.authenticate = authenticate
+        self.descriptions = descriptions
+        self.login_url = None if login_url is None else _login_url(login_url)
+        self.csrf = _CsrfTokens(auth._derived_key(b"pages/agents/csrf"), auth._clock)
+        self.blocks = type(auth.store) is not MemoryStore  # store calls may wait on I/O
+
+    def answer(self, request: _PageRequest, subject: Any) -> _Refusal:
+        """Answer ``request`` for the user ``authenticate`` returned (None: nobody signed in)."""
+        if subject is not None:
+            if type(subject) is not str:
+                raise TypeError("authenticate must return the subject (a str) or None")
+            _name(subject, "the subject authenticate returned")
+        return _agents_page(request, _PageState(self, subject))
+
+    def authenticate_and_answer(self, request: _PageRequest) -> _Refusal:
+        return self.answer(request, self.authenticate(request))
+
+    def describe(self, grant: Grant) -> Dict[str, Any]:
+        """One grant as the page's JSON shows it."""
+        return {
+            "grant_id": grant.grant_id,
+            "agent": grant.agent,
+            "agent_name": grant.agent_name,
+            "scopes": [{"scope": scope, "description": self.descriptions.get(scope, scope)} for scope in grant.scopes],
+            "created_at": grant.created_at,
+            "updated_at": grant.updated_at,
+            "last_used_at": grant.last_used_at,
+        }
+
+    def row(self, grant: Grant, csrf_token: str, action: str) -> _Markup:
+        """One grant as the page's HTML shows it: a list item with its Disconnect form."""
+        scopes = "\n".join(
+            _fill(_SCOPE_TEMPLATE, description=self.descriptions[scope], scope=scope)
+            if scope in self.descriptions
+            else _fill(_RAW_SCOPE_TEMPLATE, scope=scope)
+            for scope in grant.scopes
+        )
+        return _fill(
+            _GRANT_TEMPLATE,
+            agent=grant.agent,
+            name=grant.agent if grant.agent_name is None else grant.agent_name,
+            scopes=_Markup(scopes),
+            created=_page_time(grant.created_at),
+            last_used=_page_time(grant.last_used_at),
+            action=action,
+            csrf_token=csrf_token,
+        )
+
+
+class _PageState(NamedTuple):
+    """What an endpoint answers with, beside the request: the page's settings and who is signed in."""
+
+    page: _AgentsPage
+    subject: Optional[str]
+
+
+def _page_path(request: _PageRequest) -> str:
+    """The page's own URL path, percent-encoded: a safe Location and form action."""
+    from urllib.parse import quote
+
+    return quote(request.path)
+
+
+def _wants_json(request: _PageRequest) -> bool:
+    """``?format=json``, or an Accept header that asks for JSON and not HTML.
+
+    Raises:
+        _MalformedRequest: an unreadable query or another format.
+    """
+    from urllib.parse import parse_qs
+
+    try:
+        formats = parse_qs(request.query, keep_blank_values=True, errors="strict").get("format", [])
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise _MalformedRequest("the query is not valid") from exc
+    if formats:
+        if formats not in (["json"], ["html"]):
+            raise _MalformedRequest("format must be json or html")
+        return formats == ["json"]
+    accepted = {part.split(";")[0].strip().lower() for part in request.headers.get("accept", "").split(",")}
+    return "application/json" in accepted and "text/html" not in accepted
+
+
+def _unavailable() -> _Refusal:
+    return _render_message(
+        503, "Try again", "Your connected agents cannot be shown or changed right now. Try again in a moment.",
+        (("Retry-After", "1"),),
+    )
+
+
+def _agents_page(request: _PageRequest, state: _PageState) -> _Refusal:
+    """The connected-agents endpoint: GET lists the signed-in user's grants, POST disconnects one."""
+    if request.method not in ("GET", "POST"):
+        return _render_message(405, "Not allowed", "This page answers GET and POST only.", (("Allow", "GET, POST"),))
+    page, subject = state
+    if subject is None:
+        if page.login_url is None:
+            return _render_message(401, "Sign in", "Sign in to see the agents connected to your account.")
+        from urllib.parse import urlencode
+
+        separator = "&" if "?" in page.login_url else "?"
+        return _page_redirect(page.login_url + separator + urlencode({"next": _page_path(request)}))
+    if request.method == "POST":
+        return _disconnect_agent(request, state)
+    return _list_agents(request, state)
+
+
+def _list_agents(request: _PageRequest, state: _PageState) -> _Refusal:
+    page, subject = state
+    try:
+        as_json = _wants_json(request)
+    except _MalformedRequest:
+        return _render_message(400, "Bad request", "Use ?format=json or ?format=html, or no format at all.")
+    try:
+        grants = page.auth.grants(subject=typing.cast(str, subject))
+    except StoreUnavailableError:
+        return _unavailable()
+    if as_json:
+        return _page_json(200, {"subject": subject, "grants": [page.describe(grant) for grant in grants]})
+    if not grants:
+        return _render(200, _AGENTS_TITLE, _NO_AGENTS_TEMPLATE)
+    csrf_token, action = page.csrf.issue(typing.cast(str, subject)), _page_path(request)
+    rows = _Markup("\n".join(page.row(grant, csrf_token, action) for grant in grants))
+    return _render(200, _AGENTS_TITLE, _AGENTS_TEMPLATE, rows=rows)
+
+
+def _disconnect_agent(request: _PageRequest, state: _PageState) -> _Refusal:
+    page, subject = state
+    try:
+        fields = _form_fields(request.headers.get("content-type", ""), request.body)
+    except _MalformedRequest:
+        fields = {}
+    tokens = fields.get("csrf_token", [])
+    # The CSRF check comes first: nothing of a forged request is acted on.
+    if len(tokens) != 1 or not page.csrf.check(typing.cast(str, subject), tokens[0]):
+        return _render_message(
+            403, "Form expired", "This form has expired or was not made for you. Reload the page and try again."
+        )
+    agents = fields.get("agent", [])
+    try:
+        if len(agents) != 1:
+            raise InvalidGrantError("send exactly one agent")
+        page.auth.disconnect(subject=typing.cast(str, subject), agent=agents[0])  # False: already gone, same answer
+    except InvalidGrantError:
+        return _render_message(400, "Bad request", "That is not an agent of yours. Reload the page and try again.")
+    except StoreUnavailableError:
+        return _unavailable()
+    return _page_redirect(_page_path(request))  # 303: the browser GETs the page, never re-posts
+
+
+def _bad_body() -> _Refusal:
+    return _render_message(400, "Bad request", "The request body is missing or too large.")
+
+
+class _AgentsPageWsgi:
+    def __init__(self, page: _AgentsPage) -> None:
+        self._page = page
+
+    def __call__(self, environ: Dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        try:
+            body = _wsgi_body(environ) if environ.get("REQUEST_METHOD", "GET").upper() == "POST" else b""
+        except _MalformedRequest:
+            return _WsgiMiddleware._respond(_bad_body(), start_response)
+        answer = self._page.authenticate_and_answer(_wsgi_request(environ, body))
+        return _WsgiMiddleware._respond(answer, start_response)
+
+
+class _AgentsPageAsgi:
+    def __init__(self, page: _AgentsPage) -> None:
+        self._page = page
+
+    async def __call__(self, scope: Dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> None:
+        if scope["type"] != "http":
+            return
+        import asyncio
+
+        page = self._page
+        try:
+            body = await _asgi_body(receive) if scope.get("method", "GET").upper() == "POST" else b""
+        except _MalformedRequest:
+            await _AsgiMiddleware._respond(_bad_body(), send)
+            return
+        request = _asgi_request(scope, body)
+        loop = asyncio.get_running_loop()
+        if page.async_authenticate:
+            subject = await page.authenticate(request)
+            if page.blocks:  # the store does I/O: keep it off the event loop
+                answer = await loop.run_in_executor(None, page.answer, request, subject)
+            else:
+                answer = page.answer(request, subject)
+        else:  # a plain authenticate may do I/O too (a session lookup): it runs off the loop with the rest
+            answer = await loop.run_in_executor(None, page.authenticate_and_answer, request)
+        await _AsgiMiddleware._respond(answer, send)
 
 
 # ---------------------------------------------------------------------------

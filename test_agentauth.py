@@ -6323,6 +6323,463 @@ class RequestBodyTests(unittest.TestCase):
 
 
 # ---------------------------------------------------------------------------
+# Pages: the connected-agents page
+# ---------------------------------------------------------------------------
+
+FORM_TYPE = "application/x-www-form-urlencoded"
+
+
+class PageGrantsDown(MemoryStore):
+    """A MemoryStore whose grant reads and deletes fail (its revocations still work)."""
+
+    def list_grants(self, subject):
+        raise StoreUnavailableError("down")
+
+    def delete_grant(self, subject, agent, *, revoked_at, expires_at):
+        raise StoreUnavailableError("down")
+
+
+class ThreadSpyStore(MemoryStore):
+    """A MemoryStore subclass (so it counts as a store that may block) that records where it was called."""
+
+    def __init__(self):
+        super().__init__()
+        self.threads = []
+
+    def list_grants(self, subject):
+        self.threads.append(threading.get_ident())
+        return super().list_grants(subject)
+
+
+class AgentsPageContract:
+    """The connected-agents page, mixed into one TestCase per transport (WSGI, ASGI)."""
+
+    PATH = "/account/agents"
+
+    def page(self, **options):
+        raise NotImplementedError
+
+    def call(self, app, *, method, path, query, headers, body):
+        """Send one request; return (status, headers with lower-case names, body bytes)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def cookie_login(request):
+        """The test's login: the subject is the "user" cookie's value."""
+        return request.cookies.get("user")
+
+    def setUp(self):
+        self.clock = FixedClock()
+        self.events = []
+        self.auth = make_auth(clock=self.clock, on_event=self.events.append)
+        self.auth.grant(subject="user_123", agent="agent_research_bot", scopes=["email:read", "calendar:read"],
+                        agent_name="Research bot")
+        self.auth.grant(subject="user_123", agent="agent_raw", scopes=["files:*"])
+        self.auth.grant(subject="user_456", agent="agent_theirs", scopes=["email:read"], agent_name="Their bot")
+        self.token = self.auth.issue(
+            subject="user_123", agent="agent_research_bot", scopes=["email:read"], ttl_seconds=7200
+        ).token
+        self.app = self.page()
+
+    def request(self, method="GET", *, user="user_123", query="", headers=None, body=b"", app=None):
+        all_headers = {} if user is None else {"cookie": f"theme=dark; user={user}"}
+        all_headers.update(headers or {})
+        status, response_headers, raw = self.call(
+            self.app if app is None else app, method=method, path=self.PATH, query=query, headers=all_headers, body=body
+        )
+        assert_page_headers(self, response_headers)
+        self.assertEqual(response_headers["content-length"], str(len(raw)))
+        return status, response_headers, raw
+
+    def html(self, **kwargs):
+        status, headers, raw = self.request(**kwargs)
+        self.assertEqual((status, headers["content-type"]), (200, "text/html; charset=utf-8"))
+        return raw.decode("utf-8")
+
+    def csrf_token(self, user="user_123"):
+        return re.search(r'name="csrf_token" value="([^"]+)"', self.html(user=user)).group(1)
+
+    def post(self, fields, *, user="user_123", content_type=FORM_TYPE):
+        body = urllib.parse.urlencode(fields).encode("ascii")
+        return self.request("POST", user=user, headers={"content-type": content_type}, body=body)
+
+    def agents(self, subject="user_123"):
+        return sorted(grant.agent for grant in self.auth.grants(subject=subject))
+
+    # -- GET -----------------------------------------------------------------
+
+    def test_page_lists_each_grant_with_name_id_scopes_and_times(self):
+        self.clock.advance(120)
+        self.auth.verify(self.token)  # records the last use
+        page = self.html()
+        self.assertEqual(page.count('<li class="grant"'), 2)
+        self.assertEqual(page.count(">Disconnect</button>"), 2)
+        first = page[page.index('data-agent="agent_research_bot"'):page.index('data-agent="agent_raw"')]
+        self.assertIn("<h2>Research bot</h2>", first)
+        self.assertIn('<p class="agent">agent_research_bot</p>', first)
+        self.assertIn("<li>Read your email <code>email:read</code></li>", first)
+        self.assertIn("<li><code>calendar:read</code></li>", first)  # no description: the scope itself
+        self.assertIn('Connected since <time datetime="2023-11-14T22:13:20Z">2023-11-14 22:13 UTC</time>', first)
+        self.assertIn('Last used: <time datetime="2023-11-14T22:15:20Z">2023-11-14 22:15 UTC</time>', first)
+        self.assertIn('<input type="hidden" name="agent" value="agent_research_bot">', first)
+        self.assertIn(f'<form method="post" action="{self.PATH}">', first)
+        second = page[page.index('data-agent="agent_raw"'):]
+        self.assertIn("<h2>agent_raw</h2>", second)  # no agent_name: the id
+        self.assertIn("Last used: never", second)
+        self.assertIn("<li>Every file <code>files:*</code></li>", second)
+
+    def test_user_without_grants_sees_an_empty_page(self):
+        page = self.html(user="user_789")
+        self.assertIn("No agent is connected to your account.", page)
+        self.assertNotIn("<form", page)
+
+    def test_user_sees_only_their_own_grants(self):
+        page = self.html(user="user_456")
+        self.assertIn("agent_theirs", page)
+        self.assertNotIn("agent_research_bot", page)
+        self.assertNotIn("agent_raw", page)
+        self.assertNotIn("agent_theirs", self.html())
+
+    def test_agent_name_with_markup_shows_as_text(self):
+        self.auth.grant(subject="user_123", agent="agent_x", scopes=["a"], agent_name='<script>alert("x")</script>')
+        page = self.html()
+        self.assertIn("<h2>&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;</h2>", page)
+        self.assertNotIn("<script", page)
+
+    def test_scope_description_with_markup_shows_as_text(self):
+        app = self.page(scope_descriptions={"email:read": "<b>mail</b> & more"})
+        page = self.html(app=app)
+        self.assertIn("<li>&lt;b&gt;mail&lt;/b&gt; &amp; more <code>email:read</code></li>", page)
+
+    def test_json_by_query_or_accept_header(self):
+        self.clock.advance(60)
+        self.auth.verify(self.token)
+        for kwargs in ({"query": "format=json"}, {"headers": {"accept": "application/json"}}):
+            status, headers, raw = self.request(**kwargs)
+            self.assertEqual((status, headers["content-type"]), (200, "application/json"))
+            document = json.loads(raw)
+            self.assertEqual(document["subject"], "user_123")
+            self.assertEqual([g["agent"] for g in document["grants"]], ["agent_research_bot", "agent_raw"])
+            first = document["grants"][0]
+            grant = self.auth.grants(subject="user_123")[0]
+            self.assertEqual(first, {
+                "grant_id": grant.grant_id, "agent": "agent_research_bot", "agent_name": "Research bot",
+                "scopes": [{"scope": "email:read", "description": "Read your email"},
+                           {"scope": "calendar:read", "description": "calendar:read"}],
+                "created_at": T0, "updated_at": T0, "last_used_at": T0 + 60,
+            })
+            self.assertIsNone(document["grants"][1]["last_used_at"])
+
+    def test_browser_accept_and_format_html_get_html(self):
+        self.html(headers={"accept": "text/html,application/xhtml+xml,application/json;q=0.9,*/*;q=0.8"})
+        self.html(query="format=html", headers={"accept": "application/json"})
+
+    def test_unknown_format_is_400(self):
+        status, _headers, _raw = self.request(query="format=xml")
+        self.assertEqual(status, 400)
+
+    def test_every_form_carries_a_token_for_the_user(self):
+        page = self.html()
+        tokens = re.findall(r'name="csrf_token" value="([^"]+)"', page)
+        self.assertEqual(len(tokens), 2)
+        self.assertTrue(self.app_page().csrf.check("user_123", tokens[0]))
+        self.assertFalse(self.app_page().csrf.check("user_456", tokens[0]))
+
+    # -- who is signed in ----------------------------------------------------
+
+    def test_no_user_is_sent_to_login_with_next(self):
+        app = self.page(login_url="/login")
+        for method in ("GET", "POST"):
+            status, headers, _raw = self.request(method, user=None, app=app)
+            self.assertEqual(status, 303)
+            self.assertEqual(headers["location"], "/login?next=%2Faccount%2Fagents")
+        app = self.page(login_url="https://id.example/signin?app=1")
+        status, headers, _raw = self.request(user=None, app=app)
+        self.assertEqual(headers["location"], "https://id.example/signin?app=1&next=%2Faccount%2Fagents")
+
+    def test_no_user_without_login_url_is_401(self):
+        status, headers, raw = self.request(user=None)
+        self.assertEqual((status, headers["content-type"]), (401, "text/html; charset=utf-8"))
+        self.assertIn(b"Sign in", raw)
+        self.assertNotIn(b"agent_research_bot", raw)
+
+    def test_post_without_user_changes_nothing(self):
+        token = self.csrf_token()
+        status, _headers, _raw = self.request("POST", user=None, headers={"content-type": FORM_TYPE},
+                                              body=urllib.parse.urlencode({"csrf_token": token, "agent": "agent_raw"}).encode())
+        self.assertEqual(status, 401)
+        self.assertEqual(self.agents(), ["agent_raw", "agent_research_bot"])
+
+    def test_authenticate_gets_a_read_only_request(self):
+        seen = []
+
+        def login(request):
+            seen.append(request)
+            return "user_123"
+
+        self.request(query="format=json", headers={"x-custom": "1"}, app=self.page(authenticate=login))
+        request = seen[0]
+        self.assertEqual((request.method, request.path, request.query), ("GET", self.PATH, "format=json"))
+        self.assertEqual((request.headers["x-custom"], request.cookies["user"]), ("1", "user_123"))
+        self.assertIsNotNone(request.environ if self.TRANSPORT == "wsgi" else request.scope)
+        self.assertIsNone(request.scope if self.TRANSPORT == "wsgi" else request.environ)
+        with self.assertRaises(AttributeError):
+            request.method = "POST"
+
+    def test_authenticate_returning_a_non_string_is_a_programming_error(self):
+        with self.assertRaises(TypeError):
+            self.request(app=self.page(authenticate=lambda request: 123))
+
+    def test_authenticate_returning_a_malformed_subject_fails_closed(self):
+        for subject in ("", "user\n123"):
+            for method in ("GET", "POST"):
+                with self.subTest(subject=subject, method=method), raises_exactly(self, InvalidGrantError):
+                    self.request(method, app=self.page(authenticate=lambda request, subject=subject: subject))
+
+    # -- POST: disconnect ----------------------------------------------------
+
+    def test_disconnect_answers_303_to_the_page_and_refuses_the_agents_tokens(self):
+        status, headers, _raw = self.post({"csrf_token": self.csrf_token(), "agent": "agent_research_bot"})
+        self.assertEqual((status, headers["location"]), (303, self.PATH))
+        self.assertEqual(self.agents(), ["agent_raw"])
+        self.assertNotIn("agent_research_bot", self.html())
+        with raises_exactly(self, RevokedError):
+            self.auth.verify(self.token)
+        self.assertIn("disconnected", [event.type for event in self.events])
+
+    def test_disconnecting_twice_is_the_same_answer(self):
+        token = self.csrf_token()
+        self.post({"csrf_token": token, "agent": "agent_raw"})
+        status, headers, _raw = self.post({"csrf_token": token, "agent": "agent_raw"})
+        self.assertEqual((status, headers["location"]), (303, self.PATH))
+        self.assertEqual(self.agents(), ["agent_research_bot"])
+
+    def assertRefusedChangingNothing(self, answer, status=403):
+        self.assertEqual(answer[0], status)
+        self.assertEqual(self.agents(), ["agent_raw", "agent_research_bot"])
+        self.assertEqual(self.agents("user_456"), ["agent_theirs"])
+        self.auth.verify(self.token)  # still valid
+        self.assertNotIn("disconnected", [event.type for event in self.events])
+
+    def test_missing_csrf_token_is_403(self):
+        self.assertRefusedChangingNothing(self.post({"agent": "agent_raw"}))
+        self.assertRefusedChangingNothing(self.post({"csrf_token": "", "agent": "agent_raw"}))
+        self.assertRefusedChangingNothing(self.request("POST", body=b""))
+
+    def test_wrong_csrf_token_is_403(self):
+        token = self.csrf_token()
+        expires_at, mac = token.split(".")
+        for bad in (token[:-2] + ("AA" if token[-2:] != "AA" else "BA"), f"{int(expires_at) + 1}.{mac}", "x", mac):
+            self.assertRefusedChangingNothing(self.post({"csrf_token": bad, "agent": "agent_raw"}))
+
+    def test_expired_csrf_token_is_403(self):
+        token = self.csrf_token()
+        self.clock.advance(3600)
+        self.assertRefusedChangingNothing(self.post({"csrf_token": token, "agent": "agent_raw"}))
+
+    def test_csrf_token_still_works_just_before_it_expires(self):
+        token = self.csrf_token()
+        self.clock.advance(3599)
+        self.assertEqual(self.post({"csrf_token": token, "agent": "agent_raw"})[0], 303)
+
+    def test_other_users_csrf_token_is_403(self):
+        theirs = self.csrf_token(user="user_456")
+        self.assertRefusedChangingNothing(self.post({"csrf_token": theirs, "agent": "agent_raw"}))
+
+    def test_token_of_another_secret_is_403(self):
+        other = make_auth(secret=OTHER_SECRET, clock=self.clock)
+        forged = agentauth._CsrfTokens(other._derived_key(b"pages/agents/csrf"), self.clock).issue("user_123")
+        self.assertRefusedChangingNothing(self.post({"csrf_token": forged, "agent": "agent_raw"}))
+
+    def test_repeated_csrf_token_is_403(self):
+        token = self.csrf_token()
+        self.assertRefusedChangingNothing(self.post([("csrf_token", token), ("csrf_token", token), ("agent", "agent_raw")]))
+
+    def test_form_of_another_type_is_403(self):
+        self.assertRefusedChangingNothing(
+            self.post({"csrf_token": self.csrf_token(), "agent": "agent_raw"}, content_type="text/plain")
+        )
+
+    def test_user_cannot_disconnect_someone_elses_agent(self):
+        status, _headers, _raw = self.post({"csrf_token": self.csrf_token(), "agent": "agent_theirs"})
+        self.assertEqual(status, 303)  # the same answer as for an agent already gone: nothing to learn
+        self.assertEqual(self.agents("user_456"), ["agent_theirs"])
+
+    def test_missing_repeated_or_malformed_agent_is_400(self):
+        token = self.csrf_token()
+        for fields in ({"csrf_token": token}, [("csrf_token", token), ("agent", "agent_raw"), ("agent", "agent_x")],
+                       {"csrf_token": token, "agent": ""}, {"csrf_token": token, "agent": "a\nb"}):
+            self.assertRefusedChangingNothing(self.post(fields), 400)
+
+    def test_body_too_large_is_400(self):
+        self.assertRefusedChangingNothing(self.request("POST", body=b"a" * 65537,
+                                                       headers={"content-type": FORM_TYPE}), 400)
+
+    def test_other_methods_are_405(self):
+        for method in ("PUT", "DELETE", "PATCH"):
+            status, headers, _raw = self.request(method)
+            self.assertEqual((status, headers["allow"]), (405, "GET, POST"))
+
+    def test_store_down_is_503_for_list_and_disconnect(self):
+        store = PageGrantsDown()
+        auth = make_auth(clock=self.clock, store=store)
+        store.save_grant(agentauth.Grant("g", "user_123", "agent_raw", None, ("a",), T0, T0), replace=False,
+                         revoked_at=T0, expires_at=T0 + 60)
+        app = self.page(auth=auth)
+        status, headers, _raw = self.request(app=app)
+        self.assertEqual((status, headers["retry-after"]), (503, "1"))
+        token = agentauth._CsrfTokens(auth._derived_key(b"pages/agents/csrf"), self.clock).issue("user_123")
+        body = urllib.parse.urlencode({"csrf_token": token, "agent": "agent_raw"}).encode()
+        status, _headers, _raw = self.request("POST", app=app, headers={"content-type": FORM_TYPE}, body=body)
+        self.assertEqual(status, 503)
+
+    # -- configuration -------------------------------------------------------
+
+    def test_configuration_errors_are_raised_when_the_page_is_made(self):
+        key = Ed25519Key.generate()
+        verifier = AgentAuth.verifier(issuer=ISSUER, audience=AUDIENCE, jwks={"keys": [key.public_jwk("k")]})
+        redis_like = SpyStore()  # revocations only: no grant methods
+        for options in (
+            {"auth": verifier},
+            {"auth": make_auth(store=redis_like)},
+            {"authenticate": "not a function"},
+            {"login_url": "login"},
+            {"login_url": "//evil.example/login"},
+            {"login_url": "/login#x"},
+            {"login_url": "/login\r\nSet-Cookie: x=1"},
+            {"login_url": "javascript:alert(1)"},
+            {"scope_descriptions": {"bad scope": "x"}},
+            {"scope_descriptions": {"a": ""}},
+            {"scope_descriptions": ["a"]},
+        ):
+            with self.subTest(options=options), raises_exactly(self, InvalidConfigError):
+                self.page(**options)
+
+
+class AgentsPageWsgiTests(AgentsPageContract, unittest.TestCase):
+    TRANSPORT = "wsgi"
+
+    def page(self, auth=None, authenticate=None, **options):
+        options.setdefault("scope_descriptions", {"email:read": "Read your email", "files:*": "Every file"})
+        auth = self.auth if auth is None else auth
+        return auth.agents_page_wsgi(authenticate=authenticate or self.cookie_login, **options)
+
+    def app_page(self):
+        return self.app._page
+
+    def call(self, app, *, method, path, query, headers, body):
+        environ = {}
+        wsgiref.util.setup_testing_defaults(environ)
+        environ.update({"REQUEST_METHOD": method, "SCRIPT_NAME": "/account", "PATH_INFO": path[len("/account"):],
+                        "QUERY_STRING": query, "wsgi.input": io.BytesIO(body)})
+        if body:
+            environ["CONTENT_LENGTH"] = str(len(body))
+        for name, value in headers.items():
+            if name == "content-type":
+                environ["CONTENT_TYPE"] = value
+            else:
+                environ["HTTP_" + name.upper().replace("-", "_")] = value
+        seen = {}
+
+        def start_response(status, response_headers, exc_info=None):
+            seen["status"], seen["headers"] = status, response_headers
+
+        result = wsgiref.validate.validator(app)(environ, start_response)
+        try:
+            raw = b"".join(result)
+        finally:
+            result.close()
+        code, _, reason = seen["status"].partition(" ")
+        self.assertTrue(reason)
+        names = [name.lower() for name, _value in seen["headers"]]
+        self.assertEqual(len(names), len(set(names)))
+        return int(code), {name.lower(): value for name, value in seen["headers"]}, raw
+
+    def test_coroutine_authenticate_is_refused_under_wsgi(self):
+        async def login(request):
+            return "user_123"
+
+        with raises_exactly(self, InvalidConfigError):
+            self.page(authenticate=login)
+
+
+class AgentsPageAsgiTests(AgentsPageContract, unittest.TestCase):
+    TRANSPORT = "asgi"
+
+    def page(self, auth=None, authenticate=None, **options):
+        options.setdefault("scope_descriptions", {"email:read": "Read your email", "files:*": "Every file"})
+        auth = self.auth if auth is None else auth
+        return auth.agents_page_asgi(authenticate=authenticate or self.cookie_login, **options)
+
+    def app_page(self):
+        return self.app._page
+
+    def call(self, app, *, method, path, query, headers, body):
+        scope = {
+            "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "scheme": "https",
+            "path": path, "raw_path": path.encode(), "root_path": "/account", "query_string": query.encode("ascii"),
+            "headers": [(name.encode("latin-1"), value.encode("latin-1")) for name, value in headers.items()],
+        }
+        chunks = [body[i: i + 1000] for i in range(0, len(body), 1000)] or [b""]
+        messages = [{"type": "http.request", "body": c, "more_body": i < len(chunks) - 1} for i, c in enumerate(chunks)]
+        sent = []
+
+        async def receive():
+            return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+        async def send(message):
+            sent.append(message)
+
+        asyncio.run(app(scope, receive, send))
+        self.assertEqual([message["type"] for message in sent], ["http.response.start", "http.response.body"])
+        for name, value in sent[0]["headers"]:
+            self.assertEqual(name, name.lower())
+        response_headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in sent[0]["headers"]}
+        self.assertEqual(len(response_headers), len(sent[0]["headers"]))
+        return sent[0]["status"], response_headers, sent[1]["body"]
+
+    def test_coroutine_authenticate_is_awaited(self):
+        async def login(request):
+            await asyncio.sleep(0)
+            return request.cookies.get("user")
+
+        self.assertIn("agent_research_bot", self.html(app=self.page(authenticate=login)))
+
+    def test_plain_authenticate_and_blocking_store_calls_run_off_the_event_loop(self):
+        loop_threads, login_threads = [], []
+
+        def login(request):
+            login_threads.append(threading.get_ident())
+            return "user_123"
+
+        async def alogin(request):
+            loop_threads.append(threading.get_ident())
+            return "user_123"
+
+        store = ThreadSpyStore()
+        auth = make_auth(clock=self.clock, store=store)
+        auth.grant(subject="user_123", agent="agent_raw", scopes=["a"])
+        self.html(app=self.page(auth=auth, authenticate=login))
+        self.html(app=self.page(auth=auth, authenticate=alogin))
+        self.assertNotEqual(login_threads[0], threading.get_ident())  # asyncio.run's loop runs in this thread
+        self.assertEqual(loop_threads, [threading.get_ident()])
+        self.assertEqual(len(store.threads), 2)
+        self.assertNotIn(threading.get_ident(), store.threads)
+
+    def test_other_scope_types_get_no_answer(self):
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+
+        async def receive():
+            return {"type": "lifespan.startup"}
+
+        asyncio.run(self.app({"type": "lifespan"}, receive, send))
+        self.assertEqual(sent, [])
+
+
+# ---------------------------------------------------------------------------
 # RedisStore (against a fake client; the real server is in test_integration.py)
 # ---------------------------------------------------------------------------
 
