@@ -74,6 +74,7 @@ __all__ = [
     "MemoryStore",
     "SqliteStore",
     "RedisStore",
+    "PostgresStore",
     # The facade
     "AgentAuth",
     # Web middleware and token exchange
@@ -2835,6 +2836,466 @@ class _LastUsed:
     def forget(self, subject: str, agent: str) -> None:
         """Let the next use of a new or removed grant be written at once."""
         self._written.pop((subject, agent), None)
+
+
+# ---------------------------------------------------------------------------
+# PostgreSQL store
+# ---------------------------------------------------------------------------
+
+_POSTGRES_SCHEMA_VERSION = 1
+_POSTGRES_SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,47}\Z")  # unquoted-safe; leaves room in a channel name
+_POSTGRES_DRIVERS = ("psycopg", "psycopg2")
+_POSTGRES_PURGE_ROWS = 1000  # expired rows deleted per write at most, so no call does unbounded work
+_POSTGRES_LOCK_CLASS = 0x61676175  # first key of the advisory lock that serialises migrations
+_POSTGRES_MAX_RETRY_SECONDS = 1.0  # the listener retries a lost connection at least this often
+
+
+def _postgres_migrations(schema: str) -> List[Tuple[str, ...]]:
+    """Return the statements that bring a schema from version n to n + 1, by n.
+
+    ``seq`` orders the revocations by commit: every writer locks the table
+    before taking a number and keeps the lock until it commits, so a reader
+    that has seen row n has seen every row before it, and catching up is
+    "rows with seq > the last one seen".
+    """
+    s = f'"{schema}"'
+    return [
+        (  # 0 -> 1: revocations
+            f"CREATE TABLE {s}.agentauth_schema (version integer NOT NULL)",
+            f"CREATE SEQUENCE {s}.agentauth_revocations_seq",
+            f"""CREATE TABLE {s}.agentauth_revocations (
+                key text PRIMARY KEY,
+                seq bigint NOT NULL UNIQUE,
+                jti text,
+                agent text,
+                subject text,
+                revoked_at bigint NOT NULL,
+                expires_at bigint NOT NULL
+            )""",
+            f"CREATE INDEX agentauth_revocations_expires ON {s}.agentauth_revocations (expires_at)",
+        ),
+    ]
+
+
+def _postgres_driver(conn: Any) -> str:
+    """Name the driver of a connection object ("psycopg" or "psycopg2"); agentauth imports neither.
+
+    Raises:
+        InvalidConfigError: the object is not a connection of either driver.
+    """
+    for cls in type(conn).__mro__:
+        package = getattr(cls, "__module__", "").partition(".")[0]
+        if package in _POSTGRES_DRIVERS:
+            return package
+    raise InvalidConfigError("connect must return a psycopg (3) or psycopg2 connection")
+
+
+def _postgres_row(row: Any) -> Tuple[Any, ...]:
+    """A result row as a tuple, whatever row factory the caller's connections use."""
+    return tuple(row.values()) if isinstance(row, Mapping) else tuple(row)
+
+
+def _postgres_close(conn: Any) -> None:
+    """Close a connection, ignoring the errors of one that is already broken."""
+    try:
+        conn.close()
+    except Exception:  # a dead connection may fail to close; it is dropped either way
+        pass
+
+
+class PostgresStore:
+    """Revocations in PostgreSQL: the store for several hosts that share a database.
+
+    ``connect`` is a function that returns a new connection of psycopg 3 or
+    psycopg2 (``lambda: psycopg.connect(url)``); agentauth imports neither.
+    The store opens two connections per process: one for writes and one that
+    LISTENs. Tables are created on first use in ``schema`` (created if
+    missing), versioned in its ``agentauth_schema`` table, and migrated in
+    place under an advisory lock, so hosts that start together do not race.
+
+    Verify costs no database round trip: the store keeps the live entries in
+    memory. A background thread LISTENs for the notification every ``revoke``
+    sends when it commits and then loads the rows written since the last one
+    it saw (by sequence number); it does the same at least every
+    ``max_staleness_seconds / 5`` as a heartbeat, and after every reconnect.
+    A revocation committed on one host is therefore refused by the others
+    as soon as the notification arrives (milliseconds).
+
+    Security: fail closed. When the listening connection has not caught up
+    with the database for ``max_staleness_seconds`` (measured with
+    ``monotonic``), ``is_revoked`` raises ``StoreUnavailableError`` until it
+    has. ``revoke`` commits before returning and raises
+    ``StoreUnavailableError`` on failure; each write waits at most
+    ``timeout_seconds`` for locks and statements. Give the connections a
+    ``connect_timeout`` (and TCP keepalives) so that a lost server is noticed.
+    The listening connection needs a real session: not a transaction-mode
+    pooler such as PgBouncer's ``pool_mode=transaction``.
+
+    Thread-safe. After ``os.fork`` the child opens connections of its own on
+    first use. ``close()`` releases the connections; a later call opens them again.
+
+    Raises:
+        InvalidConfigError: a bad argument, a connection of another driver,
+            or a schema newer than this version knows.
+        StoreUnavailableError: the database cannot be reached or set up.
+    """
+
+    def __init__(
+        self,
+        connect: Callable[[], Any],
+        *,
+        schema: str = "agentauth",
+        max_staleness_seconds: float = 5.0,
+        timeout_seconds: float = 5.0,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not callable(connect):
+            raise InvalidConfigError("connect must be a function that returns a new database connection")
+        if type(schema) is not str or not _POSTGRES_SCHEMA_NAME.match(schema):
+            raise InvalidConfigError("schema must be 1-48 lower-case letters, digits or underscores, not starting with a digit")
+        for name, value in (("max_staleness_seconds", max_staleness_seconds), ("timeout_seconds", timeout_seconds)):
+            if type(value) not in (int, float) or not 0 < value < math.inf:
+                raise InvalidConfigError(f"{name} must be a positive number")
+        if not callable(monotonic):
+            raise InvalidConfigError("monotonic must be a function returning seconds")
+        self.schema = schema
+        self.max_staleness_seconds = float(max_staleness_seconds)
+        self._connect = connect
+        self._timeout_ms = str(max(1, int(timeout_seconds * 1000)))
+        self._monotonic = monotonic
+        self._table = f'"{schema}".agentauth_revocations'
+        self._channel = f"agentauth_{schema}"
+        self._heartbeat = min(self.max_staleness_seconds / 5, _POSTGRES_MAX_RETRY_SECONDS)
+        self._index = _EntryIndex()
+        self._lock = threading.Lock()  # guards the index and _last_seq
+        self._write_lock = threading.Lock()  # one write transaction at a time on the write connection
+        self._start_lock = threading.Lock()  # starts and stops the listener
+        self._last_seq = 0
+        self._fresh_at = -math.inf  # monotonic time of the start of the last successful catch-up
+        self._writer: Any = None
+        self._writer_pid = 0
+        self._listener: Optional[Tuple[threading.Thread, threading.Event, Any, threading.Event]] = None
+        self._listener_owner = 0  # the process that started the listener
+        self._listener_pid = 0  # the process whose verify found it started
+        self._inherited: List[Any] = []  # a parent's connections: never used, never closed (see _forget_parent)
+        self._ensure_schema()
+        self._start_listener()
+
+    def __repr__(self) -> str:
+        return f"PostgresStore(schema={self.schema!r})"
+
+    # -- connections
+
+    def _open(self, *, autocommit: bool) -> Any:
+        conn = self._connect()
+        try:
+            _postgres_driver(conn)
+            conn.autocommit = autocommit
+        except BaseException:
+            _postgres_close(conn)
+            raise
+        return conn
+
+    def _forget_parent(self) -> None:
+        """In a forked child: drop the parent's connections and listener without touching them.
+
+        Closing them would end the parent's sessions (the child shares their
+        sockets), and so would letting them be garbage-collected, so they are kept.
+        """
+        self._inherited.append((self._writer, self._listener))
+        self._writer, self._listener = None, None
+        self._lock, self._write_lock, self._start_lock = threading.Lock(), threading.Lock(), threading.Lock()
+        self._fresh_at = -math.inf
+
+    def _transaction(self, work: Callable[[Any], Any], failure: str) -> Any:
+        """Run ``work(cursor)`` in one transaction on this process's write connection; commit.
+
+        A failure before the commit leaves nothing written, so it is retried
+        once on a new connection when the old one may have gone stale; a
+        failed commit is not retried (it may or may not have been written).
+
+        Raises:
+            StoreUnavailableError: not committed (``failure`` says what).
+        """
+        if self._writer_pid != os.getpid() and self._writer is not None:
+            self._forget_parent()
+        with self._write_lock:
+            for attempt in (1, 2):
+                reused = self._writer is not None
+                try:
+                    if not reused:
+                        self._writer, self._writer_pid = self._open(autocommit=False), os.getpid()
+                    cursor = self._writer.cursor()
+                    cursor.execute("SELECT set_config('lock_timeout', %s, true), set_config('statement_timeout', %s, true)",
+                                   (self._timeout_ms, self._timeout_ms))
+                    result = work(cursor)
+                except InvalidConfigError:
+                    self._drop_writer()
+                    raise
+                except Exception as exc:  # the driver's own error classes, unknown here
+                    self._drop_writer()
+                    if reused and attempt == 1:
+                        continue
+                    raise StoreUnavailableError(f"{failure}: {type(exc).__name__}") from exc
+                try:
+                    self._writer.commit()
+                except Exception as exc:
+                    self._drop_writer()
+                    raise StoreUnavailableError(f"{failure}: {type(exc).__name__}") from exc
+                return result
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _drop_writer(self) -> None:
+        if self._writer is not None:
+            _postgres_close(self._writer)  # rolls back whatever was not committed
+            self._writer = None
+
+    def _ensure_schema(self) -> None:
+        """Create or migrate the tables, one host at a time, on a connection of its own.
+
+        Raises:
+            InvalidConfigError: the schema is newer than this version knows.
+            StoreUnavailableError: the database cannot be reached or changed.
+        """
+        migrations = _postgres_migrations(self.schema)
+        lock = (_POSTGRES_LOCK_CLASS, int.from_bytes(hashlib.sha256(self.schema.encode()).digest()[:4], "big", signed=True))
+        try:
+            conn = self._open(autocommit=True)
+        except InvalidConfigError:
+            raise
+        except Exception as exc:  # the driver's own error classes, unknown here
+            raise StoreUnavailableError(f"cannot reach the database: {type(exc).__name__}") from exc
+        try:
+            cursor = conn.cursor()
+            if self._schema_version(cursor) == len(migrations):
+                return
+            cursor.execute("SELECT set_config('lock_timeout', %s, false)", (self._timeout_ms,))
+            # A session lock, then a new transaction: one that starts after the
+            # lock is granted sees the tables another host has just created.
+            cursor.execute("SELECT pg_advisory_lock(%s, %s)", lock)
+            try:
+                cursor.execute("BEGIN")
+                version = self._schema_version(cursor)
+                if version > len(migrations):
+                    raise InvalidConfigError(
+                        f"the database schema {self.schema!r} has version {version}; this agentauth knows {len(migrations)}"
+                    )
+                cursor.execute("SELECT to_regnamespace(%s) IS NULL", (self.schema,))
+                if _postgres_row(cursor.fetchone())[0]:
+                    cursor.execute(f'CREATE SCHEMA "{self.schema}"')
+                for statements in migrations[version:]:
+                    for statement in statements:
+                        cursor.execute(statement)
+                cursor.execute(f'DELETE FROM "{self.schema}".agentauth_schema')
+                cursor.execute(f'INSERT INTO "{self.schema}".agentauth_schema (version) VALUES (%s)', (len(migrations),))
+                cursor.execute("COMMIT")
+            finally:
+                if not conn.closed:
+                    cursor.execute("ROLLBACK")  # after COMMIT: a warning, no error
+                    cursor.execute("SELECT pg_advisory_unlock(%s, %s)", lock)
+        except InvalidConfigError:
+            raise
+        except Exception as exc:
+            raise StoreUnavailableError(f"cannot set up the tables: {type(exc).__name__}") from exc
+        finally:
+            _postgres_close(conn)
+
+    def _schema_version(self, cursor: Any) -> int:
+        """The schema's version: 0 when it has no agentauth tables yet."""
+        cursor.execute("SELECT to_regclass(%s) IS NULL", (f'"{self.schema}".agentauth_schema',))
+        if _postgres_row(cursor.fetchone())[0]:
+            return 0
+        cursor.execute(f'SELECT max(version) FROM "{self.schema}".agentauth_schema')
+        return int(_postgres_row(cursor.fetchone())[0] or 0)
+
+    # -- the listener
+
+    def _start_listener(self) -> None:
+        """Start this process's listener thread unless running; wait (up to the staleness bound) for its first catch-up."""
+        import socket
+
+        pid = os.getpid()
+        with self._start_lock:
+            if self._listener is not None and self._listener_owner != pid:
+                self._forget_parent()
+            if self._listener is None:
+                stop, caught_up = threading.Event(), threading.Event()
+                wake = socket.socketpair()  # close() writes to one end to stop the listener at once
+                thread = threading.Thread(
+                    target=self._listen, args=(stop, caught_up, wake), name="agentauth-postgres-listener", daemon=True
+                )
+                self._listener, self._listener_owner = (thread, stop, wake, caught_up), pid
+                thread.start()
+            caught_up = self._listener[3]
+        caught_up.wait(self.max_staleness_seconds)
+        self._listener_pid = pid  # verify no longer comes here in this process
+
+    def _listen(self, stop: threading.Event, caught_up: threading.Event, wake: Any) -> None:
+        """Listen, catch up, and reconnect with a growing delay whenever the connection fails."""
+        import select
+
+        delay = 0.05
+        failing = False
+        notified = [False]
+
+        def on_notify(_notification: Any) -> None:  # psycopg 3 calls this while it reads results
+            notified[0] = True
+
+        while not stop.is_set():
+            conn = None
+            try:
+                conn = self._open(autocommit=True)
+                psycopg2 = _postgres_driver(conn) == "psycopg2"
+                if not psycopg2:
+                    conn.add_notify_handler(on_notify)
+                cursor = conn.cursor()
+                # LISTEN before the catch-up query: a commit after it is
+                # notified, one before it is in the query's answer.
+                cursor.execute(f'LISTEN "{self._channel}"')
+                while not stop.is_set():
+                    notified[0] = False
+                    if psycopg2:
+                        del conn.notifies[:]
+                    self._catch_up(cursor)
+                    caught_up.set()
+                    delay, failing = 0.05, False
+                    if notified[0] or (psycopg2 and conn.notifies):
+                        continue  # a commit was announced during the query: it may be newer than its answer
+                    select.select([conn.fileno(), wake[0]], [], [], self._heartbeat)
+            except Exception as exc:  # the driver's errors, unknown here; verify fails closed meanwhile
+                if not failing:
+                    import logging
+
+                    logging.getLogger("agentauth").warning(
+                        "PostgresStore lost its notification connection (%s); retrying", type(exc).__name__
+                    )
+                failing = True
+            finally:
+                if conn is not None:
+                    _postgres_close(conn)
+            stop.wait(delay)
+            delay = min(delay * 2, self._heartbeat)
+        for end in wake:
+            end.close()
+
+    def _catch_up(self, cursor: Any) -> None:
+        """Load the rows committed since the last one seen; mark the index fresh as of the query's start."""
+        started = self._monotonic()
+        cursor.execute(
+            f"SELECT seq, jti, agent, subject, revoked_at, expires_at FROM {self._table} WHERE seq > %s ORDER BY seq",
+            (self._last_seq,),
+        )
+        rows = [_postgres_row(row) for row in cursor.fetchall()]
+        with self._lock:
+            if rows:
+                for row in rows:
+                    self._index.put(RevocationEntry(*row[1:]))
+                self._last_seq = rows[-1][0]
+                # A revocation's time is a lower bound of the writing host's clock now.
+                self._index.purge(max(row[4] for row in rows))
+            self._fresh_at = max(self._fresh_at, started)
+
+    # -- the revocation store
+
+    def _record_revocation(self, cursor: Any, criteria: Mapping[str, str], revoked_at: int, expires_at: int) -> RevocationEntry:
+        """Write one revocation in the caller's transaction; return the merged entry.
+
+        Locks the table first (see ``_postgres_migrations``), purges a bounded
+        batch of expired rows, and notifies the listeners on commit.
+        """
+        key, entry = _entry_key(criteria)
+        table = self._table
+        cursor.execute(f"LOCK TABLE {table} IN EXCLUSIVE MODE")
+        cursor.execute(
+            f"DELETE FROM {table} WHERE seq IN"
+            f" (SELECT seq FROM {table} WHERE expires_at <= %s ORDER BY expires_at LIMIT {_POSTGRES_PURGE_ROWS})",
+            (revoked_at,),
+        )
+        # A new seq for a merged row too, so that every reader loads it again.
+        cursor.execute(
+            f"INSERT INTO {table} AS r (key, seq, jti, agent, subject, revoked_at, expires_at)"
+            f" VALUES (%s, nextval('\"{self.schema}\".agentauth_revocations_seq'), %s, %s, %s, %s, %s)"
+            " ON CONFLICT (key) DO UPDATE SET seq = EXCLUDED.seq,"
+            " revoked_at = GREATEST(r.revoked_at, EXCLUDED.revoked_at),"
+            " expires_at = GREATEST(r.expires_at, EXCLUDED.expires_at)"
+            " RETURNING revoked_at, expires_at",
+            (key, entry.jti, entry.agent, entry.subject, revoked_at, expires_at),
+        )
+        merged_revoked_at, merged_expires_at = _postgres_row(cursor.fetchone())
+        cursor.execute("SELECT pg_notify(%s, '')", (self._channel,))
+        return entry._replace(revoked_at=merged_revoked_at, expires_at=merged_expires_at)
+
+    def _remember(self, entry: RevocationEntry, now: int) -> None:
+        """Put an entry this process committed into the index (the listener loads it again, harmlessly)."""
+        with self._lock:
+            self._index.purge(now)
+            self._index.put(entry)
+
+    def revoke(self, criteria: Mapping[str, str], *, revoked_at: int, expires_at: int) -> None:
+        """Record a revocation in one committed transaction; purge a batch of expired rows.
+
+        Raises:
+            ValueError: bad criteria (nothing is written).
+            StoreUnavailableError: the revocation was not committed.
+        """
+        _entry_key(criteria)  # bad criteria are the caller's error, before any database work
+        entry = self._transaction(
+            lambda cursor: self._record_revocation(cursor, criteria, revoked_at, expires_at),
+            "the revocation was not recorded",
+        )
+        self._remember(entry, revoked_at)
+
+    def is_revoked(self, claims: AgentClaims) -> bool:
+        """Tell whether an entry refuses these claims, from memory.
+
+        Raises:
+            StoreUnavailableError: the listener has not caught up with the
+                database for ``max_staleness_seconds``.
+        """
+        if self._listener_pid != os.getpid():  # closed, or a forked child's first call
+            self._start_listener()
+        if self._monotonic() - self._fresh_at > self.max_staleness_seconds:
+            raise StoreUnavailableError("the revocation store has not caught up with the database")
+        return self._index.matches(claims)
+
+    def entries(self, *, now: Optional[float] = None) -> List[RevocationEntry]:
+        """List the table's entries, newest first; with ``now``, only those still live.
+
+        Raises:
+            StoreUnavailableError: the database did not answer.
+        """
+        query = f"SELECT jti, agent, subject, revoked_at, expires_at FROM {self._table}"
+        params: Tuple[Any, ...] = ()
+        if now is not None:
+            query += " WHERE expires_at > %s"
+            params = (now,)
+
+        def work(cursor: Any) -> List[RevocationEntry]:
+            cursor.execute(query + " ORDER BY revoked_at DESC, seq DESC", params)
+            return [RevocationEntry(*_postgres_row(row)) for row in cursor.fetchall()]
+
+        return typing.cast(List[RevocationEntry], self._transaction(work, "the revocation database did not answer"))
+
+    def close(self) -> None:
+        """Stop the listener and close this process's connections; a later call opens them again."""
+        with self._start_lock:
+            listener, self._listener = self._listener, None
+            self._listener_pid = 0
+            if listener is not None and self._listener_owner != os.getpid():
+                self._inherited.append(listener)  # a parent's: see _forget_parent
+            elif listener is not None:
+                thread, stop, wake, _caught_up = listener
+                stop.set()
+                try:
+                    wake[1].send(b"x")
+                except OSError:  # the listener already closed it
+                    pass
+                if thread is not threading.current_thread():
+                    thread.join(timeout=10)
+            self._fresh_at = -math.inf
+        with self._write_lock:
+            if self._writer_pid == os.getpid():
+                self._drop_writer()
 
 
 # ---------------------------------------------------------------------------

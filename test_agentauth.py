@@ -3045,6 +3045,68 @@ class SqliteStoreTests(StoreContract, unittest.TestCase):
                 auth.verify(token)
 
 
+class PostgresStoreConfigTests(unittest.TestCase):
+    """What PostgresStore checks before it touches a database (its behaviour: test_integration.py)."""
+
+    def test_bad_arguments_are_config_errors_before_any_connection(self):
+        calls = []
+
+        def connect():
+            calls.append(1)
+            raise AssertionError("must not connect")
+
+        bad = [
+            ((None,), {}),
+            (("postgresql://db/app",), {}),
+            ((connect,), {"schema": ""}),
+            ((connect,), {"schema": "Agentauth"}),
+            ((connect,), {"schema": "9lives"}),
+            ((connect,), {"schema": 'x"; DROP TABLE users; --'}),
+            ((connect,), {"schema": "a" * 49}),
+            ((connect,), {"schema": None}),
+            ((connect,), {"max_staleness_seconds": 0}),
+            ((connect,), {"max_staleness_seconds": -1}),
+            ((connect,), {"max_staleness_seconds": "5"}),
+            ((connect,), {"max_staleness_seconds": True}),
+            ((connect,), {"max_staleness_seconds": float("inf")}),
+            ((connect,), {"max_staleness_seconds": float("nan")}),
+            ((connect,), {"timeout_seconds": 0}),
+            ((connect,), {"timeout_seconds": None}),
+            ((connect,), {"monotonic": 5.0}),
+        ]
+        for args, kwargs in bad:
+            with self.subTest(args=args, kwargs=kwargs):
+                with raises_exactly(self, InvalidConfigError):
+                    agentauth.PostgresStore(*args, **kwargs)
+        self.assertEqual(calls, [])
+
+    def test_a_connection_of_another_driver_is_refused_and_closed(self):
+        conn = sqlite3.connect(":memory:")
+        with raises_exactly(self, InvalidConfigError):
+            agentauth.PostgresStore(lambda: conn)
+        with self.assertRaises(sqlite3.ProgrammingError):  # closed by the store
+            conn.execute("SELECT 1")
+
+    def test_a_database_that_cannot_be_reached_is_unavailable(self):
+        def connect():
+            raise ConnectionRefusedError("no server")
+
+        with raises_exactly(self, StoreUnavailableError) as cm:
+            agentauth.PostgresStore(connect)
+        self.assertNotIn("no server", str(cm.exception))
+
+    def test_drivers_are_recognised_by_their_connection_class_only(self):
+        psycopg3 = type("Connection", (), {"__module__": "psycopg"})
+        psycopg2 = type("connection", (), {"__module__": "psycopg2.extensions"})
+        subclass = type("MyConnection", (psycopg2,), {"__module__": "myapp.db"})
+        lookalike = type("Connection", (), {"__module__": "psycopgx"})
+        self.assertEqual(agentauth._postgres_driver(psycopg3()), "psycopg")
+        self.assertEqual(agentauth._postgres_driver(psycopg2()), "psycopg2")
+        self.assertEqual(agentauth._postgres_driver(subclass()), "psycopg2")
+        with raises_exactly(self, InvalidConfigError):
+            agentauth._postgres_driver(lookalike())
+
+
 # ---------------------------------------------------------------------------
 # Stores: grants
 # ---------------------------------------------------------------------------

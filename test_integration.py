@@ -10,9 +10,13 @@ import asyncio
 import importlib.util
 import json
 import os
+import secrets
+import shlex
 import shutil
 import socket
+import statistics
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -22,12 +26,13 @@ import urllib.request
 import warnings
 
 import agentauth
+from test_agentauth import StoreContract, agent_claims
 
 SECRET = "Hn4Wq8Zt1Lc6Vb3Xk9Pm2Rd7Fs0Gy5Ju-Ea"  # fixed, not guessable
 ISSUER = "integration-issuer"
 
 
-PACKAGES = {"jwt": "PyJWT"}  # where the import name is not the name pip installs
+PACKAGES = {"jwt": "PyJWT", "psycopg": "psycopg[binary]", "psycopg2": "psycopg2-binary"}  # where the import name is not the name pip installs
 
 
 def installed(*modules):
@@ -681,6 +686,303 @@ def free_port():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+# ---------------------------------------------------------------------------
+# PostgreSQL: PostgresStore against a real server
+# ---------------------------------------------------------------------------
+
+POSTGRES_URL = os.environ.get("AGENTAUTH_TEST_POSTGRES_URL", "")
+# A command that takes "stop" or "start" (pg_ctl for the test cluster, run as its owner).
+POSTGRES_CTL = os.environ.get("AGENTAUTH_TEST_POSTGRES_CTL", "")
+NEEDS_POSTGRES = "needs a PostgreSQL server: set AGENTAUTH_TEST_POSTGRES_URL (.ci/run starts one)"
+NEEDS_POSTGRES_CTL = "needs AGENTAUTH_TEST_POSTGRES_CTL, a command that stops and starts the test server (.ci/run sets it)"
+
+
+def needs_postgres(cls):
+    return installed("psycopg")(unittest.skipUnless(POSTGRES_URL, NEEDS_POSTGRES)(cls))
+
+
+def psycopg_connect():
+    import psycopg
+
+    return psycopg.connect(POSTGRES_URL, connect_timeout=2)
+
+
+def psycopg2_connect():
+    import psycopg2
+
+    return psycopg2.connect(POSTGRES_URL, connect_timeout=2)
+
+
+def postgres_ctl(action):
+    subprocess.run(shlex.split(POSTGRES_CTL) + [action], check=True, capture_output=True, timeout=60)
+
+
+def wait_until(condition, timeout):
+    """Poll ``condition`` until it is true; return the seconds it took (None: it never was)."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        if condition():
+            return time.monotonic() - started
+        time.sleep(0.005)
+    return None
+
+
+class Monotonic:
+    """A monotonic clock the test moves by hand."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+class PostgresFixture:
+    connect = staticmethod(psycopg_connect)
+
+    def new_schema(self):
+        schema = "t_" + secrets.token_hex(6)
+        self.addCleanup(self.drop_schema, schema)
+        return schema
+
+    def drop_schema(self, schema):
+        with psycopg_connect() as conn:
+            conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+    def open_store(self, schema, **kwargs):
+        store = agentauth.PostgresStore(self.connect, schema=schema, **kwargs)
+        self.addCleanup(store.close)
+        return store
+
+    def sql(self, query, params=()):
+        with psycopg_connect() as conn:
+            cursor = conn.execute(query, params)
+            return cursor.fetchall() if cursor.description else None
+
+
+@needs_postgres
+class PostgresStoreContractTests(PostgresFixture, StoreContract, unittest.TestCase):
+    def make_store(self):
+        return self.open_store(self.new_schema())
+
+
+@needs_postgres
+@installed("psycopg2")
+class PostgresStorePsycopg2ContractTests(PostgresStoreContractTests):
+    connect = staticmethod(psycopg2_connect)
+
+
+REVOKER = """
+import sys, time
+sys.path.insert(0, sys.argv[1])
+import psycopg, agentauth
+store = agentauth.PostgresStore(lambda: psycopg.connect(sys.argv[2]), schema=sys.argv[3])
+print("ready", flush=True)
+for line in sys.stdin:
+    agent = line.strip()
+    started = time.monotonic()
+    store.revoke({"agent": agent}, revoked_at=int(time.time()), expires_at=int(time.time()) + 600)
+    print(started, flush=True)
+store.close()
+"""
+
+
+def claims_of(agent, iat):
+    return agent_claims(jti="j-" + agent, agent=agent, sub="user_1", iat=iat)
+
+
+@needs_postgres
+class PostgresStoreTests(PostgresFixture, unittest.TestCase):
+    def test_tables_live_in_the_named_schema_with_their_version(self):
+        schema = self.new_schema()
+        self.open_store(schema)
+        tables = self.sql("SELECT table_name FROM information_schema.tables WHERE table_schema = %s ORDER BY 1", (schema,))
+        self.assertEqual([t for (t,) in tables], ["agentauth_revocations", "agentauth_schema"])
+        self.assertEqual(self.sql(f'SELECT version FROM "{schema}".agentauth_schema'), [(1,)])
+
+    def test_a_newer_schema_version_is_refused(self):
+        schema = self.new_schema()
+        self.open_store(schema).close()
+        self.sql(f'UPDATE "{schema}".agentauth_schema SET version = version + 1')
+        with self.assertRaises(agentauth.InvalidConfigError) as cm:
+            agentauth.PostgresStore(psycopg_connect, schema=schema)
+        self.assertIs(type(cm.exception), agentauth.InvalidConfigError)
+
+    def test_hosts_starting_together_create_the_tables_once(self):
+        schema = self.new_schema()
+        barrier = threading.Barrier(4)
+        errors, stores = [], []
+
+        def start():
+            barrier.wait()
+            try:
+                stores.append(agentauth.PostgresStore(psycopg_connect, schema=schema))
+            except Exception as exc:  # reported below
+                errors.append(repr(exc))
+
+        threads = [threading.Thread(target=start) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        for store in stores:
+            self.addCleanup(store.close)
+        self.assertEqual(errors, [])
+        self.assertEqual(len(stores), 4)
+
+    def test_a_revocation_on_one_host_is_refused_on_another_within_a_second(self):
+        schema = self.new_schema()
+        first, second = self.open_store(schema), self.open_store(schema)
+        claims = claims_of("bot", 1_800_000_000)
+        self.assertIs(second.is_revoked(claims), False)
+        first.revoke({"agent": "bot"}, revoked_at=1_800_000_000, expires_at=1_800_000_600)
+        self.assertIsNotNone(wait_until(lambda: second.is_revoked(claims), 1.0))
+        # A store opened later loads it from the table.
+        self.assertIs(self.open_store(schema).is_revoked(claims), True)
+
+    def test_a_revocation_in_one_process_is_refused_in_another_within_a_second(self):
+        schema = self.new_schema()
+        store = self.open_store(schema)
+        here = os.path.dirname(os.path.abspath(agentauth.__file__))
+        child = subprocess.Popen([sys.executable, "-c", REVOKER, here, POSTGRES_URL, schema],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.addCleanup(child.wait, 30)
+        self.addCleanup(child.stdout.close)
+        self.addCleanup(child.stdin.close)
+        self.assertEqual(child.stdout.readline().strip(), "ready")
+        now = int(time.time())
+        latencies = []
+        for i in range(20):
+            claims = claims_of(f"bot{i}", now)
+            self.assertIs(store.is_revoked(claims), False)
+            child.stdin.write(f"bot{i}\n")
+            child.stdin.flush()
+            started = float(child.stdout.readline())  # the other process's monotonic clock: the same on one host
+            self.assertIsNotNone(wait_until(lambda: store.is_revoked(claims), 1.0), f"bot{i} not refused within 1 s")
+            latencies.append(time.monotonic() - started)
+        self.assertLess(max(latencies), 1.0)
+        self.assertLess(statistics.median(latencies), 0.1)
+
+    def test_expired_rows_are_purged_a_bounded_batch_per_write(self):
+        schema = self.new_schema()
+        store = self.open_store(schema)
+        self.sql(
+            f'INSERT INTO "{schema}".agentauth_revocations (key, seq, jti, revoked_at, expires_at)'
+            f" SELECT 'jti:old' || g, nextval('\"{schema}\".agentauth_revocations_seq'), 'old' || g, 0, 10"
+            " FROM generate_series(1, 1500) g"
+        )
+        count = f'SELECT count(*) FROM "{schema}".agentauth_revocations'
+        store.revoke({"jti": "new-1"}, revoked_at=100, expires_at=1000)
+        self.assertEqual(self.sql(count), [(1 + 1500 - 1000,)])
+        store.revoke({"jti": "new-2"}, revoked_at=100, expires_at=1000)
+        self.assertEqual(self.sql(count), [(2,)])
+
+    @installed("psycopg2")
+    def test_the_schema_may_be_shared_by_another_driver(self):
+        schema = self.new_schema()
+        first = self.open_store(schema)
+        second = agentauth.PostgresStore(psycopg2_connect, schema=schema)
+        self.addCleanup(second.close)
+        second.revoke({"jti": "j1"}, revoked_at=1_800_000_000, expires_at=1_800_000_600)
+        claims = claims_of("bot", 1_800_000_000)._replace(jti="j1")
+        self.assertIsNotNone(wait_until(lambda: first.is_revoked(claims), 1.0))
+
+
+@needs_postgres
+@unittest.skipUnless(POSTGRES_CTL, NEEDS_POSTGRES_CTL)
+class PostgresOutageTests(PostgresFixture, unittest.TestCase):
+    """The server stopped mid-run: fail closed, recover alone, lose nothing."""
+
+    def setUp(self):
+        self.addCleanup(self.ensure_started)
+        logs = self.assertLogs("agentauth", "WARNING")  # each store says once that it lost its connection
+        logs.__enter__()
+        self.addCleanup(logs.__exit__, None, None, None)
+
+    def ensure_started(self):
+        try:
+            psycopg_connect().close()
+        except Exception:
+            postgres_ctl("start")
+
+    def test_verify_fails_closed_after_max_staleness_and_recovers_by_itself(self):
+        schema = self.new_schema()
+        clock = Monotonic()
+        store = self.open_store(schema, max_staleness_seconds=5, monotonic=clock)
+        other = self.open_store(schema)
+        auth = agentauth.AgentAuth(secret=SECRET, issuer=ISSUER, audience="api", store=store, clock=Clock())
+        before = auth.issue(subject="u", agent="before", scopes=["s"]).token
+        after = auth.issue(subject="u", agent="after", scopes=["s"]).token
+        live = auth.issue(subject="u", agent="live", scopes=["s"]).token
+        other.revoke({"agent": "before"}, revoked_at=int(Clock().now), expires_at=int(Clock().now) + 600)
+        self.assertIsNotNone(wait_until(lambda: self.refused(auth, before), 1.0))
+        postgres_ctl("stop")
+        clock.now += 5  # not caught up for exactly max_staleness_seconds: still answers
+        self.assertEqual(auth.verify(live).agent, "live")
+        with self.assertRaises(agentauth.RevokedError):
+            auth.verify(before)
+        clock.now += 0.01
+        for token in (live, before, after):
+            with self.assertRaises(agentauth.StoreUnavailableError) as cm:
+                auth.verify(token)
+            self.assertIs(type(cm.exception), agentauth.StoreUnavailableError)
+        with self.assertRaises(agentauth.StoreUnavailableError):
+            other.revoke({"agent": "after"}, revoked_at=int(Clock().now), expires_at=int(Clock().now) + 600)
+        postgres_ctl("start")
+        # Written as soon as the server is back, maybe before this store's listener is.
+        self.assertIsNotNone(wait_until(lambda: self.try_revoke(other, "after"), 10))
+        self.assertIsNotNone(wait_until(lambda: self.verifies(auth, live), 10))
+        with self.assertRaises(agentauth.RevokedError):
+            auth.verify(before)
+        # By notification or by the catch-up query of the reconnect, whichever came first.
+        self.assertIsNotNone(wait_until(lambda: self.refused(auth, after), 1.0))
+        self.assertEqual({e.agent for e in other.entries()}, {"before", "after"})
+
+    @staticmethod
+    def refused(auth, token):
+        try:
+            auth.verify(token)
+        except agentauth.RevokedError:
+            return True
+        return False
+
+    @staticmethod
+    def try_revoke(store, agent):
+        try:
+            store.revoke({"agent": agent}, revoked_at=int(Clock().now), expires_at=int(Clock().now) + 600)
+        except agentauth.StoreUnavailableError:
+            return False
+        return True
+
+    @staticmethod
+    def verifies(auth, token):
+        try:
+            auth.verify(token)
+        except agentauth.StoreUnavailableError:
+            return False
+        return True
+
+    def test_verify_fails_closed_within_max_staleness_seconds_of_real_time(self):
+        store = self.open_store(self.new_schema(), max_staleness_seconds=1)
+        claims = claims_of("bot", 1_800_000_000)
+        self.assertIs(store.is_revoked(claims), False)
+        postgres_ctl("stop")
+        stopped_at = time.monotonic()
+
+        def refused():
+            try:
+                store.is_revoked(claims)
+            except agentauth.StoreUnavailableError:
+                return True
+            return False
+
+        self.assertIsNotNone(wait_until(refused, 2.0))
+        self.assertLess(time.monotonic() - stopped_at, 1.0 + 0.1)
+        postgres_ctl("start")
+        self.assertIsNotNone(wait_until(lambda: not refused(), 10))
+        self.assertIs(store.is_revoked(claims), False)
 
 
 if __name__ == "__main__":
