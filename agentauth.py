@@ -102,6 +102,7 @@ DEFAULT_CLOCK_TOLERANCE_SECONDS = 30
 DEFAULT_MAX_TOKEN_BYTES = 8192
 MAX_NAME_CHARS = 256  # subject and agent identifiers
 DEFAULT_MAX_CHAIN_LENGTH = 4  # agents in a delegation chain, the root included
+DEFAULT_VERIFY_CACHE_SIZE = 1024  # verified tokens remembered per instance (at most 8 KB each)
 _JTI_BYTES = 16  # 128 bits of randomness (RFC 7519 §4.1.7: collision-resistant)
 _HEADER_CACHE_SIZE = 16  # distinct valid header segments remembered per instance
 _REVOCATION_KINDS = ("jti", "agent", "subject")
@@ -3370,6 +3371,7 @@ class AgentAuth:
         store: Optional[RevocationStore] = None,
         require_grant: bool = False,
         on_event: Optional[Callable[[AgentEvent], Any]] = None,
+        verify_cache_size: int = DEFAULT_VERIFY_CACHE_SIZE,
         clock: Callable[[], float] = time.time,
         alg: Optional[str] = None,
     ) -> None:
@@ -3384,6 +3386,7 @@ class AgentAuth:
             check_revocation=check_revocation,
             store=store,
             on_event=on_event,
+            verify_cache_size=verify_cache_size,
             clock=clock,
         )
         if type(require_grant) is not bool:
@@ -3457,7 +3460,8 @@ class AgentAuth:
         Tokens must name their key (``kid``). ``options`` are the constructor's
         keyword arguments that apply to verifying: ``clock``,
         ``clock_tolerance_seconds``, ``store``, ``check_revocation``,
-        ``on_event``, ``max_ttl_seconds``, ``max_token_bytes``, ``max_chain_length``.
+        ``on_event``, ``max_ttl_seconds``, ``max_token_bytes``, ``max_chain_length``,
+        ``verify_cache_size``.
 
         Raises:
             InvalidConfigError: neither or both of jwks and jwks_url, a bad key
@@ -3465,7 +3469,7 @@ class AgentAuth:
             StoreUnavailableError: (from verify) the key set was never fetched.
         """
         allowed = {"clock", "clock_tolerance_seconds", "store", "check_revocation", "on_event",
-                   "max_ttl_seconds", "max_token_bytes", "max_chain_length"}
+                   "max_ttl_seconds", "max_token_bytes", "max_chain_length", "verify_cache_size"}
         unknown = sorted(set(options) - allowed)
         if unknown:
             raise InvalidConfigError(f"not a verifier option: {', '.join(unknown)}")
@@ -3511,6 +3515,7 @@ class AgentAuth:
         check_revocation: bool = True,
         store: Optional[RevocationStore] = None,
         on_event: Optional[Callable[[AgentEvent], Any]] = None,
+        verify_cache_size: int = DEFAULT_VERIFY_CACHE_SIZE,
         clock: Callable[[], float] = time.time,
     ) -> None:
         """Check and keep everything but the keys: shared by the constructor and ``verifier``."""
@@ -3531,6 +3536,9 @@ class AgentAuth:
         if type(check_revocation) is not bool:
             raise InvalidConfigError("check_revocation must be True or False")
         self.check_revocation = check_revocation
+        if type(verify_cache_size) is not int or verify_cache_size < 0:
+            raise InvalidConfigError("verify_cache_size must be a whole number >= 0 (0 turns the cache off)")
+        self.verify_cache_size = verify_cache_size
         if not callable(clock):
             raise InvalidConfigError("clock must be callable")
         if on_event is not None and not callable(on_event):
@@ -3557,6 +3565,9 @@ class AgentAuth:
             algorithms.update(_EDDSA_NAMES)
         self._algorithms = frozenset(algorithms)
         self._header_cache: Dict[str, Union[_HmacKey, _EdDSAKey]] = {}
+        # New keys, new caches: a token verified with a key that is gone
+        # (rotated out, dropped from a refreshed JWKS) must be checked again.
+        self._verify_cache: Dict[str, Tuple[AgentClaims, Optional[float]]] = {}
 
     def jwks(self) -> Dict[str, Any]:
         """Return the public JWK set to publish: the EdDSA keys held, the signing key first.
@@ -3806,11 +3817,27 @@ class AgentAuth:
         return key
 
     def _check(self, token: Any, now: float) -> AgentClaims:
-        """Signature and claims: everything but revocation and scopes."""
-        head, body, sig = _split(token, self.max_token_bytes)
+        """Signature and claims: everything but revocation and scopes.
+
+        A token whose signature and claims held is remembered, keyed by the
+        whole token, so that verifying it again skips the signature and the
+        parsing; its time claims (exp, iat, nbf) are checked again on every
+        call, and everything after this (revocation, required scopes, events,
+        last use, a proof of possession) runs every time as it lies outside.
+        A token bound to a key (a ``cnf`` claim, RFC 9449 DPoP) is never
+        remembered, so no later check of its proof can be skipped by a hit.
+        """
         jwks = self._jwks
         if jwks is not None and now >= jwks.fresh_until and jwks.refresh(now, forced=False):
-            self._set_keys(jwks.keys)
+            self._set_keys(jwks.keys)  # drops the verify cache
+        verified = self._verify_cache  # this key set's cache, even if a refresh swaps them
+        if type(token) is str:
+            hit = verified.get(token)
+            if hit is not None:
+                claims, nbf = hit
+                self._check_times(claims.exp, claims.iat, nbf, now)
+                return claims
+        head, body, sig = _split(token, self.max_token_bytes)
         cache = self._header_cache  # this key set's cache, even if a refresh swaps them
         key = cache.get(head)
         cached = key is not None
@@ -3850,13 +3877,7 @@ class AgentAuth:
             exp, iat = _number(claims, "exp"), _number(claims, "iat")  # type: ignore[assignment]  # required: not None
         nbf = _number(claims, "nbf", required=False) if "nbf" in claims else None
 
-        tolerance = self.clock_tolerance_seconds
-        if exp <= now - tolerance:
-            raise TokenExpiredError("token has expired", expired_at=exp)
-        if iat > now + tolerance:
-            raise TokenInvalidError("token is issued in the future")
-        if nbf is not None and nbf > now + tolerance:
-            raise TokenInvalidError("token is not valid yet")
+        self._check_times(exp, iat, nbf, now)
         # A token may not outlive what this instance could mint, so that
         # revocation entries kept max_ttl_seconds always outlive it.
         if exp - iat > self.max_ttl_seconds:
@@ -3872,9 +3893,27 @@ class AgentAuth:
             chain_jtis: Tuple[str, ...] = ()
         else:
             chain, chain_jtis = _parse_chain(act, agent, self.max_chain_length)
-        return AgentClaims(
+        result = AgentClaims(
             sub, agent, scopes, jti, iat, exp, self.issuer, aud, types.MappingProxyType(claims), chain, chain_jtis
         )
+        if self.verify_cache_size and "cnf" not in claims:
+            if len(verified) >= self.verify_cache_size:
+                try:  # the oldest entry goes (dicts keep insertion order)
+                    del verified[next(iter(verified))]
+                except (KeyError, RuntimeError, StopIteration):  # another thread got there first
+                    pass
+            verified[token] = (result, nbf)
+        return result
+
+    def _check_times(self, exp: float, iat: float, nbf: Optional[float], now: float) -> None:
+        """The claims that depend on the time: checked on every verify, cached or not."""
+        tolerance = self.clock_tolerance_seconds
+        if exp <= now - tolerance:
+            raise TokenExpiredError("token has expired", expired_at=exp)
+        if iat > now + tolerance:
+            raise TokenInvalidError("token is issued in the future")
+        if nbf is not None and nbf > now + tolerance:
+            raise TokenInvalidError("token is not valid yet")
 
     def _check_revocation(self, claims: AgentClaims) -> None:
         try:
@@ -5904,8 +5943,11 @@ def _cmd_demo(args: Any, out: Any, err: Any) -> int:
 def _cmd_bench(args: Any, out: Any, err: Any) -> int:
     import tempfile
 
+    seconds = args.seconds
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise _CliError("--seconds must be a positive number of seconds", EXIT_USAGE)
+    deadline = time.perf_counter() + seconds  # the whole run, preparation included
     now = math.floor(time.time())
-    seconds = max(args.seconds, 0.01)
     with tempfile.TemporaryDirectory() as folder:
         sqlite_store = SqliteStore(os.path.join(folder, "bench.db"))
         memory_store = MemoryStore()
@@ -5916,12 +5958,11 @@ def _cmd_bench(args: Any, out: Any, err: Any) -> int:
             memory_store.revoke(criteria, revoked_at=now, expires_at=now + 3600)
         secret = secrets.token_bytes(32)
 
-        def make(store: Optional[RevocationStore]) -> AgentAuth:
-            return AgentAuth(
-                secret=secret, issuer="bench", audience="bench", kid="k1", store=store, check_revocation=store is not None
-            )
+        def make(store: Optional[RevocationStore], cache: int = DEFAULT_VERIFY_CACHE_SIZE) -> AgentAuth:
+            return AgentAuth(secret=secret, issuer="bench", audience="bench", kid="k1", store=store,
+                             check_revocation=store is not None, verify_cache_size=cache)
 
-        stateless = make(None)
+        stateless, uncached = make(None), make(None, 0)
         grant: Dict[str, Any] = {
             "subject": "user_123",
             "agent": "agent_research_bot",
@@ -5935,31 +5976,71 @@ def _cmd_bench(args: Any, out: Any, err: Any) -> int:
         granted.grant(**grant)
         ed_key = Ed25519Key.generate()
         eddsa = AgentAuth(signing_key=ed_key, issuer="bench", audience="bench", check_revocation=False)
+        eddsa_uncached = AgentAuth(signing_key=ed_key, issuer="bench", audience="bench", check_revocation=False,
+                                   verify_cache_size=0)
         ed_token = eddsa.issue(**grant).token
-        eddsa.verify(ed_token)  # builds the key's table (pure backend) outside the measurement
+        eddsa_uncached.verify(ed_token)  # builds the key's table (pure backend) outside the measurement
+        asgi_request = _bench_asgi(make_memory, token)
         rows: List[Tuple[str, Callable[[], Any]]] = [
             ("issue, HS256", lambda: stateless.issue(**grant)),
-            ("verify, stateless", lambda: stateless.verify(token, ["email:read"])),
-            ("verify + MemoryStore", lambda: make_memory.verify(token, ["email:read"])),
-            ("verify + SqliteStore", lambda: make_sqlite.verify(token, ["email:read"])),
+            ("verify, HS256, first", lambda: uncached.verify(token, ["email:read"])),
+            ("verify, HS256, repeat", lambda: stateless.verify(token, ["email:read"])),
+            ("verify + MemoryStore, repeat", lambda: make_memory.verify(token, ["email:read"])),
+            ("verify + SqliteStore, repeat", lambda: make_sqlite.verify(token, ["email:read"])),
             ("verify + grant last use", lambda: granted.verify(token, ["email:read"])),
             ("issue, EdDSA", lambda: eddsa.issue(**grant)),
-            ("verify, EdDSA", lambda: eddsa.verify(ed_token, ["email:read"])),
+            ("verify, EdDSA, first", lambda: eddsa_uncached.verify(ed_token, ["email:read"])),
+            ("verify, EdDSA, repeat", lambda: eddsa.verify(ed_token, ["email:read"])),
+            ("ASGI middleware, per request", asgi_request),
         ]
         results = []
-        for name, op in rows:
+        for index, (name, op) in enumerate(rows):
             print(f"measuring {name}...", file=err)
-            results.append((name, _measure(op, seconds / len(rows))))
+            share = (deadline - time.perf_counter()) / (len(rows) - index)
+            results.append((name, _measure(op, share)))
         sqlite_store.close()
     print(
         f"agentauth {__version__}, Python {sys.version.split()[0]}, {args.revocations} revocations in each store,"
         f" Ed25519 backend: {ed_key.backend}",
         file=out,
     )
-    print(f"{'operation':<22} {'ops/s':>10} {'us/op':>8}", file=out)
+    print(f"{'operation':<30} {'ops/s':>10} {'us/op':>8}", file=out)
     for name, per_op in results:
-        print(f"{name:<22} {1 / per_op:>10,.0f} {per_op * 1e6:>8.2f}", file=out)
+        print(f"{name:<30} {1 / per_op:>10,.0f} {per_op * 1e6:>8.2f}", file=out)
     return EXIT_OK
+
+
+def _bench_asgi(auth: AgentAuth, token: str) -> Callable[[], None]:
+    """One in-process HTTP request through ``auth.asgi``: no server, no event loop.
+
+    With a MemoryStore nothing in the middleware suspends, so the request's
+    coroutine runs to its end on its first step.
+    """
+
+    async def app(scope: Dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async def receive() -> Dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Dict[str, Any]) -> None:
+        pass
+
+    protected = auth.asgi(app, required_scopes=["email:read"])
+    headers = [(b"host", b"api.example"), (b"authorization", f"Bearer {token}".encode("ascii"))]
+
+    def request() -> None:
+        scope = {"type": "http", "method": "GET", "path": "/inbox", "headers": headers}
+        step = protected(scope, receive, send)
+        try:
+            step.send(None)
+        except StopIteration:
+            return
+        step.close()
+        raise RuntimeError("the ASGI request suspended")
+
+    return request
 
 
 def _measure(op: Callable[[], Any], seconds: float) -> float:
@@ -6066,7 +6147,8 @@ def _parser() -> "argparse.ArgumentParser":
     sub["disconnect"].add_argument("--max-ttl", type=int, default=_env_int("AGENTAUTH_MAX_TTL", DEFAULT_MAX_TTL_SECONDS),
                                    metavar="SECONDS", help="the server's max_ttl_seconds: how long the refusal is kept"
                                    " (env AGENTAUTH_MAX_TTL, default %(default)s)")
-    sub["bench"].add_argument("--seconds", type=float, default=2.0, help="total measuring time (default %(default)s)")
+    sub["bench"].add_argument("--seconds", type=float, default=2.0,
+                              help="the whole run's time, preparation included (default %(default)s)")
     sub["bench"].add_argument("--revocations", type=int, default=10000, metavar="N",
                               help="entries preloaded in each store (default %(default)s)")
     return parser

@@ -4100,6 +4100,155 @@ class ErrorMessageTests(unittest.TestCase):
         self.assertEqual(self.auth.revoke("Qk44L-IXQwTL-p_TSkkeHw").jti, "Qk44L-IXQwTL-p_TSkkeHw")
 
 
+class VerifyCacheTests(unittest.TestCase):
+    """Repeat verifies skip the signature and parsing, never the checks that can change."""
+
+    def setUp(self):
+        self.clock = FixedClock()
+        self.events = []
+        self.auth = make_auth(clock=self.clock, on_event=self.events.append)
+        self.issued = self.auth.issue(subject="user_123", agent="bot", scopes=["email:read"], ttl_seconds=600)
+        self.signature_checks = 0
+        original = agentauth._HmacKey.verify
+
+        def counting(key, signing_input, signature):
+            self.signature_checks += 1
+            return original(key, signing_input, signature)
+
+        patcher = unittest.mock.patch.object(agentauth._HmacKey, "verify", counting)
+        patcher.start()
+        self.addCleanup(patcher.stop)
+
+    def test_a_repeat_verify_skips_the_signature_and_returns_the_same_claims(self):
+        first = self.auth.verify(self.issued.token)
+        second = self.auth.verify(self.issued.token)
+        self.assertEqual(self.signature_checks, 1)
+        self.assertEqual(second, first)
+        copy = "".join(list(self.issued.token))  # an equal string, another object: still a hit
+        self.assertEqual(self.auth.verify(copy).jti, self.issued.jti)
+        self.assertEqual(self.signature_checks, 1)
+
+    def test_expiry_is_checked_on_every_hit(self):
+        self.auth.verify(self.issued.token)
+        self.clock.advance(600 + TOLERANCE - 1)
+        self.auth.verify(self.issued.token)
+        self.clock.advance(1)
+        with raises_exactly(self, TokenExpiredError):
+            self.auth.verify(self.issued.token)
+
+    def test_not_before_and_issued_at_are_checked_on_every_hit(self):
+        token = forge(HEADER, claims_for(nbf=T0 + 10), SECRET)
+        self.auth.verify(token)
+        self.clock.now = T0 + 10 - TOLERANCE - 1  # a clock stepped back
+        with raises_exactly(self, TokenInvalidError) as cm:
+            self.auth.verify(token)
+        self.assertIn("not valid yet", str(cm.exception))
+        self.clock.now = T0 - TOLERANCE - 1
+        with raises_exactly(self, TokenInvalidError) as cm:
+            self.auth.verify(self.issued.token)
+        self.assertIn("in the future", str(cm.exception))
+
+    def test_revocation_is_checked_on_every_hit(self):
+        self.auth.verify(self.issued.token)
+        self.auth.revoke(agent="bot")
+        with raises_exactly(self, RevokedError):
+            self.auth.verify(self.issued.token)
+
+    def test_required_scopes_are_checked_on_every_hit(self):
+        self.auth.verify(self.issued.token, ["email:read"])
+        with raises_exactly(self, MissingScopeError):
+            self.auth.verify(self.issued.token, ["email:send"])
+        self.assertEqual(self.signature_checks, 1)
+
+    def test_a_hit_emits_its_event_like_any_verify(self):
+        self.auth.verify(self.issued.token)
+        self.auth.verify(self.issued.token)
+        self.assertEqual([e.type for e in self.events], ["issued", "verified", "verified"])
+        self.assertEqual(self.events[-1].jti, self.issued.jti)
+
+    def test_a_hit_records_the_grant_last_use(self):
+        auth = make_auth(clock=self.clock)
+        auth.grant(subject="user_123", agent="bot", scopes=["email:read"])
+        token = auth.issue(subject="user_123", agent="bot", scopes=["email:read"], ttl_seconds=7200).token
+        auth.verify(token)
+        self.clock.advance(3600)
+        auth.verify(token)
+        self.assertEqual(self.signature_checks, 1)  # the second was a hit
+        self.assertEqual(auth.grants(subject="user_123")[0].last_used_at, T0 + 3600)
+
+    def test_never_another_tokens_claims(self):
+        self.auth.verify(self.issued.token)
+        for part in ("signature", "payload", "header"):
+            with self.subTest(part=part):
+                with raises_exactly(self, TokenInvalidError):
+                    self.auth.verify(tamper(self.issued.token, part))
+        with raises_exactly(self, TokenInvalidError):
+            self.auth.verify(self.issued.token + "A")
+        other = self.auth.issue(subject="user_456", agent="bot", scopes=["email:read"]).token
+        self.assertEqual(self.auth.verify(other).sub, "user_456")
+        self.assertEqual(self.auth.verify(self.issued.token).sub, "user_123")
+
+    def test_refused_tokens_are_never_remembered(self):
+        forged = tamper(self.issued.token, "signature")
+        for _ in range(2):
+            with raises_exactly(self, TokenInvalidError):
+                self.auth.verify(forged)
+        self.assertEqual(self.signature_checks, 2)
+        wrong_audience = forge(HEADER, claims_for(aud="https://other.example"), SECRET)
+        for _ in range(2):
+            with raises_exactly(self, TokenInvalidError):
+                self.auth.verify(wrong_audience)
+        self.assertEqual(self.auth._verify_cache, {})
+
+    def test_size_zero_turns_it_off(self):
+        auth = make_auth(verify_cache_size=0)
+        token = auth.issue(subject="u", agent="a", scopes=["x"]).token
+        for _ in range(3):
+            auth.verify(token)
+        self.assertEqual(self.signature_checks, 3)
+
+    def test_the_cache_is_bounded_oldest_out(self):
+        auth = make_auth(verify_cache_size=2)
+        tokens = [auth.issue(subject=f"u{i}", agent="a", scopes=["x"]).token for i in range(3)]
+        for token in tokens:
+            auth.verify(token)
+        self.assertEqual(len(auth._verify_cache), 2)
+        self.signature_checks = 0
+        auth.verify(tokens[2])
+        self.assertEqual(self.signature_checks, 0)
+        auth.verify(tokens[0])  # pushed out: checked again
+        self.assertEqual(self.signature_checks, 1)
+
+    def test_tokens_bound_to_a_key_are_never_remembered(self):
+        # RFC 9449 / RFC 7800: a cnf token needs its proof checked on every request.
+        token = forge(HEADER, claims_for(cnf={"jkt": "0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I"}), SECRET)
+        self.auth.verify(token)
+        self.auth.verify(token)
+        self.assertEqual(self.signature_checks, 2)
+
+    def test_verify_cache_size_is_checked(self):
+        for value in (-1, 1.5, "10", None, True):
+            with self.subTest(value=value):
+                with raises_exactly(self, InvalidConfigError):
+                    make_auth(verify_cache_size=value)
+        self.assertEqual(make_auth().verify_cache_size, 1024)
+
+
+class VerifyCacheKeyChangeTests(unittest.TestCase):
+    def test_a_jwks_refresh_drops_the_cache(self):
+        clock = FixedClock()
+        key = Ed25519Key.from_seed(ED_SEED)
+        issuer = make_ed_auth(signing_key=key, kid="k1", clock=clock)
+        token = issuer.issue(subject="u", agent="a", scopes=["x"]).token
+        verifier = make_verifier(jwks=issuer.jwks(), clock=clock)
+        verifier.verify(token)
+        self.assertEqual(len(verifier._verify_cache), 1)
+        verifier._set_keys({})  # what a refresh that removed the kid does
+        self.assertEqual(verifier._verify_cache, {})
+        with raises_exactly(self, TokenInvalidError):
+            verifier.verify(token)
+
+
 class SpyStore:
     """A store that counts lookups and cannot answer them."""
 
@@ -7284,10 +7433,41 @@ class CommandLineTests(unittest.TestCase):
     def test_bench_with_tiny_duration_prints_a_table(self):
         code, out, err = run_main("bench", "--seconds", "0.05", "--revocations", "10", env={})
         self.assertEqual(code, 0)
-        rows = ("issue, HS256", "verify, stateless", "verify + MemoryStore", "verify + SqliteStore", "verify + grant last use", "issue, EdDSA", "verify, EdDSA")
+        rows = ("issue, HS256", "verify, HS256, first", "verify, HS256, repeat", "verify + MemoryStore, repeat",
+                "verify + SqliteStore, repeat", "verify + grant last use", "issue, EdDSA", "verify, EdDSA, first",
+                "verify, EdDSA, repeat", "ASGI middleware, per request")
         for row in rows:
             self.assertRegex(out, rf"{re.escape(row)}\s+[\d,]+\s+[\d.]+")
         self.assertIn("measuring", err)
+
+    def test_bench_seconds_is_the_whole_run_and_must_be_positive(self):
+        for value in ("0", "-1", "nan", "inf"):
+            with self.subTest(value=value):
+                code, out, err = run_main("bench", "--seconds", value, "--revocations", "10", env={})
+                self.assertEqual((code, out), (2, ""))
+                self.assertIn("--seconds must be a positive number", err)
+        shares = []
+
+        def measure(op, seconds):
+            op()  # every row runs
+            shares.append(seconds)
+            return 1e-6
+
+        with unittest.mock.patch.object(agentauth, "_measure", measure):
+            code, _, err = run_main("bench", "--seconds", "2", "--revocations", "300", env={})
+        self.assertEqual(code, 0, err)
+        self.assertEqual(len(shares), 10)
+        self.assertLess(shares[0], 2 / 10)  # the preparation came out of the budget
+
+    def test_the_asgi_bench_request_goes_through_the_middleware(self):
+        auth = make_auth()
+        token = auth.issue(subject="u", agent="a", scopes=["email:read"]).token
+        agentauth._bench_asgi(auth, token)()  # completes on its first step
+        forged = agentauth._bench_asgi(auth, tamper(token, "signature"))
+        events = []
+        auth._on_event = events.append
+        forged()
+        self.assertEqual([e.type for e in events], ["denied"])
 
     def test_version_and_help(self):
         code, out, _ = run_main("--version")
