@@ -2790,7 +2790,7 @@ def _grant_store(store: Any) -> "GrantStore":
     """Return ``store`` as a grant store, or refuse a store that cannot hold grants."""
     if not all(callable(getattr(store, method, None)) for method in _GRANT_METHODS):
         raise InvalidConfigError(
-            f"{type(store).__name__} cannot hold grants: use MemoryStore or SqliteStore"
+            f"{type(store).__name__} cannot hold grants: use MemoryStore, SqliteStore or PostgresStore"
             " (or your own store with the GrantStore methods)"
         )
     return typing.cast(GrantStore, store)
@@ -2843,7 +2843,6 @@ class _LastUsed:
 # PostgreSQL store
 # ---------------------------------------------------------------------------
 
-_POSTGRES_SCHEMA_VERSION = 1
 _POSTGRES_SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,47}\Z")  # unquoted-safe; leaves room in a channel name
 _POSTGRES_DRIVERS = ("psycopg", "psycopg2")
 _POSTGRES_PURGE_ROWS = 1000  # expired rows deleted per write at most, so no call does unbounded work
@@ -2853,6 +2852,9 @@ _POSTGRES_MAX_RETRY_SECONDS = 1.0  # the listener retries a lost connection at l
 
 def _postgres_migrations(schema: str) -> List[Tuple[str, ...]]:
     """Return the statements that bring a schema from version n to n + 1, by n.
+
+    Version 1 holds revocations; version 2 adds grants. A schema at an
+    older version is migrated in place: only the missing steps run.
 
     ``seq`` orders the revocations by commit: every writer locks the table
     before taking a number and keeps the lock until it commits, so a reader
@@ -2874,6 +2876,19 @@ def _postgres_migrations(schema: str) -> List[Tuple[str, ...]]:
                 expires_at bigint NOT NULL
             )""",
             f"CREATE INDEX agentauth_revocations_expires ON {s}.agentauth_revocations (expires_at)",
+        ),
+        (  # 1 -> 2: grants; scopes space-delimited, as in a token's scope claim
+            f"""CREATE TABLE {s}.agentauth_grants (
+                subject text NOT NULL,
+                agent text NOT NULL,
+                grant_id text NOT NULL UNIQUE,
+                agent_name text,
+                scopes text NOT NULL,
+                created_at bigint NOT NULL,
+                updated_at bigint NOT NULL,
+                last_used_at bigint,
+                PRIMARY KEY (subject, agent)
+            )""",
         ),
     ]
 
@@ -2905,7 +2920,7 @@ def _postgres_close(conn: Any) -> None:
 
 
 class PostgresStore:
-    """Revocations in PostgreSQL: the store for several hosts that share a database.
+    """Revocations and grants in PostgreSQL: the store for several hosts that share a database.
 
     ``connect`` is a function that returns a new connection of psycopg 3 or
     psycopg2 (``lambda: psycopg.connect(url)``); agentauth imports neither.
@@ -2920,7 +2935,9 @@ class PostgresStore:
     it saw (by sequence number); it does the same at least every
     ``max_staleness_seconds / 5`` as a heartbeat, and after every reconnect.
     A revocation committed on one host is therefore refused by the others
-    as soon as the notification arrives (milliseconds).
+    as soon as the notification arrives (milliseconds). Grants are read
+    from the database on every call; a write that narrows or removes one
+    records its revocation in the same transaction (``GrantStore``).
 
     Security: fail closed. When the listening connection has not caught up
     with the database for ``max_staleness_seconds`` (measured with
@@ -3008,19 +3025,25 @@ class PostgresStore:
         self._lock, self._write_lock, self._start_lock = threading.Lock(), threading.Lock(), threading.Lock()
         self._fresh_at = -math.inf
 
-    def _transaction(self, work: Callable[[Any], Any], failure: str) -> Any:
+    def _transaction(self, work: Callable[[Any], Any], failure: str, *, timeout_ms: Optional[str] = None) -> Any:
         """Run ``work(cursor)`` in one transaction on this process's write connection; commit.
 
         A failure before the commit leaves nothing written, so it is retried
         once on a new connection when the old one may have gone stale; a
         failed commit is not retried (it may or may not have been written).
 
+        ``timeout_ms`` (default: the store's) bounds the wait for the
+        connection, for locks and for each statement.
+
         Raises:
             StoreUnavailableError: not committed (``failure`` says what).
         """
         if self._writer_pid != os.getpid() and self._writer is not None:
             self._forget_parent()
-        with self._write_lock:
+        timeout_ms = timeout_ms or self._timeout_ms
+        if not self._write_lock.acquire(timeout=int(timeout_ms) / 1000):
+            raise StoreUnavailableError(f"{failure}: the store is busy")
+        try:
             for attempt in (1, 2):
                 reused = self._writer is not None
                 try:
@@ -3028,7 +3051,7 @@ class PostgresStore:
                         self._writer, self._writer_pid = self._open(autocommit=False), os.getpid()
                     cursor = self._writer.cursor()
                     cursor.execute("SELECT set_config('lock_timeout', %s, true), set_config('statement_timeout', %s, true)",
-                                   (self._timeout_ms, self._timeout_ms))
+                                   (timeout_ms, timeout_ms))
                     result = work(cursor)
                 except InvalidConfigError:
                     self._drop_writer()
@@ -3044,6 +3067,8 @@ class PostgresStore:
                     self._drop_writer()
                     raise StoreUnavailableError(f"{failure}: {type(exc).__name__}") from exc
                 return result
+        finally:
+            self._write_lock.release()
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _drop_writer(self) -> None:
@@ -3258,6 +3283,117 @@ class PostgresStore:
         if self._monotonic() - self._fresh_at > self.max_staleness_seconds:
             raise StoreUnavailableError("the revocation store has not caught up with the database")
         return self._index.matches(claims)
+
+    # -- the grant store: read from the database on every call, so every host sees the same grants
+
+    def save_grant(self, grant: Grant, *, replace: bool, revoked_at: int, expires_at: int) -> Grant:
+        """Record consent (``GrantStore``) in one transaction, with the revocation a narrowing makes.
+
+        Two hosts granting at once are serialised by the grant's row lock: the
+        first insert wins, the other merges into it.
+
+        Raises:
+            StoreUnavailableError: nothing was written.
+        """
+        grants = f'"{self.schema}".agentauth_grants'
+        row = (*grant[:4], " ".join(grant.scopes), *grant[5:])
+
+        def work(cursor: Any) -> Tuple[Grant, Optional[RevocationEntry]]:
+            cursor.execute(
+                f"INSERT INTO {grants} ({_GRANT_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
+                " ON CONFLICT (subject, agent) DO NOTHING RETURNING grant_id",
+                row,
+            )
+            if cursor.fetchone() is not None:
+                return grant, None
+            cursor.execute(
+                f"SELECT {_GRANT_COLUMNS} FROM {grants} WHERE subject = %s AND agent = %s FOR UPDATE",
+                (grant.subject, grant.agent),
+            )
+            stored, narrowed = _grant_row(_postgres_row(cursor.fetchone()))._merged_with(grant, replace)
+            cursor.execute(
+                f"UPDATE {grants} SET agent_name = %s, scopes = %s, updated_at = %s WHERE subject = %s AND agent = %s",
+                (stored.agent_name, " ".join(stored.scopes), stored.updated_at, grant.subject, grant.agent),
+            )
+            written = None
+            if narrowed:
+                criteria = {"agent": grant.agent, "subject": grant.subject}
+                written = self._record_revocation(cursor, criteria, revoked_at, expires_at)
+            return stored, written
+
+        stored, written = self._transaction(work, "the grant was not recorded")
+        if written is not None:
+            self._remember(written, revoked_at)
+        return typing.cast(Grant, stored)
+
+    def get_grant(self, subject: str, agent: str) -> Optional[Grant]:
+        """Return the grant of (subject, agent), or None.
+
+        Raises:
+            StoreUnavailableError: the database did not answer.
+        """
+        rows = self._read(
+            f'SELECT {_GRANT_COLUMNS} FROM "{self.schema}".agentauth_grants WHERE subject = %s AND agent = %s',
+            (subject, agent),
+        )
+        return _grant_row(rows[0]) if rows else None
+
+    def list_grants(self, subject: str) -> List[Grant]:
+        """Return the subject's grants, most recently used first.
+
+        Raises:
+            StoreUnavailableError: the database did not answer.
+        """
+        rows = self._read(f'SELECT {_GRANT_COLUMNS} FROM "{self.schema}".agentauth_grants WHERE subject = %s', (subject,))
+        return sorted(map(_grant_row, rows), key=_grant_order)
+
+    def delete_grant(self, subject: str, agent: str, *, revoked_at: int, expires_at: int) -> bool:
+        """Delete the grant and revoke its tokens in one transaction; False when there was none.
+
+        Raises:
+            StoreUnavailableError: nothing was changed.
+        """
+
+        def work(cursor: Any) -> Optional[RevocationEntry]:
+            cursor.execute(
+                f'DELETE FROM "{self.schema}".agentauth_grants WHERE subject = %s AND agent = %s RETURNING grant_id',
+                (subject, agent),
+            )
+            if cursor.fetchone() is None:
+                return None
+            return self._record_revocation(cursor, {"agent": agent, "subject": subject}, revoked_at, expires_at)
+
+        written = self._transaction(work, "the grant was not removed")
+        if written is None:
+            return False
+        self._remember(written, revoked_at)
+        return True
+
+    def touch_grant(self, subject: str, agent: str, used_at: int) -> None:
+        """Record a use of the grant, if it exists: one statement, waiting at most 100 ms.
+
+        Called from verify: a busy database must not hold a request for the
+        whole timeout over a display-only timestamp.
+
+        Raises:
+            StoreUnavailableError: not recorded.
+        """
+
+        def work(cursor: Any) -> None:
+            cursor.execute(
+                f'UPDATE "{self.schema}".agentauth_grants SET last_used_at = %s WHERE subject = %s AND agent = %s'
+                " AND (last_used_at IS NULL OR last_used_at < %s)",
+                (used_at, subject, agent, used_at),
+            )
+
+        self._transaction(work, "the grant's last use was not recorded", timeout_ms="100")
+
+    def _read(self, query: str, params: Tuple[Any, ...]) -> List[Tuple[Any, ...]]:
+        def work(cursor: Any) -> List[Tuple[Any, ...]]:
+            cursor.execute(query, params)
+            return [_postgres_row(row) for row in cursor.fetchall()]
+
+        return typing.cast(List[Tuple[Any, ...]], self._transaction(work, "the database did not answer"))
 
     def entries(self, *, now: Optional[float] = None) -> List[RevocationEntry]:
         """List the table's entries, newest first; with ``now``, only those still live.

@@ -4631,7 +4631,7 @@ class GrantStoreRequirementTests(unittest.TestCase):
         ):
             with raises_exactly(self, InvalidConfigError) as cm:
                 call()
-            self.assertIn("MemoryStore or SqliteStore", str(cm.exception))
+            self.assertIn("MemoryStore, SqliteStore or PostgresStore", str(cm.exception))
         issued = auth.issue(subject="u", agent="bot", scopes=["s"])
         self.assertEqual(auth.verify(issued.token).agent, "bot")  # verify records no last use, and works
         with raises_exactly(self, InvalidConfigError):

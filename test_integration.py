@@ -26,7 +26,7 @@ import urllib.request
 import warnings
 
 import agentauth
-from test_agentauth import StoreContract, agent_claims
+from test_agentauth import GrantStoreContract, StoreContract, agent_claims, new_grant
 
 SECRET = "Hn4Wq8Zt1Lc6Vb3Xk9Pm2Rd7Fs0Gy5Ju-Ea"  # fixed, not guessable
 ISSUER = "integration-issuer"
@@ -774,6 +774,81 @@ class PostgresStorePsycopg2ContractTests(PostgresStoreContractTests):
     connect = staticmethod(psycopg2_connect)
 
 
+@needs_postgres
+class PostgresGrantStoreContractTests(PostgresFixture, GrantStoreContract, unittest.TestCase):
+    def make_store(self):
+        return self.open_store(self.new_schema())
+
+
+@needs_postgres
+@installed("psycopg2")
+class PostgresGrantStorePsycopg2ContractTests(PostgresGrantStoreContractTests):
+    connect = staticmethod(psycopg2_connect)
+
+
+@needs_postgres
+class PostgresGrantTests(PostgresFixture, unittest.TestCase):
+    def test_a_version_1_schema_is_migrated_in_place_without_losing_a_revocation(self):
+        schema = self.new_schema()
+        self.sql(f'CREATE SCHEMA "{schema}"')
+        for statement in agentauth._postgres_migrations(schema)[0]:
+            self.sql(statement)
+        self.sql(f'INSERT INTO "{schema}".agentauth_schema (version) VALUES (1)')
+        self.sql(
+            f'INSERT INTO "{schema}".agentauth_revocations (key, seq, agent, revoked_at, expires_at)'
+            f" VALUES ('agent:agent_a', nextval('\"{schema}\".agentauth_revocations_seq'), 'agent_a', 1800000000, 1800001000)"
+        )
+        store = self.open_store(schema)
+        self.assertEqual(self.sql(f'SELECT version FROM "{schema}".agentauth_schema'), [(2,)])
+        self.assertIs(store.is_revoked(claims_of("agent_a", 1_800_000_000)), True)
+        grant = store.save_grant(new_grant(), replace=False, revoked_at=1_800_000_000, expires_at=1_800_001_000)
+        self.assertEqual(self.open_store(schema).get_grant("user_a", "agent_a"), grant)
+
+    def test_hosts_granting_at_once_keep_one_grant_with_every_scope(self):
+        schema = self.new_schema()
+        stores = [self.open_store(schema) for _ in range(4)]
+        barrier = threading.Barrier(4)
+        errors = []
+
+        def grant(index):
+            barrier.wait()
+            try:
+                stores[index].save_grant(new_grant(scopes=(f"scope:{index}",), grant_id=f"id-{index}"),
+                                         replace=False, revoked_at=1_800_000_000, expires_at=1_800_001_000)
+            except Exception as exc:  # reported below
+                errors.append(repr(exc))
+
+        threads = [threading.Thread(target=grant, args=(i,)) for i in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        self.assertEqual(errors, [])
+        (stored,) = stores[0].list_grants("user_a")
+        self.assertEqual(sorted(stored.scopes), [f"scope:{i}" for i in range(4)])
+        self.assertIn(stored.grant_id, {f"id-{i}" for i in range(4)})
+
+    def test_a_narrowing_on_one_host_refuses_older_tokens_on_another_within_a_second(self):
+        schema = self.new_schema()
+        first, second = self.open_store(schema), self.open_store(schema)
+        clock = Clock()
+        one = agentauth.AgentAuth(secret=SECRET, issuer=ISSUER, audience="api", store=first, clock=clock)
+        two = agentauth.AgentAuth(secret=SECRET, issuer=ISSUER, audience="api", store=second, clock=clock)
+        one.grant(subject="user_1", agent="bot", scopes=["email:read", "email:send"])
+        token = two.issue(subject="user_1", agent="bot", scopes=["email:read"]).token
+        self.assertEqual(two.verify(token).agent, "bot")
+        self.assertEqual(two.grants(subject="user_1")[0].scopes, ("email:read", "email:send"))
+        one.grant(subject="user_1", agent="bot", scopes=["email:read"], replace=True)
+        self.assertEqual(two.grants(subject="user_1")[0].scopes, ("email:read",))
+        self.assertIsNotNone(wait_until(lambda: PostgresOutageTests.refused(two, token), 1.0))
+        clock.now += 1
+        fresh = one.issue(subject="user_1", agent="bot", scopes=["email:read"]).token
+        self.assertEqual(two.verify(fresh).agent, "bot")
+        self.assertIs(two.disconnect(subject="user_1", agent="bot"), True)
+        self.assertIsNotNone(wait_until(lambda: PostgresOutageTests.refused(one, fresh), 1.0))
+        self.assertEqual(one.grants(subject="user_1"), [])
+
+
 REVOKER = """
 import sys, time
 sys.path.insert(0, sys.argv[1])
@@ -799,8 +874,8 @@ class PostgresStoreTests(PostgresFixture, unittest.TestCase):
         schema = self.new_schema()
         self.open_store(schema)
         tables = self.sql("SELECT table_name FROM information_schema.tables WHERE table_schema = %s ORDER BY 1", (schema,))
-        self.assertEqual([t for (t,) in tables], ["agentauth_revocations", "agentauth_schema"])
-        self.assertEqual(self.sql(f'SELECT version FROM "{schema}".agentauth_schema'), [(1,)])
+        self.assertEqual([t for (t,) in tables], ["agentauth_grants", "agentauth_revocations", "agentauth_schema"])
+        self.assertEqual(self.sql(f'SELECT version FROM "{schema}".agentauth_schema'), [(2,)])
 
     def test_a_newer_schema_version_is_refused(self):
         schema = self.new_schema()
