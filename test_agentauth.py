@@ -6361,6 +6361,15 @@ class DerivedKeyTests(unittest.TestCase):
         auth = make_auth(secret=None, signing_key=Ed25519Key.from_seed(seed), kid=None)
         self.assertEqual(auth._derived_key(b"x"), hmac.new(seed, b"agentauth derived key\x00x", hashlib.sha256).digest())
 
+    def test_every_key_class_that_signs_can_derive(self):
+        # _derived_key works for whatever key signs: a new kind of signing key needs derive() too.
+        signers = [cls for name, cls in vars(agentauth).items()
+                   if isinstance(cls, type) and name.startswith("_") and name.endswith("Key") and hasattr(cls, "sign")]
+        self.assertIn(agentauth._HmacKey, signers)
+        self.assertIn(agentauth._EdDSAKey, signers)
+        for cls in signers:
+            self.assertTrue(callable(getattr(cls, "derive", None)), cls.__name__)
+
     def test_verifier_has_no_key_to_derive(self):
         key = Ed25519Key.generate()
         verifier = AgentAuth.verifier(issuer=ISSUER, audience=AUDIENCE, jwks={"keys": [key.public_jwk("k")]})

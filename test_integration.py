@@ -2,8 +2,9 @@
 
 Each class runs when its package (or server) is installed and is skipped with
 the reason otherwise. `.ci/run` installs them all in a throwaway virtualenv
-(and redis-server, and the `jose` npm package) so CI proves every path; the
-README's own test command needs nothing installed.
+(and redis-server, PostgreSQL, Chromium with its driver, and the `jose` npm
+package) so CI proves every path; the README's own test command needs nothing
+installed.
 """
 
 import asyncio
@@ -22,8 +23,10 @@ import threading
 import time
 import unittest
 import urllib.error
+import urllib.parse
 import urllib.request
 import warnings
+import wsgiref.simple_server
 
 import agentauth
 from test_agentauth import GrantStoreContract, StoreContract, agent_claims, new_grant
@@ -1058,6 +1061,190 @@ class PostgresOutageTests(PostgresFixture, unittest.TestCase):
         postgres_ctl("start")
         self.assertIsNotNone(wait_until(lambda: not refused(), 10))
         self.assertIs(store.is_revoked(claims), False)
+
+
+def chromium_missing():
+    """Why the browser test cannot run here, or None."""
+    if importlib.util.find_spec("selenium") is None:
+        return "needs selenium (pip install selenium)"
+    if not shutil.which("chromium") or not shutil.which("chromedriver"):
+        return "needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)"
+    return None
+
+
+class QuietWsgiHandler(wsgiref.simple_server.WSGIRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+class ToySite:
+    """A small WSGI site on a loopback port: a toy login (a session cookie) and the connected-agents page."""
+
+    def __init__(self, auth, subject):
+        self.sessions = {}
+        self.subject = subject
+        self.page = auth.agents_page_wsgi(
+            authenticate=lambda request: self.sessions.get(request.cookies.get("session")),
+            scope_descriptions={
+                "email:read": "Read your email",
+                "email:send": "Send email as you",
+                "calendar:read": "See your calendar",
+                "files:*": "Read and change all your files",
+            },
+            login_url="/login",
+        )
+        self.server = wsgiref.simple_server.make_server("127.0.0.1", 0, self.app, handler_class=QuietWsgiHandler)
+        self.base = f"http://127.0.0.1:{self.server.server_port}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def app(self, environ, start_response):
+        path = environ.get("PATH_INFO", "")
+        if path == "/login":  # signs everyone in as self.subject: the test's own login
+            session = secrets.token_urlsafe(16)
+            self.sessions[session] = self.subject
+            target = urllib.parse.parse_qs(environ.get("QUERY_STRING", "")).get("next", ["/"])[0]
+            if not target.startswith("/") or target.startswith("//"):
+                target = "/"
+            start_response("303 See Other", [
+                ("Location", target), ("Set-Cookie", f"session={session}; Path=/; HttpOnly; SameSite=Lax"),
+            ])
+            return [b""]
+        if path == "/account/agents":
+            return self.page(environ, start_response)
+        start_response("404 Not Found", [("Content-Type", "text/plain")])
+        return [b"not found"]
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=20)
+
+
+@unittest.skipIf(chromium_missing(), chromium_missing() or "")
+class AgentsPageBrowserTests(unittest.TestCase):
+    """The connected-agents page in a real browser: headless Chromium driven by selenium."""
+
+    @classmethod
+    def setUpClass(cls):
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+
+        cls.profile = tempfile.mkdtemp(prefix="agentauth-chromium-")
+        options = webdriver.ChromeOptions()
+        options.binary_location = shutil.which("chromium")
+        # Running as root in a container: no sandbox, no GPU, no /dev/shm; a
+        # fresh profile, and nothing that calls home.
+        for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                     "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                     f"--user-data-dir={cls.profile}", "--window-size=800,600", "--hide-scrollbars"):
+            options.add_argument(flag)
+        cls.driver = webdriver.Chrome(service=Service(executable_path=shutil.which("chromedriver")), options=options)
+        cls.driver.set_page_load_timeout(30)
+        cls.shots = os.environ.get("AGENTAUTH_SCREENSHOT_DIR") or tempfile.mkdtemp(prefix="agentauth-screenshots-")
+        os.makedirs(cls.shots, exist_ok=True)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.driver.quit()
+        shutil.rmtree(cls.profile, ignore_errors=True)
+
+    def setUp(self):
+        self.clock = Clock()
+        self.auth = agentauth.AgentAuth(secret=SECRET, issuer=ISSUER, audience="integration-api", clock=self.clock)
+        self.auth.grant(subject="user_123", agent="agent_research_bot", agent_name="Research bot",
+                        scopes=["email:read", "calendar:read"])
+        self.clock.now += 3600
+        self.auth.grant(subject="user_123", agent="agent_files_sync", agent_name="Files sync",
+                        scopes=["files:*"])
+        self.clock.now += 3600
+        self.auth.grant(subject="user_123", agent="agent_mailer", scopes=["email:send"])
+        self.auth.grant(subject="user_456", agent="agent_someone_elses", scopes=["email:read"])
+        self.token = self.auth.issue(subject="user_123", agent="agent_research_bot", scopes=["email:read"],
+                                     ttl_seconds=3600).token
+        self.clock.now += 600
+        self.auth.verify(self.token)  # a last use to show
+        self.site = ToySite(self.auth, "user_123")
+        self.addCleanup(self.site.stop)
+        self.driver.delete_all_cookies()
+        self.driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                                    {"width": 800, "height": 600, "deviceScaleFactor": 1, "mobile": False})
+        self.driver.execute_cdp_cmd("Emulation.setEmulatedMedia", {"features": [
+            {"name": "prefers-color-scheme", "value": "light"}]})
+
+    def rows(self):
+        from selenium.webdriver.common.by import By
+
+        return [row.get_attribute("data-agent") for row in self.driver.find_elements(By.CSS_SELECTOR, "li.grant")]
+
+    def screenshot(self, name, *, scale=1, mobile=False):
+        """Save the whole page, at its current width, as a PNG under the screenshot folder."""
+        width, height = self.driver.execute_script(
+            "return [window.innerWidth, document.documentElement.scrollHeight]")
+        self.driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                                    {"width": width, "height": height, "deviceScaleFactor": scale, "mobile": mobile})
+        path = os.path.join(self.shots, name)
+        self.assertTrue(self.driver.save_screenshot(path))
+        with open(path, "rb") as f:
+            self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n")
+        print(f"\nscreenshot: {path}", flush=True)
+        return path
+
+    def sign_in_and_open(self):
+        self.driver.get(self.site.base + "/account/agents")  # 303 to the toy login, which sets the cookie and comes back
+        self.assertEqual(self.driver.current_url, self.site.base + "/account/agents")
+        self.assertEqual(self.driver.title, "Connected agents")
+
+    def test_sign_in_see_rows_disconnect_and_the_token_is_refused(self):
+        from selenium.webdriver.common.by import By
+        from selenium.webdriver.support import expected_conditions
+        from selenium.webdriver.support.ui import WebDriverWait
+
+        self.sign_in_and_open()
+        self.assertEqual(self.rows(), ["agent_research_bot", "agent_mailer", "agent_files_sync"])
+        body = self.driver.find_element(By.TAG_NAME, "body").text
+        self.assertIn("Read your email", body)
+        self.assertNotIn("agent_someone_elses", body)
+        # The inline style ran under the page's CSP (allowed by its hash).
+        self.assertEqual(self.driver.execute_script("return getComputedStyle(document.querySelector('main')).maxWidth"),
+                         "736px")
+        self.assertEqual(self.driver.execute_script("return getComputedStyle(document.body).backgroundColor"),
+                         "rgb(255, 255, 255)")
+        self.screenshot("agents-page.png")
+        row = self.driver.find_element(By.CSS_SELECTOR, 'li.grant[data-agent="agent_research_bot"]')
+        row.find_element(By.TAG_NAME, "button").click()
+        WebDriverWait(self.driver, 20).until(expected_conditions.staleness_of(row))
+        self.assertEqual(self.driver.current_url, self.site.base + "/account/agents")  # 303 back to the page
+        self.assertEqual(self.rows(), ["agent_mailer", "agent_files_sync"])
+        with self.assertRaises(agentauth.RevokedError):
+            self.auth.verify(self.token)
+        self.assertEqual([g.agent for g in self.auth.grants(subject="user_456")], ["agent_someone_elses"])
+
+    def test_readable_at_375_px_wide_in_dark_mode(self):
+        from selenium.webdriver.common.by import By
+
+        self.driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                                    {"width": 375, "height": 812, "deviceScaleFactor": 2, "mobile": True})
+        self.driver.execute_cdp_cmd("Emulation.setEmulatedMedia", {"features": [
+            {"name": "prefers-color-scheme", "value": "dark"}]})
+        self.sign_in_and_open()
+        width = self.driver.execute_script("return window.innerWidth")
+        self.assertEqual(width, 375)
+        # Nothing wider than the screen: no sideways scrolling.
+        self.assertLessEqual(self.driver.execute_script("return document.documentElement.scrollWidth"), width)
+        for button in self.driver.find_elements(By.TAG_NAME, "button"):
+            self.assertTrue(button.is_displayed())
+            rect = button.rect
+            self.assertGreaterEqual(rect["x"], 0)
+            self.assertLessEqual(rect["x"] + rect["width"], width)
+            self.assertGreaterEqual(rect["height"], 44)  # a finger-sized target
+        self.assertEqual(
+            self.driver.execute_script("return getComputedStyle(document.body).backgroundColor"), "rgb(18, 18, 18)"
+        )
+        self.assertEqual(
+            self.driver.execute_script("return getComputedStyle(document.body).color"), "rgb(230, 230, 230)"
+        )
+        self.screenshot("agents-page-375-dark.png", scale=2, mobile=True)
 
 
 if __name__ == "__main__":
