@@ -1141,13 +1141,24 @@ _PEM = re.compile(r"-----BEGIN ([A-Z ]+)-----\s*([A-Za-z0-9+/=\s]+?)\s*-----END 
 
 @functools.lru_cache(maxsize=None)
 def _crypto_ed25519() -> Any:
-    """Return the ``cryptography`` package's Ed25519 module if importable, else None.
+    """Return the ``cryptography`` package's Ed25519 module if it has what we use, else None.
 
-    Checked once, on the first Ed25519 key, never at import time.
+    Checked once, on the first Ed25519 key, never at import time. A
+    ``cryptography`` older than 40 (Debian 12's python3-cryptography is 38)
+    lacks ``public_bytes_raw``: such a version is left alone and the pure
+    path does the work, rather than every EdDSA operation crashing.
     """
     try:
         from cryptography.hazmat.primitives.asymmetric import ed25519
+        from cryptography.exceptions import InvalidSignature  # noqa: F401  # used by the verifier
     except ImportError:
+        return None
+    needed = (
+        (ed25519.Ed25519PrivateKey, "from_private_bytes"),
+        (ed25519.Ed25519PublicKey, "from_public_bytes"),
+        (ed25519.Ed25519PublicKey, "public_bytes_raw"),
+    )
+    if not all(callable(getattr(cls, name, None)) for cls, name in needed):
         return None
     return ed25519
 
@@ -2712,6 +2723,42 @@ redis.call('SET', KEYS[1], revoked_at, 'EXAT', expires_at)
 return 1
 """
 
+#: List the entries under a prefix: SCAN (never KEYS, which would block on a
+#: big database in one step), then each key's value and expiry.
+_REDIS_ENTRIES = """
+local cursor, found = '0', {}
+repeat
+  local page = redis.call('SCAN', cursor, 'MATCH', ARGV[1], 'COUNT', 1000)
+  cursor = page[1]
+  for _, key in ipairs(page[2]) do
+    local value = redis.call('GET', key)
+    if value then
+      found[#found + 1] = key
+      found[#found + 1] = value
+      found[#found + 1] = redis.call('EXPIRETIME', key)
+    end
+  end
+until cursor == '0'
+return found
+"""
+_GLOB_SPECIAL = re.compile(r"([*?\[\]\\])")
+
+
+def _parse_key_string(text: str) -> Optional[_CriteriaKey]:
+    """Invert ``_key_string``; None for a string it never makes."""
+    kind, _, rest = text.partition(":")
+    if kind == "jti" and rest:
+        return (rest, None, None)
+    if kind == "agent" and rest:
+        return (None, rest, None)
+    if kind == "subject" and rest:
+        return (None, None, rest)
+    if kind == "agent+subject":
+        length, _, pair = rest.partition(":")
+        if length.isdigit() and 0 < int(length) < len(pair):
+            return (None, pair[: int(length)], pair[int(length) :])
+    return None
+
 
 class RedisStore:
     """Revocations in Redis: the store for more than one host.
@@ -2765,6 +2812,33 @@ class RedisStore:
         if any(value is not None for value in values[: len(jtis)]):
             return True
         return any(value is not None and int(value) >= iat for value in values[len(jtis) :])
+
+    def entries(self, *, now: Optional[float] = None) -> List[RevocationEntry]:
+        """List the entries under this prefix, newest first (Redis keeps only live ones).
+
+        One script walks the prefix with SCAN; it holds Redis while it runs,
+        so keep it for administration (the ``revocations`` command), not requests.
+
+        Raises:
+            StoreUnavailableError: redis did not answer.
+        """
+        pattern = _GLOB_SPECIAL.sub(r"\\\1", self.prefix) + "*"
+        try:
+            found = self._client.eval(_REDIS_ENTRIES, 0, pattern)
+        except Exception as exc:
+            raise StoreUnavailableError(f"redis did not answer: {type(exc).__name__}") from exc
+        entries = []
+        for index in range(0, len(found) - 2, 3):
+            raw_key, value, expires_at = found[index : index + 3]
+            name = raw_key.decode("utf-8", "replace") if isinstance(raw_key, bytes) else str(raw_key)
+            key = _parse_key_string(name[len(self.prefix) :])
+            if key is None:  # not ours: some other key that shares the prefix
+                continue
+            entry = RevocationEntry(*key, int(value), int(expires_at))
+            if now is None or entry.expires_at > now:
+                entries.append(entry)
+        entries.sort(key=lambda entry: entry.revoked_at, reverse=True)
+        return entries
 
 
 # ---------------------------------------------------------------------------
@@ -5721,7 +5795,7 @@ _CLI_EXAMPLES = {
     "verify": "python -m agentauth verify \"$TOKEN\" --require email:read --db revocations.db",
     "decode": "python -m agentauth decode \"$TOKEN\"",
     "revoke": "python -m agentauth revoke --db revocations.db --agent bot --subject user_123",
-    "revocations": "python -m agentauth revocations --db revocations.db",
+    "revocations": "python -m agentauth revocations --db revocations.db   # or --redis-url redis://localhost:6379/0",
     "grants": "python -m agentauth grants --db agentauth.db --subject user_123",
     "disconnect": "python -m agentauth disconnect --db agentauth.db --subject user_123 --agent bot",
     "bench": "python -m agentauth bench --seconds 2",
@@ -5982,9 +6056,27 @@ def _describe(entry: RevocationEntry) -> str:
     return " ".join(parts) + " (tokens issued up to then)"
 
 
+def _redis_store(url: str, prefix: str) -> RedisStore:
+    """A RedisStore on ``url``, through redis-py."""
+    try:
+        import redis
+    except ImportError as exc:
+        raise _CliError("--redis-url needs redis-py: pip install redis", EXIT_USAGE) from exc
+    try:
+        client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+    except ValueError as exc:
+        raise _CliError("--redis-url is not a redis:// URL", EXIT_USAGE) from exc
+    return RedisStore(client, prefix=prefix)
+
+
 def _cmd_revocations(args: Any, out: Any, err: Any) -> int:
-    store = _open_store(args, create=False)
-    entries = typing.cast(SqliteStore, store).entries(now=time.time())
+    if (args.db is None) == (args.redis_url is None):
+        raise _CliError("give one of --db PATH or --redis-url URL", EXIT_USAGE)
+    if args.redis_url is not None:
+        entries = _redis_store(args.redis_url, args.redis_prefix).entries(now=time.time())
+    else:
+        store = _open_store(args, create=False)
+        entries = typing.cast(SqliteStore, store).entries(now=time.time())
     if args.json:
         print(json.dumps([e._asdict() for e in entries], indent=2), file=out)
         return EXIT_OK
@@ -6273,7 +6365,10 @@ def _parser() -> "argparse.ArgumentParser":
     sub["revoke"].add_argument("--agent", help="revoke this agent's tokens issued up to now")
     sub["revoke"].add_argument("--subject", help="revoke this subject's tokens issued up to now (ANDed with --agent)")
     sub["revoke"].add_argument("--db", required=True, help="SQLite revocation database (created if missing)")
-    sub["revocations"].add_argument("--db", required=True, help="SQLite revocation database")
+    sub["revocations"].add_argument("--db", help="SQLite revocation database")
+    sub["revocations"].add_argument("--redis-url", metavar="URL", help="or a Redis one (redis://host:6379/0; needs redis-py)")
+    sub["revocations"].add_argument("--redis-prefix", default="agentauth:", metavar="PREFIX",
+                                    help="the RedisStore prefix (default %(default)s)")
     sub["revocations"].add_argument("--json", action="store_true", help="print the entries as JSON")
     for name in ("grants", "disconnect"):
         sub[name].add_argument("--db", required=True, help="SQLite database holding the grants")

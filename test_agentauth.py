@@ -846,6 +846,54 @@ class CryptographyEd25519Tests(Ed25519Contract, unittest.TestCase):
                 Ed25519PublicKey.from_public_bytes(key.public_bytes).verify(pure_signature, message)
 
 
+class OldCryptographyTests(unittest.TestCase):
+    """A cryptography without what agentauth uses (38, Debian 12's) leaves the pure path in charge."""
+
+    def fake_cryptography(self, *, with_public_bytes_raw):
+        class Ed25519PrivateKey:
+            @classmethod
+            def from_private_bytes(cls, data):
+                raise AssertionError("the old package must not be used")
+
+        class Ed25519PublicKey:
+            @classmethod
+            def from_public_bytes(cls, data):
+                raise AssertionError("the old package must not be used")
+
+        if with_public_bytes_raw:
+            Ed25519PublicKey.public_bytes_raw = lambda self: b""
+        modules = {}
+        for name in ("cryptography", "cryptography.hazmat", "cryptography.hazmat.primitives",
+                     "cryptography.hazmat.primitives.asymmetric", "cryptography.hazmat.primitives.asymmetric.ed25519",
+                     "cryptography.exceptions"):
+            modules[name] = types.ModuleType(name)
+        modules["cryptography.hazmat.primitives.asymmetric.ed25519"].Ed25519PrivateKey = Ed25519PrivateKey
+        modules["cryptography.hazmat.primitives.asymmetric.ed25519"].Ed25519PublicKey = Ed25519PublicKey
+        modules["cryptography.hazmat.primitives.asymmetric"].ed25519 = modules["cryptography.hazmat.primitives.asymmetric.ed25519"]
+        modules["cryptography.exceptions"].InvalidSignature = type("InvalidSignature", (Exception,), {})
+        patcher = unittest.mock.patch.dict(sys.modules, modules)
+        patcher.start()
+        self.addCleanup(patcher.stop)
+        agentauth._crypto_ed25519.cache_clear()
+        self.addCleanup(agentauth._crypto_ed25519.cache_clear)
+        return modules
+
+    def test_a_cryptography_without_public_bytes_raw_falls_back_to_pure(self):
+        self.fake_cryptography(with_public_bytes_raw=False)
+        self.assertIsNone(agentauth._crypto_ed25519())
+        key = Ed25519Key.from_seed(ED_SEED)
+        self.assertEqual(key.backend, "pure")
+        signature = key.sign(b"message")
+        self.assertIs(key.public_key().verify(b"message", signature), True)
+        issuer = make_ed_auth(signing_key=key, kid="k1")
+        token = issuer.issue(subject="u", agent="a", scopes=["x"]).token
+        self.assertEqual(make_verifier(jwks=issuer.jwks()).verify(token).sub, "u")
+
+    def test_a_cryptography_with_what_is_needed_is_used(self):
+        modules = self.fake_cryptography(with_public_bytes_raw=True)
+        self.assertIs(agentauth._crypto_ed25519(), modules["cryptography.hazmat.primitives.asymmetric.ed25519"])
+
+
 class Ed25519KeyTests(unittest.TestCase):
     """The Ed25519Key API: constructors, formats, JWK, thumbprint, repr (whatever the backend)."""
 
@@ -2116,8 +2164,10 @@ class JwksUrlTests(unittest.TestCase):
     def test_a_first_key_set_without_usable_keys_is_unavailable_then_refetched(self):
         self.server.serve({"keys": [{"kty": "RSA", "n": b64url(b"\x01" * 256), "e": "AQAB", "kid": "rsa1"}]})
         verifier = self.url_verifier()
-        with self.assertRaises(StoreUnavailableError):
-            verifier.verify(self.token1)
+        with self.assertLogs("agentauth", "WARNING") as logs:
+            with self.assertRaises(StoreUnavailableError):
+                verifier.verify(self.token1)
+        self.assertIn("no usable EdDSA key", logs.output[0])
         self.assertEqual(self.server.count, 1)
         self.server.serve(self.issuer1.jwks())
         self.clock.advance(30)
@@ -2129,7 +2179,9 @@ class JwksUrlTests(unittest.TestCase):
         self.assertEqual(verifier.verify(self.token1).sub, "user_123")
         self.server.serve({"keys": []})
         self.clock.advance(300)
-        self.assertEqual(verifier.verify(self.token1).sub, "user_123")
+        with self.assertLogs("agentauth", "WARNING") as logs:
+            self.assertEqual(verifier.verify(self.token1).sub, "user_123")
+        self.assertIn("no usable EdDSA key", logs.output[0])
         self.assertEqual(self.server.count, 2)
 
     def test_a_verify_never_waits_for_another_threads_fetch(self):
@@ -3010,7 +3062,8 @@ class SqliteStoreTests(StoreContract, unittest.TestCase):
                 self.assertIs(type(cm.exception), StoreUnavailableError)
         # WAL readers are not blocked by a writer: verify answers from what is committed.
         reader = make_auth(store=self.open_store(self.path, timeout_seconds=0.1))
-        self.assertEqual(reader.verify(live.token).jti, live.jti)
+        with self.assertLogs("agentauth", "WARNING"):  # its grant's last use cannot be written meanwhile
+            self.assertEqual(reader.verify(live.token).jti, live.jti)
         with self.assertRaises(RevokedError):
             reader.verify(revoked.token)
         locker.execute("ROLLBACK")
@@ -7014,7 +7067,16 @@ class FakeRedis:
         self.calls.append(("mget", tuple(keys)))
         return [self.data.get(k) for k in keys]
 
-    def eval(self, script, numkeys, key, revoked_at, expires_at):
+    def eval(self, script, numkeys, *args):
+        if script == agentauth._REDIS_ENTRIES:  # SCAN MATCH prefix*, then GET and EXPIRETIME
+            self.calls.append(("entries", args[0]))
+            prefix = args[0][:-1].replace("\\", "")
+            found = []
+            for key in self.data:
+                if key.startswith(prefix):
+                    found += [key.encode(), self.data[key], self.expiry[key]]
+            return found
+        key, revoked_at, expires_at = args
         self.calls.append(("eval", key))
         old = self.data.get(key)
         self.data[key] = str(max(revoked_at, int(old) if old else revoked_at)).encode()
@@ -7034,6 +7096,32 @@ class RedisStoreTests(unittest.TestCase):
     def make_store(self):
         self.client = FakeRedis()
         return agentauth.RedisStore(self.client, prefix="t:")
+
+    def test_entries_lists_every_form_newest_first(self):
+        store = self.make_store()
+        store.revoke({"jti": "j1"}, revoked_at=T0, expires_at=T0 + 100)
+        store.revoke({"agent": "a:1"}, revoked_at=T0 + 2, expires_at=T0 + 200)
+        store.revoke({"subject": "s1"}, revoked_at=T0 + 1, expires_at=T0 + 50)
+        store.revoke({"agent": "a2", "subject": "s:2"}, revoked_at=T0 + 3, expires_at=T0 + 300)
+        self.client.data["t:something-else"] = b"1"  # a foreign key under the prefix
+        self.client.expiry["t:something-else"] = T0 + 10
+        self.client.data["other:jti:x"] = b"1"  # another prefix
+        self.client.expiry["other:jti:x"] = T0 + 10
+        self.assertEqual(store.entries(), [
+            RevocationEntry(None, "a2", "s:2", T0 + 3, T0 + 300),
+            RevocationEntry(None, "a:1", None, T0 + 2, T0 + 200),
+            RevocationEntry(None, None, "s1", T0 + 1, T0 + 50),
+            RevocationEntry("j1", None, None, T0, T0 + 100),
+        ])
+        self.assertEqual([e.jti or e.agent or e.subject for e in store.entries(now=T0 + 60)], ["a2", "a:1", "j1"])
+        self.assertIn(("entries", "t:*"), self.client.calls)
+
+    def test_entries_escapes_the_prefix_and_fails_closed(self):
+        store = agentauth.RedisStore(FakeRedis(), prefix="app*[1]:")
+        store.entries()
+        self.assertEqual(store._client.calls[-1], ("entries", "app\\*\\[1\\]:*"))
+        with raises_exactly(self, StoreUnavailableError):
+            agentauth.RedisStore(DownRedis()).entries()
 
     def test_each_criteria_form_and_the_iat_boundary(self):
         store = self.make_store()
@@ -7302,6 +7390,17 @@ class CommandLineTests(unittest.TestCase):
         self.assertEqual(code, 2)
         self.assertIn("invalid_config", err)
         self.assertNotIn("short", err)
+
+    def test_revocations_needs_one_of_db_or_redis_url(self):
+        for argv in ((), ("--db", self.db, "--redis-url", "redis://127.0.0.1:9/0")):
+            with self.subTest(argv=argv):
+                code, out, err = run_main("revocations", *argv)
+                self.assertEqual((code, out), (2, ""))
+                self.assertIn("--db PATH or --redis-url URL", err)
+        with unittest.mock.patch.dict(sys.modules, {"redis": None}):  # redis-py not installed
+            code, _, err = run_main("revocations", "--redis-url", "redis://127.0.0.1:9/0")
+        self.assertEqual(code, 2)
+        self.assertIn("pip install redis", err)
 
     def test_two_scopes_in_one_flag_say_to_repeat_the_flag(self):
         token = self.issue()

@@ -8,7 +8,9 @@ installed.
 """
 
 import asyncio
+import contextlib
 import importlib.util
+import io
 import json
 import os
 import secrets
@@ -667,6 +669,24 @@ class RedisServerTests(unittest.TestCase):
         other.revoke(token)
         with self.assertRaises(agentauth.RevokedError):
             self.auth.verify(token)
+
+    def test_entries_and_the_revocations_command_list_a_redis_store(self):
+        self.store.revoke({"agent": "bot", "subject": "user:1"}, revoked_at=1000, expires_at=4_000_000_000)
+        self.store.revoke({"jti": "j1"}, revoked_at=2000, expires_at=4_000_000_000)
+        self.client.set("test:unrelated", b"x")
+        self.client.set("other:jti:j2", b"5")
+        self.assertEqual(self.store.entries(), [
+            agentauth.RevocationEntry("j1", None, None, 2000, 4_000_000_000),
+            agentauth.RevocationEntry(None, "bot", "user:1", 1000, 4_000_000_000),
+        ])
+        port = self.client.connection_pool.connection_kwargs["port"]
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = agentauth.main(["revocations", "--redis-url", f"redis://127.0.0.1:{port}/0", "--redis-prefix", "test:",
+                                   "--json"])
+        self.assertEqual(code, 0, err.getvalue())
+        self.assertEqual([(e["jti"], e["agent"], e["subject"]) for e in json.loads(out.getvalue())],
+                         [("j1", None, None), (None, "bot", "user:1")])
 
     def test_redis_down_fails_closed(self):
         token = self.auth.issue(subject="u", agent="bot", scopes=["s"]).token
