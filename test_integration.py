@@ -13,6 +13,7 @@ import importlib.util
 import io
 import json
 import os
+import re
 import secrets
 import shlex
 import shutil
@@ -1081,6 +1082,65 @@ class PostgresOutageTests(PostgresFixture, unittest.TestCase):
         postgres_ctl("start")
         self.assertIsNotNone(wait_until(lambda: not refused(), 10))
         self.assertIs(store.is_revoked(claims), False)
+
+
+class AgentsPageMountTests(unittest.TestCase):
+    """docs/agents-page.md's mounts: the page beside a Flask app and inside a FastAPI app."""
+
+    def setUp(self):
+        self.auth = agentauth.AgentAuth(secret=SECRET, issuer=ISSUER, audience="integration-api", clock=Clock())
+        self.auth.grant(subject="user_123", agent="agent_research_bot", scopes=["email:read"])
+        self.token = self.auth.issue(subject="user_123", agent="agent_research_bot", scopes=["email:read"]).token
+
+    def disconnect_through(self, client, page_path):
+        """GET the page, POST its Disconnect form; return the POST's answer."""
+        page = client.get(page_path)
+        self.assertEqual(page.status_code, 200)
+        action = re.search(r'<form method="post" action="([^"]+)"', page.text).group(1)
+        self.assertEqual(action, page_path)
+        token = re.search(r'name="csrf_token" value="([^"]+)"', page.text).group(1)
+        return client.post(action, data={"csrf_token": token, "agent": "agent_research_bot"})
+
+    @installed("flask")
+    def test_beside_a_flask_app_with_werkzeugs_dispatcher(self):
+        from flask import Flask
+        from werkzeug.middleware.dispatcher import DispatcherMiddleware
+
+        app = Flask(__name__)
+        page = self.auth.agents_page_wsgi(authenticate=lambda request: request.cookies.get("session"))
+        app.wsgi_app = DispatcherMiddleware(app.wsgi_app, {"/account/agents": page})
+        client = app.test_client()
+        self.assertEqual(client.get("/account/agents").status_code, 401)
+        client.set_cookie("session", "user_123")
+        answer = self.disconnect_through(client, "/account/agents")
+        self.assertEqual((answer.status_code, answer.headers["Location"]), (303, "/account/agents"))
+        self.assertEqual(self.auth.grants(subject="user_123"), [])
+        with self.assertRaises(agentauth.RevokedError):
+            self.auth.verify(self.token)
+
+    @installed("fastapi", "httpx")
+    def test_mounted_in_fastapi_with_a_coroutine_authenticate(self):
+        from fastapi import FastAPI
+
+        with warnings.catch_warnings():  # some starlette releases warn about their own test client's httpx
+            warnings.simplefilter("ignore")
+            from fastapi.testclient import TestClient
+
+        async def authenticate(request):
+            return request.cookies.get("session")
+
+        app = FastAPI()
+        app.mount("/account/agents", self.auth.agents_page_asgi(authenticate=authenticate, login_url="/login"))
+        client = TestClient(app)
+        answer = client.get("/account/agents/", follow_redirects=False)
+        self.assertEqual((answer.status_code, answer.headers["location"]), (303, "/login?next=%2Faccount%2Fagents%2F"))
+        client.cookies.set("session", "user_123")
+        answer = self.disconnect_through(client, "/account/agents/")
+        self.assertEqual(answer.history[0].status_code, 303)  # followed back to the page
+        self.assertEqual((answer.status_code, answer.url.path), (200, "/account/agents/"))
+        self.assertIn("No agent is connected", answer.text)
+        with self.assertRaises(agentauth.RevokedError):
+            self.auth.verify(self.token)
 
 
 def chromium_missing():
