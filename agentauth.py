@@ -2985,6 +2985,13 @@ def _postgres_row(row: Any) -> Tuple[Any, ...]:
     return tuple(row.values()) if isinstance(row, Mapping) else tuple(row)
 
 
+def _postgres_forked(ref: Callable[[], Optional["PostgresStore"]]) -> None:
+    """In a forked child: make the store's next verify start a listener of the child's own."""
+    store = ref()
+    if store is not None:
+        store._listening = False
+
+
 def _postgres_close(conn: Any) -> None:
     """Close a connection, ignoring the errors of one that is already broken."""
     try:
@@ -3063,13 +3070,17 @@ class PostgresStore:
         self._write_lock = threading.Lock()  # one write transaction at a time on the write connection
         self._start_lock = threading.Lock()  # starts and stops the listener
         self._last_seq = 0
-        self._fresh_at = -math.inf  # monotonic time of the start of the last successful catch-up
+        self._stale_at = -math.inf  # monotonic time from which verify refuses: last catch-up's start + bound
         self._writer: Any = None
         self._writer_pid = 0
         self._listener: Optional[Tuple[threading.Thread, threading.Event, Any, threading.Event]] = None
         self._listener_owner = 0  # the process that started the listener
-        self._listener_pid = 0  # the process whose verify found it started
+        self._listening = False  # verify found the listener started in this process (reset by close and fork)
         self._inherited: List[Any] = []  # a parent's connections: never used, never closed (see _forget_parent)
+        if hasattr(os, "register_at_fork"):  # so that verify need not compare process ids
+            import weakref
+
+            os.register_at_fork(after_in_child=functools.partial(_postgres_forked, weakref.ref(self)))
         self._ensure_schema()
         self._start_listener()
 
@@ -3097,7 +3108,7 @@ class PostgresStore:
         self._inherited.append((self._writer, self._listener))
         self._writer, self._listener = None, None
         self._lock, self._write_lock, self._start_lock = threading.Lock(), threading.Lock(), threading.Lock()
-        self._fresh_at = -math.inf
+        self._stale_at = -math.inf
 
     def _transaction(self, work: Callable[[Any], Any], failure: str, *, timeout_ms: Optional[str] = None) -> Any:
         """Run ``work(cursor)`` in one transaction on this process's write connection; commit.
@@ -3228,7 +3239,7 @@ class PostgresStore:
                 thread.start()
             caught_up = self._listener[3]
         caught_up.wait(self.max_staleness_seconds)
-        self._listener_pid = pid  # verify no longer comes here in this process
+        self._listening = True  # verify no longer comes here in this process
 
     def _listen(self, stop: threading.Event, caught_up: threading.Event, wake: Any) -> None:
         """Listen, catch up, and reconnect with a growing delay whenever the connection fails."""
@@ -3293,7 +3304,7 @@ class PostgresStore:
                 self._last_seq = rows[-1][0]
                 # A revocation's time is a lower bound of the writing host's clock now.
                 self._index.purge(max(row[4] for row in rows))
-            self._fresh_at = max(self._fresh_at, started)
+            self._stale_at = max(self._stale_at, started + self.max_staleness_seconds)
 
     # -- the revocation store
 
@@ -3352,9 +3363,9 @@ class PostgresStore:
             StoreUnavailableError: the listener has not caught up with the
                 database for ``max_staleness_seconds``.
         """
-        if self._listener_pid != os.getpid():  # closed, or a forked child's first call
+        if not self._listening:  # closed, or a forked child's first call
             self._start_listener()
-        if self._monotonic() - self._fresh_at > self.max_staleness_seconds:
+        if self._monotonic() > self._stale_at:
             raise StoreUnavailableError("the revocation store has not caught up with the database")
         return self._index.matches(claims)
 
@@ -3491,7 +3502,7 @@ class PostgresStore:
         """Stop the listener and close this process's connections; a later call opens them again."""
         with self._start_lock:
             listener, self._listener = self._listener, None
-            self._listener_pid = 0
+            self._listening = False
             if listener is not None and self._listener_owner != os.getpid():
                 self._inherited.append(listener)  # a parent's: see _forget_parent
             elif listener is not None:
@@ -3503,7 +3514,7 @@ class PostgresStore:
                     pass
                 if thread is not threading.current_thread():
                     thread.join(timeout=10)
-            self._fresh_at = -math.inf
+            self._stale_at = -math.inf
         with self._write_lock:
             if self._writer_pid == os.getpid():
                 self._drop_writer()
@@ -6221,12 +6232,26 @@ def _cmd_bench(args: Any, out: Any, err: Any) -> int:
             ("verify, EdDSA, repeat", lambda: eddsa.verify(ed_token, ["email:read"])),
             ("ASGI middleware, per request", asgi_request),
         ]
+        postgres = _BenchPostgres(args.revocations, now, err) if os.environ.get("AGENTAUTH_POSTGRES_URL") else None
+        if postgres is not None:
+            make_postgres, make_postgres_first = make(postgres.store), make(postgres.store, 0)
+            rows[5:5] = [
+                ("verify + PostgresStore, first", lambda: make_postgres_first.verify(token, ["email:read"])),
+                ("verify + PostgresStore, repeat", lambda: make_postgres.verify(token, ["email:read"])),
+            ]
         results = []
         for index, (name, op) in enumerate(rows):
             print(f"measuring {name}...", file=err)
             share = (deadline - time.perf_counter()) / (len(rows) - index)
             results.append((name, _measure(op, share)))
         sqlite_store.close()
+        latencies: List[float] = []
+        if postgres is not None:
+            try:
+                print("measuring revoke-to-refused across two processes...", file=err)
+                latencies = postgres.revoke_to_refused(50)
+            finally:
+                postgres.close()
     print(
         f"agentauth {__version__}, Python {sys.version.split()[0]}, {args.revocations} revocations in each store,"
         f" Ed25519 backend: {ed_key.backend}",
@@ -6235,7 +6260,111 @@ def _cmd_bench(args: Any, out: Any, err: Any) -> int:
     print(f"{'operation':<30} {'ops/s':>10} {'us/op':>8}", file=out)
     for name, per_op in results:
         print(f"{name:<30} {1 / per_op:>10,.0f} {per_op * 1e6:>8.2f}", file=out)
+    if latencies:
+        latencies.sort()
+        print(
+            f"revoke-to-refused, PostgresStore, two processes, {len(latencies)} revocations:"
+            f" median {latencies[len(latencies) // 2] * 1000:.1f} ms, max {latencies[-1] * 1000:.1f} ms",
+            file=out,
+        )
     return EXIT_OK
+
+
+#: The other "host" of the revoke-to-refused benchmark: revokes an agent per
+#: line read, and prints the monotonic time (the same clock in every process
+#: of one machine) just before each revoke.
+_BENCH_REVOKER = """
+import os, sys, time
+sys.path.insert(0, sys.argv[1])
+import agentauth
+driver = __import__(sys.argv[2])
+store = agentauth.PostgresStore(lambda: driver.connect(os.environ["AGENTAUTH_POSTGRES_URL"]), schema=sys.argv[3])
+print("ready", flush=True)
+for line in sys.stdin:
+    now = int(time.time())
+    started = time.monotonic()
+    store.revoke({"agent": line.strip()}, revoked_at=now, expires_at=now + 600)
+    print(started, flush=True)
+store.close()
+"""
+
+
+class _BenchPostgres:
+    """The PostgreSQL rows of ``bench``: a throwaway schema holding ``revocations`` live entries.
+
+    The database is ``AGENTAUTH_POSTGRES_URL`` (a libpq connection string;
+    never a command-line argument, since it may hold a password); psycopg 3
+    is used if installed, else psycopg2.
+    """
+
+    def __init__(self, revocations: int, now: int, err: Any) -> None:
+        try:
+            import psycopg as driver  # type: ignore[import-not-found, unused-ignore]
+        except ImportError:
+            try:
+                import psycopg2 as driver  # type: ignore[import-not-found, import-untyped, no-redef, unused-ignore]
+            except ImportError:
+                raise _CliError("AGENTAUTH_POSTGRES_URL is set: install psycopg (pip install 'psycopg[binary]')",
+                                EXIT_USAGE) from None
+        url = os.environ["AGENTAUTH_POSTGRES_URL"]
+        self.driver = driver.__name__
+        self.schema = "agentauth_bench_" + secrets.token_hex(4)
+        self._connect = lambda: driver.connect(url)
+        print(f"preparing {revocations} revocations in PostgreSQL (schema {self.schema})...", file=err)
+        writer = PostgresStore(self._connect, schema=self.schema)
+        writer.revoke({"jti": "bench-first"}, revoked_at=now, expires_at=now + 3600)
+        self._sql(
+            f'INSERT INTO "{self.schema}".agentauth_revocations (key, seq, jti, revoked_at, expires_at)'
+            f" SELECT 'jti:bench-' || g, nextval('\"{self.schema}\".agentauth_revocations_seq'), 'bench-' || g, %s, %s"
+            " FROM generate_series(2, %s) g",
+            (now, now + 3600, revocations),
+        )
+        writer.close()
+        self.store = PostgresStore(self._connect, schema=self.schema)  # loads them all as it starts
+        if len(self.store._index.entries) != revocations:
+            raise _CliError("the PostgreSQL store did not load the benchmark's revocations", EXIT_STORE)
+
+    def _sql(self, query: str, params: Tuple[Any, ...] = ()) -> None:
+        conn = self._connect()
+        try:
+            conn.cursor().execute(query, params)
+            conn.commit()
+        finally:
+            conn.close()
+
+    def revoke_to_refused(self, rounds: int) -> List[float]:
+        """Seconds from another process's revoke call to this process's first refusal, per round."""
+        import subprocess
+
+        here = os.path.dirname(os.path.abspath(__file__))
+        child = subprocess.Popen([sys.executable, "-c", _BENCH_REVOKER, here, self.driver, self.schema],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert child.stdin is not None and child.stdout is not None
+        latencies = []
+        try:
+            if child.stdout.readline().strip() != "ready":
+                raise _CliError("the benchmark's second process did not start", EXIT_STORE)
+            for i in range(rounds):
+                claims = AgentClaims("user_1", f"bench-agent-{i}", ("s",), f"bench-latency-{i}", time.time(),
+                                     time.time() + 600, "bench", "bench", {})
+                child.stdin.write(f"bench-agent-{i}\n")
+                child.stdin.flush()
+                started = float(child.stdout.readline())
+                deadline = time.monotonic() + 10
+                while not self.store.is_revoked(claims):
+                    if time.monotonic() > deadline:
+                        raise _CliError("a revocation was not seen within 10 s", EXIT_STORE)
+                    time.sleep(0.0002)
+                latencies.append(time.monotonic() - started)
+        finally:
+            child.stdin.close()
+            child.wait(timeout=30)
+            child.stdout.close()
+        return latencies
+
+    def close(self) -> None:
+        self.store.close()
+        self._sql(f'DROP SCHEMA "{self.schema}" CASCADE')
 
 
 def _bench_asgi(auth: AgentAuth, token: str) -> Callable[[], None]:

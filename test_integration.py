@@ -978,6 +978,28 @@ class PostgresStoreTests(PostgresFixture, unittest.TestCase):
         store.revoke({"jti": "new-2"}, revoked_at=100, expires_at=1000)
         self.assertEqual(self.sql(count), [(2,)])
 
+    @unittest.skipUnless(hasattr(os, "fork"), "needs os.fork")
+    def test_a_forked_child_opens_connections_of_its_own_and_leaves_the_parents(self):
+        store = self.open_store(self.new_schema())
+        store.revoke({"agent": "before"}, revoked_at=1_800_000_000, expires_at=1_800_000_600)
+        writer = store._writer
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # 3.12+: fork() with threads running
+            pid = os.fork()
+        if pid == 0:  # the child: no test machinery, only an exit code
+            code = 1
+            try:
+                store.revoke({"agent": "child"}, revoked_at=1_800_000_000, expires_at=1_800_000_600)
+                if store.is_revoked(claims_of("before", 1_800_000_000)) and store.is_revoked(claims_of("child", 1_800_000_000)):
+                    code = 0 if store._writer is not writer else 2
+            finally:
+                os._exit(code)
+        _pid, status = os.waitpid(pid, 0)
+        self.assertEqual(os.waitstatus_to_exitcode(status), 0)
+        self.assertIsNotNone(wait_until(lambda: store.is_revoked(claims_of("child", 1_800_000_000)), 1.0))
+        store.revoke({"agent": "parent"}, revoked_at=1_800_000_000, expires_at=1_800_000_600)
+        self.assertIs(store._writer, writer)  # its session survived the child (no retry on a new one)
+
     @installed("psycopg2")
     def test_the_schema_may_be_shared_by_another_driver(self):
         schema = self.new_schema()
