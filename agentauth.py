@@ -49,6 +49,8 @@ __all__ = [
     "TokenInvalidError",
     "TokenExpiredError",
     "RevokedError",
+    "DPoPProofError",
+    "DPoPNonceError",
     "MissingScopeError",
     "InvalidGrantError",
     "InvalidConfigError",
@@ -71,10 +73,13 @@ __all__ = [
     # Stores
     "RevocationStore",
     "GrantStore",
+    "ProofReplayStore",
     "MemoryStore",
     "SqliteStore",
     "RedisStore",
     "PostgresStore",
+    # DPoP
+    "dpop_proof",
     # The facade
     "AgentAuth",
     # Web middleware and token exchange
@@ -99,6 +104,9 @@ MIN_SECRET_BYTES = 32  # RFC 7518 §3.2: an HS256 key is at least the hash size
 DEFAULT_TTL_SECONDS = 900
 DEFAULT_MAX_TTL_SECONDS = 86400
 DEFAULT_CLOCK_TOLERANCE_SECONDS = 30
+DEFAULT_DPOP_ALGORITHMS = ("ES256", "EdDSA", "Ed25519")  # RFC 9449 §4.3 step 5: asymmetric only
+DEFAULT_DPOP_WINDOW_SECONDS = 300  # a proof's iat may be this far from now (SEP-1932: ±5 minutes)
+DPOP_PROOF_TYPE = "dpop+jwt"  # RFC 9449 §4.2
 DEFAULT_MAX_TOKEN_BYTES = 8192
 MAX_NAME_CHARS = 256  # subject and agent identifiers
 DEFAULT_MAX_CHAIN_LENGTH = 4  # agents in a delegation chain, the root included
@@ -172,6 +180,29 @@ class RevokedError(TokenInvalidError):
     def __init__(self, message: str, *, jti: str) -> None:
         super().__init__(message)
         self.jti = jti
+
+
+class DPoPProofError(TokenInvalidError):
+    """The request's DPoP proof (RFC 9449) is missing, malformed, forged, stale,
+    replayed, or for another request, token or key.
+
+    Middleware answers 401 ``invalid_dpop_proof`` with a ``DPoP`` challenge.
+    """
+
+    code = "invalid_dpop_proof"
+
+
+class DPoPNonceError(DPoPProofError):
+    """The server wants a fresh nonce in the proof (RFC 9449 §8).
+
+    ``nonce`` is the one to use: middleware sends it in ``DPoP-Nonce``.
+    """
+
+    code = "use_dpop_nonce"
+
+    def __init__(self, message: str, *, nonce: str) -> None:
+        super().__init__(message)
+        self.nonce = nonce
 
 
 class MissingScopeError(AgentAuthError):
@@ -971,7 +1002,6 @@ def _p256_mul_table(scalar: int, table: _P256Table, X: int = 0, Y: int = 1, Z: i
 def _p256_mul_window(scalar: int, x: int, y: int) -> Tuple[int, int, int]:
     # [scalar](x, y) by a width-5 sliding window: 255 doublings and about 50
     # additions, after 16 odd multiples; for keys not worth a table.
-    p = _P256_P
     dbl = _p256_double(x, y, 1)
     odd = [(x, y, 1)]
     for _ in range(15):
@@ -2235,6 +2265,28 @@ class GrantStore(typing.Protocol):
 _GRANT_METHODS = ("save_grant", "get_grant", "list_grants", "delete_grant", "touch_grant")
 
 
+class ProofReplayStore(typing.Protocol):
+    """The DPoP replay cache (RFC 9449 §11.1), beside the revocations, in the same store object.
+
+    Implement this one method for your own store (MemoryStore, SqliteStore
+    and RedisStore do). ``key`` is an opaque string of at most 64 ASCII
+    characters that agentauth derives from the proof's key and ``jti``
+    (never from its signature, which ECDSA lets anyone re-sign). The check
+    and the write are one atomic step, so two servers racing with the same
+    proof cannot both accept it. A key may be forgotten once ``expires_at``
+    has passed (the proof's ``iat`` is outside the window by then); the
+    store purges, taking ``now`` as the current time, and stays bounded. A
+    store that cannot answer or is full raises ``StoreUnavailableError``:
+    verify then fails closed.
+    """
+
+    def record_proof(self, key: str, *, now: int, expires_at: int) -> bool:
+        """Remember ``key`` until ``expires_at``; True if it was new, False if already recorded (a replay)."""
+
+
+_MAX_PROOFS = 1_000_000  # proofs a MemoryStore remembers at once (about 150 MB); more fail closed
+
+
 def _entry_key(criteria: Mapping[str, str]) -> Tuple[str, RevocationEntry]:
     """Return the lookup key of one criteria mapping, and its entry's criteria.
 
@@ -2346,12 +2398,21 @@ class MemoryStore:
 
     Thread-safe; lookups are O(1) however many entries; expired entries are
     purged on every ``revoke`` so memory stays bounded by live revocations.
+    The DPoP replay cache holds at most ``max_proofs`` live proofs (each is
+    kept for the proof window, ten minutes by default); beyond that, verify
+    of a DPoP proof fails closed (503) until some expire.
+
+    Raises:
+        InvalidConfigError: ``max_proofs`` is not a positive whole number.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, max_proofs: int = _MAX_PROOFS) -> None:
         self._index = _EntryIndex()
         self._grants: Dict[Tuple[str, str], Grant] = {}  # by (subject, agent)
         self._lock = threading.Lock()
+        self.max_proofs = _positive_int(max_proofs, "max_proofs")
+        self._proofs: Dict[str, int] = {}  # replay key -> expires_at
+        self._proof_expiries: List[Tuple[int, str]] = []  # a heap of (expires_at, key)
 
     def __repr__(self) -> str:
         return f"<MemoryStore entries={len(self._index.entries)} grants={len(self._grants)}>"
@@ -2365,6 +2426,27 @@ class MemoryStore:
     def _revoke_locked(self, entry: RevocationEntry, revoked_at: int, expires_at: int) -> None:
         self._index.purge(revoked_at)
         self._index.put(entry._replace(revoked_at=revoked_at, expires_at=expires_at))
+
+    def record_proof(self, key: str, *, now: int, expires_at: int) -> bool:
+        """Remember a DPoP proof (``ProofReplayStore``); False for a replay.
+
+        Purges expired proofs first; with ``max_proofs`` live proofs held,
+        refuses to forget one early and raises ``StoreUnavailableError``.
+        """
+        proofs, expiries = self._proofs, self._proof_expiries
+        with self._lock:
+            while expiries and expiries[0][0] <= now:
+                _expiry, old = heapq.heappop(expiries)
+                if proofs.get(old, now + 1) <= now:
+                    del proofs[old]
+            known = proofs.get(key)
+            if known is not None and known > now:
+                return False
+            if len(proofs) >= self.max_proofs:
+                raise StoreUnavailableError("the DPoP replay cache is full")
+            proofs[key] = expires_at
+            heapq.heappush(expiries, (expires_at, key))
+            return True
 
     def save_grant(self, grant: Grant, *, replace: bool, revoked_at: int, expires_at: int) -> Grant:
         """Record consent (``GrantStore``); a narrowing revokes the older tokens under the same lock."""
@@ -2414,7 +2496,7 @@ class MemoryStore:
             return self._index.sorted(now)
 
 
-_SQLITE_SCHEMA_VERSION = 2  # 1: revocations; 2: + grants (a version-1 file gains the table in place)
+_SQLITE_SCHEMA_VERSION = 3  # 1: revocations; 2: + grants; 3: + DPoP proofs (older files gain the tables in place)
 _SQLITE_SCHEMA = (
     # seq grows with every write and is never reused (AUTOINCREMENT), so a
     # reader can load just the rows written since it last looked.
@@ -2441,6 +2523,13 @@ _SQLITE_SCHEMA = (
         last_used_at INTEGER,
         PRIMARY KEY (subject, agent)
     )""",
+    # The DPoP replay cache (ProofReplayStore): one row per proof, until expires_at.
+    """CREATE TABLE IF NOT EXISTS agentauth_dpop_proofs (
+        key TEXT PRIMARY KEY,
+        expires_at INTEGER NOT NULL
+    ) WITHOUT ROWID""",
+    """CREATE INDEX IF NOT EXISTS agentauth_dpop_proofs_expires
+        ON agentauth_dpop_proofs (expires_at)""",
 )
 _SQLITE_COLUMNS = "seq, key, jti, agent, subject, revoked_at, expires_at"
 _GRANT_COLUMNS = "grant_id, subject, agent, agent_name, scopes, created_at, updated_at, last_used_at"
@@ -2694,6 +2783,29 @@ class SqliteStore:
             raise StoreUnavailableError(f"the revocation database did not answer: {exc}") from exc
         return self._index.matches(claims)
 
+    def record_proof(self, key: str, *, now: int, expires_at: int) -> bool:
+        """Remember a DPoP proof (``ProofReplayStore``) in one transaction; False for a replay.
+
+        Shared by every process using the file; expired proofs are purged
+        in the same transaction, so the table holds only the live window.
+        """
+        cursor = self._connection()
+        try:
+            cursor.execute("BEGIN IMMEDIATE")
+            try:
+                cursor.execute("DELETE FROM agentauth_dpop_proofs WHERE expires_at <= ?", (now,))
+                cursor.execute(
+                    "INSERT OR IGNORE INTO agentauth_dpop_proofs (key, expires_at) VALUES (?, ?)", (key, expires_at)
+                )
+                new = cursor.rowcount == 1
+                cursor.execute("COMMIT")
+            except BaseException:
+                cursor.execute("ROLLBACK")
+                raise
+        except Exception as exc:  # sqlite3.Error, without importing sqlite3 per call
+            raise StoreUnavailableError(f"the DPoP replay cache did not answer: {exc}") from exc
+        return new
+
     def entries(self, *, now: Optional[float] = None) -> List[RevocationEntry]:
         """List the file's entries, newest first; with ``now``, only those still live."""
         query = "SELECT jti, agent, subject, revoked_at, expires_at FROM agentauth_revocations"
@@ -2721,6 +2833,11 @@ local old_expiry = redis.call('EXPIRETIME', KEYS[1])
 if old_expiry > expires_at then expires_at = old_expiry end
 redis.call('SET', KEYS[1], revoked_at, 'EXAT', expires_at)
 return 1
+"""
+#: Remember a DPoP proof unless already there (NX), expiring at ARGV[2]: 1 if new.
+_REDIS_RECORD_PROOF = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EXAT', ARGV[2]) then return 1 end
+return 0
 """
 
 #: List the entries under a prefix: SCAN (never KEYS, which would block on a
@@ -2768,6 +2885,8 @@ class RedisStore:
     ``prefix`` + criteria, holding ``revoked_at`` and expiring at
     ``expires_at`` (``EXAT``), so Redis purges it. ``revoke`` is one atomic
     script; ``is_revoked`` is one ``MGET`` round trip. Needs Redis >= 7.0.
+    DPoP proofs (``record_proof``) are keys under ``prefix`` + "dpop:",
+    set only if absent and expiring with the proof window.
 
     Give the client a socket timeout (``redis.Redis(socket_timeout=0.5)``):
     a Redis that is down or slow makes verify raise ``StoreUnavailableError``
@@ -2839,6 +2958,20 @@ class RedisStore:
                 entries.append(entry)
         entries.sort(key=lambda entry: entry.revoked_at, reverse=True)
         return entries
+
+    def record_proof(self, key: str, *, now: int, expires_at: int) -> bool:
+        """Remember a DPoP proof (``ProofReplayStore``): one atomic ``SET NX EXAT``; False for a replay.
+
+        Redis expires the key at ``expires_at``; bound its memory with
+        ``maxmemory`` and a ``volatile-*`` policy like any cache.
+        """
+        try:
+            answer = self._client.eval(_REDIS_RECORD_PROOF, 1, self.prefix + "dpop:" + key, now, expires_at)
+        except Exception as exc:
+            raise StoreUnavailableError(f"the DPoP replay cache was not updated: {type(exc).__name__}") from exc
+        if answer not in (0, 1):
+            raise StoreUnavailableError("redis answered the replay check with something else than 0 or 1")
+        return answer == 1
 
 
 # ---------------------------------------------------------------------------
@@ -3521,6 +3654,309 @@ class PostgresStore:
 
 
 # ---------------------------------------------------------------------------
+# DPoP
+# ---------------------------------------------------------------------------
+
+#: RFC 9449: a DPoP proof is a JWT signed by the client's key, whose public
+#: half rides in its header; a bound token names that key by its RFC 7638
+#: thumbprint (``cnf.jkt``). The server checks every rule of §4.3, binds the
+#: proof to the request and the token, and remembers each proof's ``jti``
+#: for as long as its ``iat`` is acceptable (§11.1).
+
+#: What kind of key each proof algorithm needs in the "jwk" header: (kty, crv).
+_DPOP_KEY_TYPES = {ALGORITHM_ES256: ("EC", "P-256"), ALGORITHM_EDDSA: ("OKP", "Ed25519"), ALGORITHM_ED25519: ("OKP", "Ed25519")}
+#: JWK members that carry private key material (RFC 7518 §6.2.2, §6.3.2, §6.4; RFC 8037 §2).
+_PRIVATE_JWK_MEMBERS = frozenset(("d", "p", "q", "dp", "dq", "qi", "oth", "k"))
+_JKT = re.compile(r"[A-Za-z0-9_-]{43}")  # an RFC 7638 SHA-256 thumbprint, base64url
+_DPOP_OPTIONS = ("require_dpop", "dpop_algorithms", "dpop_window_seconds", "dpop_nonce")
+_MAX_PROOF_BYTES = 2048  # a proof with a P-256 key is about 600 bytes
+_MAX_PROOF_JTI_CHARS = 256
+_DPOP_NONCE_SECONDS = 120  # a nonce slot; a nonce is good in its slot and the next
+_DPOP_NONCE = re.compile(r"[A-Za-z0-9_-]{32}")
+_HTTP_METHOD = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 §9.1: a token
+_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+_PERCENT = re.compile(r"%([0-9A-Fa-f]{2})")
+
+
+def _access_token_hash(token: str) -> str:
+    """RFC 9449 §4.2 ``ath``: base64url of the SHA-256 of the token's ASCII bytes."""
+    return _b64encode(hashlib.sha256(token.encode("ascii")).digest())
+
+
+def _normalize_percent(match: "re.Match[str]") -> str:
+    # RFC 3986 §6.2.2.1-2: upper-case hex digits, and decode unreserved characters.
+    char = chr(int(match.group(1), 16))
+    return char if char in _UNRESERVED else "%" + match.group(1).upper()
+
+
+def _htu(url: Any) -> Optional[str]:
+    """Normalise an absolute http(s) URL for the ``htu`` comparison, or None if it is not one.
+
+    RFC 9449 §4.3 step 9 and RFC 3986 §6.2.2-6.2.3: query and fragment
+    dropped, scheme and host lower-cased, the default port removed, an empty
+    path made "/", percent-encoding normalised, dot segments removed.
+    """
+    from urllib.parse import urlsplit
+
+    if type(url) is not str or _CONTROL_CHARS.search(url) or " " in url:
+        return None
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+        host = parts.hostname
+    except ValueError:
+        return None
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https") or not host or "@" in parts.netloc:
+        return None
+    if port is None or port == {"http": 80, "https": 443}[scheme]:
+        authority = host if ":" not in host else f"[{host}]"
+    else:
+        authority = f"{host if ':' not in host else f'[{host}]'}:{port}"
+    path = _PERCENT.sub(_normalize_percent, parts.path) or "/"
+    segments: List[str] = []
+    for segment in path.split("/")[1:]:  # RFC 3986 §5.2.4, for an absolute path
+        if segment == "..":
+            if segments:
+                segments.pop()
+        elif segment != ".":
+            segments.append(segment)
+    if path.endswith(("/.", "/..")):
+        segments.append("")
+    return f"{scheme}://{authority}/" + "/".join(segments)
+
+
+@functools.lru_cache(maxsize=1024)
+def _proof_key(kty: str, crv: str, x: Any, y: Any) -> Tuple[Union[Ed25519Key, P256Key], str]:
+    """The public key of a proof's "jwk" header and its RFC 7638 thumbprint, cached.
+
+    Keyed by the members that define the key, so an agent's next proof costs
+    no parsing, no curve check and, on the cryptography backend, no new key object.
+
+    Raises:
+        InvalidConfigError: not a usable public key (off the curve, small order, malformed).
+    """
+    key: Union[Ed25519Key, P256Key]
+    if kty == "EC":
+        key = P256Key.from_jwk({"kty": kty, "crv": crv, "x": x, "y": y})
+    else:
+        key = Ed25519Key.from_jwk({"kty": kty, "crv": crv, "x": x})
+    return key, key.thumbprint()
+
+
+def dpop_proof(
+    key: Union[Ed25519Key, P256Key],
+    method: str,
+    url: str,
+    access_token: Optional[str] = None,
+    nonce: Optional[str] = None,
+    *,
+    alg: Optional[str] = None,
+    clock: Callable[[], float] = time.time,
+) -> str:
+    """Return a DPoP proof (RFC 9449 §4.2) for one HTTP request, signed by the agent's ``key``.
+
+    Send it in the ``DPoP`` header with ``Authorization: DPoP <access_token>``.
+    ``url`` is the request's URL; its query and fragment are left out of
+    ``htu``. With ``access_token``, the proof carries its hash (``ath``);
+    with ``nonce``, the server's ``DPoP-Nonce``. An Ed25519 key signs as
+    "EdDSA" unless ``alg="Ed25519"`` (RFC 9864); a P256Key as "ES256".
+    Each proof has a fresh random ``jti``, ``iat`` from ``clock``.
+
+    Raises:
+        InvalidConfigError: a public key, a bad method, a URL that is not
+            absolute http(s), or an ``alg`` that does not fit the key.
+
+    Security: a proof is good for one request only, for a few minutes; the
+    private key never leaves the agent.
+    """
+    allowed: Tuple[str, ...]
+    if isinstance(key, P256Key):
+        default_alg, allowed = ALGORITHM_ES256, (ALGORITHM_ES256,)
+    elif isinstance(key, Ed25519Key):
+        default_alg, allowed = ALGORITHM_EDDSA, tuple(sorted(_EDDSA_NAMES))
+    else:
+        raise InvalidConfigError("key must be a private Ed25519Key or P256Key")
+    if not key.is_private:
+        raise InvalidConfigError("a DPoP proof is signed with the agent's private key")
+    alg = default_alg if alg is None else alg
+    if alg not in allowed:
+        raise InvalidConfigError(f"alg of this key must be one of {', '.join(allowed)}")
+    if type(method) is not str or _HTTP_METHOD.fullmatch(method) is None:
+        raise InvalidConfigError("method must be an HTTP method such as GET")
+    if _htu(url) is None:
+        raise InvalidConfigError("url must be an absolute http(s) URL")
+    jwk = {k: v for k, v in key.public_jwk().items() if k in ("kty", "crv", "x", "y")}
+    header = {"typ": DPOP_PROOF_TYPE, "alg": alg, "jwk": jwk}
+    claims: Dict[str, Any] = {
+        "jti": secrets.token_urlsafe(_JTI_BYTES),
+        "htm": method,
+        "htu": url.split("#", 1)[0].split("?", 1)[0],  # RFC 9449 §4.2: without query and fragment
+        "iat": math.floor(clock()),
+    }
+    if access_token is not None:
+        if type(access_token) is not str or not access_token.isascii():
+            raise InvalidConfigError("access_token must be the token string")
+        claims["ath"] = _access_token_hash(access_token)
+    if nonce is not None:
+        if type(nonce) is not str or not nonce:
+            raise InvalidConfigError("nonce must be the server's DPoP-Nonce value")
+        claims["nonce"] = nonce
+    head = _b64encode(_JSON_ENCODER.encode(header).encode("ascii"))
+    body = _b64encode(_JSON_ENCODER.encode(claims).encode("utf-8"))
+    signing_input = f"{head}.{body}"
+    return f"{signing_input}.{_b64encode(key.sign(signing_input.encode('ascii')))}"
+
+
+class _DPoPNonces:
+    """Stateless server nonces (RFC 9449 §8): an HMAC of a time slot, nothing stored.
+
+    A nonce names its slot of ``_DPOP_NONCE_SECONDS``; it is good in that
+    slot and the next, so it rotates without any state, and every process
+    that shares the key accepts the others' nonces.
+    """
+
+    def __init__(self, key: bytes) -> None:
+        self._mac = hmac.new(key, digestmod=hashlib.sha256)
+
+    def _nonce(self, slot: int) -> str:
+        mac = self._mac.copy()
+        mac.update(slot.to_bytes(8, "big"))
+        return _b64encode(slot.to_bytes(8, "big") + mac.digest()[:16])
+
+    def issue(self, now: float) -> str:
+        """Return the nonce of the current slot."""
+        return self._nonce(math.floor(now) // _DPOP_NONCE_SECONDS)
+
+    def check(self, nonce: Any, now: float) -> bool:
+        """Tell whether ``nonce`` is this key's, of the current or the previous slot."""
+        if type(nonce) is not str or _DPOP_NONCE.fullmatch(nonce) is None:
+            return False
+        slot = int.from_bytes(_b64decode(nonce)[:8], "big")
+        current = math.floor(now) // _DPOP_NONCE_SECONDS
+        return current - 1 <= slot <= current and hmac.compare_digest(self._nonce(slot), nonce)
+
+
+class _DPoPPolicy:
+    """How an AgentAuth checks DPoP proofs: algorithms, window, nonces (RFC 9449 §4.3)."""
+
+    def __init__(self, *, algorithms: Iterable[str], window_seconds: int, require: bool, nonces: Optional[_DPoPNonces]) -> None:
+        if isinstance(algorithms, str):
+            raise InvalidConfigError("dpop_algorithms must be a list of algorithm names")
+        chosen = tuple(algorithms)
+        if not chosen or any(alg not in _DPOP_KEY_TYPES for alg in chosen):
+            # RFC 9449 §4.3 step 5: never "none" or a MAC.
+            raise InvalidConfigError(f"dpop_algorithms must name some of {', '.join(_DPOP_KEY_TYPES)}")
+        self.algorithms = frozenset(chosen)
+        self.algs_param = " ".join(alg for alg in _DPOP_KEY_TYPES if alg in self.algorithms)  # for WWW-Authenticate
+        self.window_seconds = _positive_int(window_seconds, "dpop_window_seconds")
+        if type(require) is not bool:
+            raise InvalidConfigError("require_dpop must be True or False")
+        self.require = require
+        self.nonces = nonces
+
+    def check(self, proof: Any, method: str, url: str, token: Optional[str], now: float) -> Tuple[str, str, int]:
+        """Check one proof against the request and the token (RFC 9449 §4.3 steps 1-12).
+
+        ``token`` is the access token the proof comes with; None at a token
+        endpoint, where ``ath`` is not checked (§4.3 step 12).
+
+        Returns (the proof key's thumbprint, the replay-cache key, when that
+        entry may be forgotten). The caller compares the thumbprint with the
+        token's ``cnf.jkt`` and records the replay key.
+
+        Raises:
+            DPoPProofError: any rule broken.
+            DPoPNonceError: nonces are on and the proof's is missing or stale.
+        """
+        # Step 1-2: one well-formed JWT.
+        if type(proof) is not str or len(proof) > _MAX_PROOF_BYTES or _COMPACT_JWS.fullmatch(proof) is None:
+            raise DPoPProofError("the DPoP proof is not one compact JWS")
+        head, body, sig = proof.split(".")
+        try:
+            # Step 5: the algorithm is allow-listed (never "none" or a MAC); no "crit".
+            header = _parse_header(head, self.algorithms)
+        except TokenInvalidError as exc:
+            raise DPoPProofError("the DPoP proof header is not acceptable") from exc
+        # Step 4: typ is dpop+jwt (a media type: case-insensitive).
+        typ = header.get("typ")
+        if type(typ) is not str or typ.lower() != DPOP_PROOF_TYPE:
+            raise DPoPProofError("the DPoP proof type is not dpop+jwt")
+        # Step 7: the jwk header is a public key of the algorithm's type.
+        jwk = header.get("jwk")
+        if type(jwk) is not dict or not _PRIVATE_JWK_MEMBERS.isdisjoint(jwk):
+            raise DPoPProofError("the DPoP proof key is missing or carries private material")
+        kty, crv = _DPOP_KEY_TYPES[header["alg"]]
+        if jwk.get("kty") != kty or jwk.get("crv") != crv:
+            raise DPoPProofError("the DPoP proof key does not fit its algorithm")
+        try:
+            key, jkt = _proof_key(kty, crv, jwk.get("x"), jwk.get("y") if kty == "EC" else None)
+        except (InvalidConfigError, TypeError) as exc:  # TypeError: an unhashable member
+            raise DPoPProofError("the DPoP proof key is not a valid public key") from exc
+        # Step 6: the signature, with that key.
+        try:
+            raw = _b64decode(sig)
+        except ValueError as exc:
+            raise DPoPProofError("the DPoP proof signature is not canonical base64url") from exc
+        if not key.verify(proof[: len(head) + 1 + len(body)].encode("ascii"), raw):
+            raise DPoPProofError("the DPoP proof signature does not match its key")
+        try:
+            claims = _json_object(_decode_payload(body), "payload")
+        except TokenInvalidError as exc:
+            raise DPoPProofError("the DPoP proof payload is not a JSON object") from exc
+        jti, htm, htu, ath = (claims.get(name) for name in ("jti", "htm", "htu", "ath"))
+        iat: Any = claims.get("iat")
+        # Step 3: the required claims, with their types.
+        if type(jti) is not str or not jti or len(jti) > _MAX_PROOF_JTI_CHARS:
+            raise DPoPProofError("the DPoP proof jti is missing or malformed")
+        if type(htm) is not str or type(htu) is not str or (token is not None and type(ath) is not str):
+            raise DPoPProofError("the DPoP proof lacks htm, htu or ath")
+        if type(iat) not in (int, float) or not math.isfinite(iat):
+            raise DPoPProofError("the DPoP proof iat is missing or not a number")
+        # Step 8-9: bound to this request.
+        if htm != method:
+            raise DPoPProofError("the DPoP proof is for another HTTP method")
+        normalized = _htu(htu)
+        if normalized is None or normalized != _htu(url):
+            raise DPoPProofError("the DPoP proof is for another URL")
+        # Step 11: fresh (a window around now, RFC 9449 §11.1).
+        if abs(iat - now) > self.window_seconds:
+            raise DPoPProofError("the DPoP proof iat is outside the accepted window")
+        # Step 12: bound to this token.
+        if token is not None and not hmac.compare_digest(typing.cast(str, ath), _access_token_hash(token)):
+            raise DPoPProofError("the DPoP proof is for another access token")
+        # Step 10: the server's nonce, when it asks for one.
+        if self.nonces is not None and not self.nonces.check(claims.get("nonce"), now):
+            raise DPoPNonceError("the DPoP proof lacks a fresh server nonce", nonce=self.nonces.issue(now))
+        # The replay key: the proof key and jti, never the signature, which an
+        # ECDSA holder (or anyone, as (r, n - s)) can change without a new jti.
+        replay_key = _b64encode(hashlib.sha256(f"{jkt}.{jti}".encode("utf-8")).digest())
+        return jkt, replay_key, math.ceil(iat) + self.window_seconds + 1
+
+
+def _token_jkt(claims: AgentClaims) -> Optional[str]:
+    """The thumbprint a token is bound to (``cnf.jkt``, RFC 9449 §6.1), or None if unbound.
+
+    Raises:
+        TokenInvalidError: a ``cnf`` claim this module cannot enforce: never treated as unbound.
+    """
+    if "cnf" not in claims.raw:
+        return None
+    cnf = claims.raw["cnf"]
+    jkt = cnf.get("jkt") if type(cnf) is dict and len(cnf) == 1 else None
+    if type(jkt) is not str or _JKT.fullmatch(jkt) is None:
+        raise TokenInvalidError("token confirmation claim is not a DPoP key thumbprint")
+    return jkt
+
+
+def _check_jkt(value: Any, what: str = "dpop_jkt") -> str:
+    """A thumbprint given to issue()/delegate(): 43 base64url characters (SHA-256)."""
+    if type(value) is not str or _JKT.fullmatch(value) is None:
+        raise InvalidGrantError(f"{what} must be an RFC 7638 SHA-256 key thumbprint (key.thumbprint())")
+    return value
+
+
+# ---------------------------------------------------------------------------
 # AgentAuth
 # ---------------------------------------------------------------------------
 
@@ -3595,6 +4031,10 @@ class AgentAuth:
         verify_cache_size: int = DEFAULT_VERIFY_CACHE_SIZE,
         clock: Callable[[], float] = time.time,
         alg: Optional[str] = None,
+        require_dpop: bool = False,
+        dpop_algorithms: Iterable[str] = DEFAULT_DPOP_ALGORITHMS,
+        dpop_window_seconds: int = DEFAULT_DPOP_WINDOW_SECONDS,
+        dpop_nonce: Union[bool, str, bytes] = False,
     ) -> None:
         self._configure(
             issuer=issuer,
@@ -3651,6 +4091,7 @@ class AgentAuth:
                     raise InvalidConfigError("previous_keys values must be Ed25519Key objects")
         self._signing_key: Optional[Union[_HmacKey, _EdDSAKey]] = signing
         self._set_keys(keys)
+        self._configure_dpop(require_dpop, dpop_algorithms, dpop_window_seconds, dpop_nonce)
         header = {"alg": signing.alg, "typ": TOKEN_TYPE}
         if kid is not None:
             header["kid"] = kid
@@ -3682,7 +4123,9 @@ class AgentAuth:
         keyword arguments that apply to verifying: ``clock``,
         ``clock_tolerance_seconds``, ``store``, ``check_revocation``,
         ``on_event``, ``max_ttl_seconds``, ``max_token_bytes``, ``max_chain_length``,
-        ``verify_cache_size``.
+        ``verify_cache_size``,
+        and the DPoP ones (``require_dpop``, ``dpop_algorithms``,
+        ``dpop_window_seconds``, ``dpop_nonce``).
 
         Raises:
             InvalidConfigError: neither or both of jwks and jwks_url, a bad key
@@ -3690,13 +4133,15 @@ class AgentAuth:
             StoreUnavailableError: (from verify) the key set was never fetched.
         """
         allowed = {"clock", "clock_tolerance_seconds", "store", "check_revocation", "on_event",
-                   "max_ttl_seconds", "max_token_bytes", "max_chain_length", "verify_cache_size"}
+                   "max_ttl_seconds", "max_token_bytes", "max_chain_length", "verify_cache_size",
+                   *_DPOP_OPTIONS}
         unknown = sorted(set(options) - allowed)
         if unknown:
             raise InvalidConfigError(f"not a verifier option: {', '.join(unknown)}")
         if (jwks is None) == (jwks_url is None):
             raise InvalidConfigError("give exactly one of jwks or jwks_url")
         self = cls.__new__(cls)
+        dpop = {name: options.pop(name) for name in _DPOP_OPTIONS if name in options}
         # A verifier mints nothing: its default ttl only has to fit max_ttl_seconds.
         max_ttl = options.get("max_ttl_seconds", DEFAULT_MAX_TTL_SECONDS)
         ttl = min(DEFAULT_TTL_SECONDS, max_ttl) if type(max_ttl) is int else DEFAULT_TTL_SECONDS
@@ -3721,7 +4166,32 @@ class AgentAuth:
                 max_bytes=jwks_max_bytes,
             )
             self._set_keys({})
+        self._configure_dpop(**dpop)
         return self
+
+    def _configure_dpop(
+        self,
+        require_dpop: bool = False,
+        dpop_algorithms: Iterable[str] = DEFAULT_DPOP_ALGORITHMS,
+        dpop_window_seconds: int = DEFAULT_DPOP_WINDOW_SECONDS,
+        dpop_nonce: Union[bool, str, bytes] = False,
+    ) -> None:
+        """Check and keep the DPoP settings (RFC 9449): shared by the constructor and ``verifier``."""
+        if require_dpop is True and not callable(getattr(self.store, "record_proof", None)):
+            raise InvalidConfigError("require_dpop needs a store with a DPoP replay cache (record_proof)")
+        nonces = None
+        if dpop_nonce is True:
+            # Derived from the signing key, so every process of an issuer
+            # agrees; a verifier has none and draws a key of its own.
+            key = self._derived_key(b"dpop-nonce") if self._signing_key is not None else secrets.token_bytes(32)
+            nonces = _DPoPNonces(key)
+        elif dpop_nonce is not False:
+            if not isinstance(dpop_nonce, (str, bytes)):
+                raise InvalidConfigError("dpop_nonce must be True, False, or a shared nonce secret")
+            nonces = _DPoPNonces(_as_key(dpop_nonce, "dpop_nonce"))
+        self._dpop = _DPoPPolicy(
+            algorithms=dpop_algorithms, window_seconds=dpop_window_seconds, require=require_dpop, nonces=nonces
+        )
 
     def _configure(
         self,
@@ -3819,8 +4289,13 @@ class AgentAuth:
         agent: str,
         scopes: Iterable[str],
         ttl_seconds: Optional[int] = None,
+        dpop_jkt: Optional[str] = None,
     ) -> IssuedToken:
         """Mint a token granting ``agent`` the ``scopes``, acting for ``subject``.
+
+        With ``dpop_jkt`` (the agent key's ``thumbprint()``), the token is
+        bound to that key (RFC 9449 §6.1, ``cnf.jkt``): verify then refuses
+        it without a valid DPoP proof signed by the key.
 
         With ``require_grant=True``, the scopes must be covered (wildcards
         included) by the grant recorded with ``grant()`` for this subject and agent.
@@ -3830,13 +4305,15 @@ class AgentAuth:
                 agent that is empty, longer than 256 characters or holds
                 control characters, a ttl <= 0 or above ``max_ttl_seconds``,
                 a token that would exceed ``max_token_bytes``, or (with
-                ``require_grant``) no grant or a scope outside it.
+                ``require_grant``) no grant or a scope outside it, or a
+                ``dpop_jkt`` that is not a SHA-256 thumbprint.
             StoreUnavailableError: (with ``require_grant``) the store could not answer.
         """
         self._require_signing_key()
         _name(subject, "subject")
         _name(agent, "agent")
         granted = _grant_scopes(scopes)
+        jkt = None if dpop_jkt is None else _check_jkt(dpop_jkt)
         if self.require_grant:
             self._check_recorded_grant(subject, agent, granted)
         if ttl_seconds is None:
@@ -3847,7 +4324,7 @@ class AgentAuth:
             raise InvalidGrantError(f"ttl_seconds must be between 1 and max_ttl_seconds ({self.max_ttl_seconds})")
         clock_now = self._clock()
         now = math.floor(clock_now)
-        issued = self._mint(subject, agent, granted, now, now + ttl_seconds, None)
+        issued = self._mint(subject, agent, granted, now, now + ttl_seconds, None, jkt)
         if self._on_event is not None:
             self._emit(AgentEvent("issued", clock_now, issued.jti, subject, agent, granted))
         return issued
@@ -3866,7 +4343,14 @@ class AgentAuth:
             )
 
     def _mint(
-        self, subject: str, agent: str, scopes: Tuple[str, ...], now: int, exp: int, act: Optional[Dict[str, Any]]
+        self,
+        subject: str,
+        agent: str,
+        scopes: Tuple[str, ...],
+        now: int,
+        exp: int,
+        act: Optional[Dict[str, Any]],
+        jkt: Optional[str] = None,
     ) -> IssuedToken:
         jti = secrets.token_urlsafe(_JTI_BYTES)
         claims: Dict[str, Any] = {
@@ -3881,6 +4365,8 @@ class AgentAuth:
         }
         if act is not None:
             claims["act"] = act  # RFC 8693 §4.1: who acts, for whom
+        if jkt is not None:
+            claims["cnf"] = {"jkt": jkt}  # RFC 9449 §6.1: bound to the key with this thumbprint
         signing_input = f"{self._header_segment}.{_b64encode(_JSON_ENCODER.encode(claims).encode('ascii'))}"
         key = typing.cast(Union[_HmacKey, _EdDSAKey], self._signing_key)
         token = f"{signing_input}.{key.sign(signing_input.encode('ascii'))}"
@@ -3913,8 +4399,16 @@ class AgentAuth:
         agent: str,
         scopes: Iterable[str],
         ttl_seconds: Optional[int] = None,
+        dpop_jkt: Optional[str] = None,
     ) -> IssuedToken:
         """Mint a narrower token for a sub-agent from a token its holder presents (RFC 8693).
+
+        With ``dpop_jkt`` (the sub-agent key's ``thumbprint()``), the child
+        is bound to that key (RFC 9449 §6.1). A DPoP-bound parent only
+        delegates to a bound child, so a bound token never turns into a
+        bearer token. Security: delegate() checks no proof for the parent:
+        verify the parent's request (its proof) first, as the token exchange
+        endpoint does.
 
         The parent is fully verified first (signature, claims, expiry, and the
         revocation store, whatever ``check_revocation`` says). The child acts
@@ -3930,11 +4424,15 @@ class AgentAuth:
             StoreUnavailableError: the store could not confirm the parent is not revoked.
             InvalidGrantError: a malformed agent or scope, a scope the parent
                 does not hold, a chain longer than ``max_chain_length``, a bad
-                ttl, a parent about to expire, or a token over ``max_token_bytes``.
+                ttl, a parent about to expire, a token over ``max_token_bytes``,
+                a malformed ``dpop_jkt``, or none for a DPoP-bound parent.
         """
         signing = self._require_signing_key()
         now_float = self._clock()
         parent = self._check(parent_token, now_float)
+        jkt = None if dpop_jkt is None else _check_jkt(dpop_jkt)
+        if jkt is None and _token_jkt(parent) is not None:
+            raise InvalidGrantError("a DPoP-bound parent token delegates only to a bound child: pass dpop_jkt")
         # A parent signed by a key of another algorithm (an HS256 secret kept
         # while moving to EdDSA) must not become an EdDSA token: every holder
         # of that secret could otherwise mint one for anyone.
@@ -3959,7 +4457,7 @@ class AgentAuth:
         parent_act = parent.raw.get("act")
         if parent_act is not None and "act" in parent_act:
             ancestors["act"] = parent_act["act"]
-        issued = self._mint(parent.sub, agent, granted, now, exp, {"sub": agent, "act": ancestors})
+        issued = self._mint(parent.sub, agent, granted, now, exp, {"sub": agent, "act": ancestors}, jkt)
         if self._on_event is not None:
             self._emit(
                 AgentEvent("delegated", now_float, issued.jti, parent.sub, agent, granted, None, parent.jti, parent.agent)
@@ -3974,20 +4472,37 @@ class AgentAuth:
         required_scopes: Iterable[str] = (),
         *,
         check_revocation: Optional[bool] = None,
+        dpop_proof: Optional[str] = None,
+        method: Optional[str] = None,
+        url: Optional[str] = None,
     ) -> AgentClaims:
         """Verify ``token`` and return its claims; refuse with a typed error.
 
         Checks, in order: size, structure, header (alg, crit, typ, kid), the
         signature, then the claims (types, iss, aud, exp, iat, nbf, lifetime,
-        scope syntax), then the revocation store, then ``required_scopes``.
+        scope syntax), then the DPoP proof, then the revocation store, then
+        the proof's replay, then ``required_scopes``.
+
+        DPoP (RFC 9449): a token bound to a key (``cnf.jkt``, from
+        ``issue(dpop_jkt=...)``) needs ``dpop_proof``, the request's ``DPoP``
+        header, with the request's ``method`` and ``url``; every rule of
+        §4.3 is checked (see docs/dpop.md), and the proof's ``jti`` is
+        recorded in the store so the proof works once. A proof with an
+        unbound token is refused; an unbound token without a proof is a
+        bearer token unless ``require_dpop=True``.
 
         Raises:
             TokenInvalidError: malformed, forged, or with claims that do not hold.
             TokenExpiredError: expired beyond the clock tolerance.
             RevokedError: revoked.
             MissingScopeError: valid, but the grant does not cover a required scope.
+            DPoPProofError: the DPoP proof is missing, invalid, replayed, or
+                for another request, token or key.
+            DPoPNonceError: nonces are on (``dpop_nonce``) and the proof
+                lacks a fresh one; ``exc.nonce`` is the one to send.
             StoreUnavailableError: the store could not answer (fail closed).
-            TypeError, ValueError: ``required_scopes`` is not a list of scopes.
+            TypeError, ValueError: ``required_scopes`` is not a list of scopes,
+                or a proof without ``method`` and ``url``.
 
         Security: the signature is checked before anything in the payload is
         read; the key is chosen by ``kid`` among this instance's keys only.
@@ -3996,8 +4511,11 @@ class AgentAuth:
         now = self._clock()
         try:
             claims = self._check(token, now)
+            replay = self._check_dpop(token, claims, dpop_proof, method, url, now)
             if check_revocation if check_revocation is not None else self.check_revocation:
                 self._check_revocation(claims)
+            if replay is not None:
+                self._record_proof(replay[0], replay[1], now)
             if required_scopes:
                 missing = tuple(s for s in _required_scopes(required_scopes) if not scope_satisfies(claims.scopes, s))
                 if missing:
@@ -4011,6 +4529,42 @@ class AgentAuth:
         if self._on_event is not None:
             self._emit(AgentEvent("verified", self._clock(), claims.jti, claims.sub, claims.agent, claims.scopes))
         return claims
+
+    def _check_dpop(
+        self, token: str, claims: AgentClaims, proof: Optional[str], method: Optional[str], url: Optional[str], now: float
+    ) -> Optional[Tuple[str, int]]:
+        """Apply RFC 9449 §4.3 and §7.1; return the proof's (replay key, expiry) to record, or None."""
+        jkt = _token_jkt(claims)
+        if proof is None:
+            if jkt is not None:  # §7.1: a bound token is never a bearer token
+                raise DPoPProofError("the token is DPoP-bound: a proof is required")
+            if self._dpop.require:
+                raise DPoPProofError("this server accepts DPoP-bound tokens only")
+            return None
+        if type(method) is not str or type(url) is not str:
+            raise TypeError("verify() with a dpop_proof needs the request's method and url")
+        if jkt is None:
+            raise TokenInvalidError("a DPoP proof came with a token that is not DPoP-bound")
+        proof_jkt, replay_key, expires_at = self._dpop.check(proof, method, url, token, now)
+        if not hmac.compare_digest(proof_jkt, jkt):  # §4.3 step 12 / §6.1
+            raise DPoPProofError("the DPoP proof is signed by another key than the token is bound to")
+        return replay_key, expires_at
+
+    def _record_proof(self, key: str, expires_at: int, now: float) -> None:
+        """Record a proof in the store's replay cache; refuse a replay (RFC 9449 §11.1)."""
+        record = getattr(self.store, "record_proof", None)
+        if record is None:
+            raise StoreUnavailableError("the store keeps no DPoP replay cache (ProofReplayStore.record_proof)")
+        try:
+            new = record(key, now=math.floor(now), expires_at=expires_at)
+        except StoreUnavailableError:
+            raise
+        except Exception as exc:  # any failure of a custom store fails closed
+            raise StoreUnavailableError("the DPoP replay cache failed") from exc
+        if new is not True:
+            if new is False:
+                raise DPoPProofError("the DPoP proof was used before")
+            raise StoreUnavailableError("the DPoP replay cache did not answer True or False")
 
     def _key_for(self, head: str, now: float) -> Union[_HmacKey, _EdDSAKey]:
         """Check a header segment and choose its key."""

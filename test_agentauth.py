@@ -2966,7 +2966,7 @@ class SqliteStoreTests(StoreContract, unittest.TestCase):
 
     def test_schema_version_is_in_user_version(self):
         conn = self.connect(self.path)
-        self.assertEqual(conn.execute("PRAGMA user_version").fetchone()[0], 2)
+        self.assertEqual(conn.execute("PRAGMA user_version").fetchone()[0], 3)
 
     def test_database_is_in_wal_mode(self):
         conn = self.connect(self.path)
@@ -3338,7 +3338,7 @@ class SqliteGrantStoreTests(GrantStoreContract, unittest.TestCase):
         self.assertEqual(self.open_store(path).get_grant("user_a", "agent_a"), grant)
         check = sqlite3.connect(path)
         self.addCleanup(check.close)
-        self.assertEqual(check.execute("PRAGMA user_version").fetchone()[0], 2)
+        self.assertEqual(check.execute("PRAGMA user_version").fetchone()[0], 3)
 
     def test_a_failed_narrowing_writes_nothing(self):
         self.save(new_grant(scopes=("email:read", "email:send")))
@@ -3378,6 +3378,585 @@ class SqliteGrantStoreTests(GrantStoreContract, unittest.TestCase):
 # ---------------------------------------------------------------------------
 # AgentAuth: configuration
 # ---------------------------------------------------------------------------
+
+
+# -- DPoP (RFC 9449) ------------------------------------------------------------------
+
+RFC9449_JKT = "0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I"  # RFC 9449 §6.1, Figure 9
+RFC9449_ACCESS_TOKEN = "Kz~8mXK1EalYznwH-LC-1fBAo.4Ljp~zsPE_NeO.gxU"  # RFC 9449 §7.1, Figure 12
+RFC9449_ATH = "fUHyO2r2Z3DZ53EsNrWBb0xWXoaNy59IiKCAqksmQEo"  # RFC 9449 §7.1, Figure 14
+RFC9449_KEY_HEADER = (
+    "eyJ0eXAiOiJkcG9wK2p3dCIsImFsZyI6IkVTMjU2IiwiandrIjp7Imt0eSI6IkVDIiwieCI6Imw4dEZyaHgtMzR0VjNoUklDUkRZOXpDa0Rs"
+    "cEJoRjQyVVFVZldWQVdCRnMiLCJ5IjoiOVZFNGpmX09rX282NHpiVFRsY3VOSmFqSG10NnY5VERWclUwQ2R2R1JEQSIsImNydiI6IlAtMjU2In19"
+)
+#: RFC 9449 §4.1 Figure 2: a token request proof (no ath), iat 1562262616.
+RFC9449_TOKEN_PROOF = (
+    RFC9449_KEY_HEADER + ".eyJqdGkiOiItQndDM0VTYzZhY2MybFRjIiwiaHRtIjoiUE9TVCIsImh0dSI6Imh0dHBzOi8vc2VydmVyLmV4YW1wbGUu"
+    "Y29tL3Rva2VuIiwiaWF0IjoxNTYyMjYyNjE2fQ.2-GxA6T8lP4vfrg8v-FdWP0A0zdrj8igiMLvqRMUvwnQg4PtFLbdLXiOSsX0x7NVY-FNyJK70n"
+    "fbV37xRZT3Lg"
+)
+#: RFC 9449 §7.1 Figure 13: a resource request proof with ath, iat 1562262618.
+RFC9449_RESOURCE_PROOF = (
+    RFC9449_KEY_HEADER + ".eyJqdGkiOiJlMWozVl9iS2ljOC1MQUVCIiwiaHRtIjoiR0VUIiwiaHR1IjoiaHR0cHM6Ly9yZXNvdXJjZS5leGFtcGxl"
+    "Lm9yZy9wcm90ZWN0ZWRyZXNvdXJjZSIsImlhdCI6MTU2MjI2MjYxOCwiYXRoIjoiZlVIeU8ycjJaM0RaNTNFc05yV0JiMHhXWG9hTnk1OUlpS0N"
+    "BcWtzbVFFbyJ9.2oW9RP35yRqzhrtNP86L-Ey71EOptxRimPPToA1plemAgR6pxHF8y6-yqyVnmcw6Fy1dqd-jfxSYoMxhAJpLjA"
+)
+DPOP_URL = "https://api.example/inbox"
+
+
+def sign_proof(header: dict, claims: dict, key) -> str:
+    """A DPoP proof with arbitrary header and claims, signed without agentauth's proof code."""
+    compact = {"separators": (",", ":")}
+    head = b64url(json.dumps(header, **compact).encode("utf-8"))
+    body = b64url(json.dumps(claims, **compact).encode("utf-8"))
+    return f"{head}.{body}.{b64url(key.sign(f'{head}.{body}'.encode('ascii')))}"
+
+
+def proof_parts(key, token, *, method="GET", url=DPOP_URL, iat=T0, **changes):
+    """The header and claims of a valid proof for ``token``; ``changes`` replace claims (DROP removes)."""
+    jwk = {k: v for k, v in key.public_jwk().items() if k in ("kty", "crv", "x", "y")}
+    alg = "ES256" if isinstance(key, P256Key) else "EdDSA"
+    header = {"typ": "dpop+jwt", "alg": alg, "jwk": jwk}
+    claims = {"jti": secrets_token(), "htm": method, "htu": url, "iat": iat,
+              "ath": b64url(hashlib.sha256(token.encode("ascii")).digest())}
+    if iat is DROP:
+        del claims["iat"]
+    for name, value in changes.items():
+        if value is DROP:
+            claims.pop(name, None)
+        else:
+            claims[name] = value
+    return header, claims
+
+
+def secrets_token() -> str:
+    return b64url(os.urandom(16))
+
+
+class ProofReplayContract:
+    """ProofReplayStore.record_proof, the same on every built-in store."""
+
+    def make_store(self):
+        raise NotImplementedError
+
+    def setUp(self):
+        self.store = self.make_store()
+
+    def test_first_use_is_new_and_the_second_a_replay(self):
+        self.assertIs(self.store.record_proof("k1", now=T0, expires_at=T0 + 600), True)
+        self.assertIs(self.store.record_proof("k1", now=T0 + 10, expires_at=T0 + 610), False)
+        self.assertIs(self.store.record_proof("k2", now=T0 + 10, expires_at=T0 + 610), True)
+
+    def test_an_expired_proof_may_be_recorded_again(self):
+        self.assertIs(self.store.record_proof("k1", now=T0, expires_at=T0 + 600), True)
+        self.assertIs(self.store.record_proof("k1", now=T0 + 599, expires_at=T0 + 1200), False)
+        self.assertIs(self.store.record_proof("k1", now=T0 + 600, expires_at=T0 + 1200), True)
+
+    def test_proofs_do_not_touch_revocations(self):
+        self.store.record_proof("jti:jti-1", now=T0, expires_at=T0 + 600)
+        self.assertIs(self.store.is_revoked(agent_claims(jti="jti-1")), False)
+
+
+class MemoryProofReplayTests(ProofReplayContract, unittest.TestCase):
+    def make_store(self):
+        return MemoryStore()
+
+    def test_the_cache_is_bounded_and_fails_closed_when_full(self):
+        store = MemoryStore(max_proofs=2)
+        store.record_proof("a", now=T0, expires_at=T0 + 100)
+        store.record_proof("b", now=T0, expires_at=T0 + 200)
+        with raises_exactly(self, StoreUnavailableError):
+            store.record_proof("c", now=T0 + 50, expires_at=T0 + 150)
+        self.assertIs(store.record_proof("a", now=T0 + 60, expires_at=T0 + 160), False)  # still a replay
+        self.assertIs(store.record_proof("c", now=T0 + 100, expires_at=T0 + 200), True)  # "a" expired: room again
+        self.assertEqual(len(store._proofs), 2)
+        for bad in (0, -1, 1.5, "10", True):
+            with self.subTest(max_proofs=bad):
+                with raises_exactly(self, InvalidConfigError):
+                    MemoryStore(max_proofs=bad)
+
+
+class SqliteProofReplayTests(ProofReplayContract, unittest.TestCase):
+    def make_store(self):
+        directory = tempfile.mkdtemp(prefix="agentauth-test-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        self.path = os.path.join(directory, "proofs.db")
+        store = SqliteStore(self.path)
+        self.addCleanup(store.close)
+        return store
+
+    def test_two_stores_on_one_file_share_the_cache(self):
+        other = SqliteStore(self.path)
+        self.addCleanup(other.close)
+        self.assertIs(self.store.record_proof("k", now=T0, expires_at=T0 + 600), True)
+        self.assertIs(other.record_proof("k", now=T0 + 1, expires_at=T0 + 601), False)
+
+    def test_expired_rows_are_purged(self):
+        for i in range(5):
+            self.store.record_proof(f"k{i}", now=T0, expires_at=T0 + 10)
+        self.store.record_proof("later", now=T0 + 10, expires_at=T0 + 20)
+        check = sqlite3.connect(self.path)
+        self.addCleanup(check.close)
+        self.assertEqual(check.execute("SELECT key FROM agentauth_dpop_proofs").fetchall(), [("later",)])
+
+    def test_a_version_2_file_gains_the_proof_table(self):
+        directory = tempfile.mkdtemp(prefix="agentauth-test-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        path = os.path.join(directory, "v2.db")
+        conn = sqlite3.connect(path, isolation_level=None)
+        for statement in agentauth._SQLITE_SCHEMA[:3]:  # revocations, index, grants: version 2
+            conn.execute(statement)
+        conn.execute("PRAGMA user_version = 2")
+        conn.close()
+        store = SqliteStore(path)
+        self.addCleanup(store.close)
+        self.assertIs(store.record_proof("k", now=T0, expires_at=T0 + 600), True)
+        check = sqlite3.connect(path)
+        self.addCleanup(check.close)
+        self.assertEqual(check.execute("PRAGMA user_version").fetchone()[0], 3)
+
+
+class RedisProofReplayTests(ProofReplayContract, unittest.TestCase):
+    def make_store(self):
+        self.client = FakeRedis()
+        return agentauth.RedisStore(self.client, prefix="t:")
+
+    def test_one_atomic_set_nx_with_the_expiry(self):
+        self.store.record_proof("k", now=T0, expires_at=T0 + 600)
+        self.assertEqual(self.client.expiry["t:dpop:k"], T0 + 600)
+        self.assertEqual(self.client.calls, [("eval", "t:dpop:k")])
+
+    def test_a_down_or_odd_redis_fails_closed(self):
+        class Odd(FakeRedis):
+            def eval(self, *args):
+                return "OK"
+
+        for client in (DownRedis(), Odd()):
+            with self.subTest(client=type(client).__name__):
+                with raises_exactly(self, StoreUnavailableError):
+                    agentauth.RedisStore(client).record_proof("k", now=T0, expires_at=T0 + 600)
+
+
+class DPoPFixture:
+    def setUp(self):
+        self.key = P256Key.from_private_value(P256_D)
+        self.auth = make_auth()
+        self.issued = self.auth.issue(subject="user_123", agent="bot", scopes=["email:read"],
+                                      dpop_jkt=self.key.thumbprint())
+        self.token = self.issued.token
+
+    def proof(self, key=None, *, method="GET", url=DPOP_URL, token=None, **kwargs):
+        return agentauth.dpop_proof(key or self.key, method, url, access_token=token or self.token,
+                                    clock=self.auth._clock, **kwargs)
+
+    def verify(self, proof, *, auth=None, token=None, method="GET", url=DPOP_URL, **kwargs):
+        return (auth or self.auth).verify(token or self.token, dpop_proof=proof, method=method, url=url, **kwargs)
+
+    def assertProofRefused(self, proof, error=agentauth.DPoPProofError, **kwargs):
+        with raises_exactly(self, error) as cm:
+            self.verify(proof, **kwargs)
+        return cm.exception
+
+
+class DPoPVerifyTests(DPoPFixture, unittest.TestCase):
+    def test_rfc9449_example_proofs_verify_at_their_iat(self):
+        policy = self.auth._dpop
+        jkt, _key, expires_at = policy.check(RFC9449_TOKEN_PROOF, "POST", "https://server.example.com/token", None,
+                                             1562262616)
+        self.assertEqual((jkt, expires_at), (RFC9449_JKT, 1562262616 + 300 + 1))
+        jkt, _key, _expiry = policy.check(RFC9449_RESOURCE_PROOF, "GET", "https://resource.example.org/protectedresource",
+                                          RFC9449_ACCESS_TOKEN, 1562262618)
+        self.assertEqual(jkt, RFC9449_JKT)
+        self.assertEqual(agentauth._access_token_hash(RFC9449_ACCESS_TOKEN), RFC9449_ATH)
+        jwk = json_segment(RFC9449_KEY_HEADER)["jwk"]
+        self.assertEqual(P256Key.from_jwk(jwk).thumbprint(), RFC9449_JKT)
+        with raises_exactly(self, agentauth.DPoPProofError):  # the same proof an hour later
+            policy.check(RFC9449_RESOURCE_PROOF, "GET", "https://resource.example.org/protectedresource",
+                         RFC9449_ACCESS_TOKEN, 1562262618 + 3600)
+        with raises_exactly(self, agentauth.DPoPProofError):  # with another token
+            policy.check(RFC9449_RESOURCE_PROOF, "GET", "https://resource.example.org/protectedresource",
+                         self.token, 1562262618)
+
+    def test_a_bound_token_with_its_proof_verifies(self):
+        claims = self.verify(self.proof())
+        self.assertEqual(claims.sub, "user_123")
+        self.assertEqual(claims.raw["cnf"], {"jkt": self.key.thumbprint()})
+
+    def test_every_key_type_and_algorithm_name(self):
+        ed = Ed25519Key.from_seed(ED_SEED)
+        for key, alg in ((ed, None), (ed, "Ed25519"), (P256Key.generate(), None)):
+            token = self.auth.issue(subject="u", agent="a", scopes=["s"], dpop_jkt=key.thumbprint()).token
+            proof = self.proof(key, token=token, alg=alg)
+            with self.subTest(key=type(key).__name__, alg=alg):
+                self.assertEqual(json_segment(proof.split(".")[0])["alg"], alg or ("EdDSA" if key is ed else "ES256"))
+                self.assertEqual(self.verify(proof, token=token).sub, "u")
+
+    def test_a_bound_token_without_a_proof_is_refused(self):
+        with raises_exactly(self, agentauth.DPoPProofError):
+            self.auth.verify(self.token)
+
+    def test_a_stolen_token_with_a_proof_from_another_key_is_refused(self):
+        thief = P256Key.generate()
+        self.assertProofRefused(self.proof(thief))
+
+    def test_a_proof_with_an_unbound_token_is_refused(self):
+        unbound = self.auth.issue(subject="u", agent="a", scopes=["s"]).token
+        with raises_exactly(self, TokenInvalidError):
+            self.verify(self.proof(token=unbound), token=unbound)
+
+    def test_unbound_tokens_stay_bearer_tokens_unless_require_dpop(self):
+        unbound = self.auth.issue(subject="u", agent="a", scopes=["s"]).token
+        self.assertEqual(self.auth.verify(unbound).sub, "u")
+        strict = make_auth(require_dpop=True)
+        with raises_exactly(self, agentauth.DPoPProofError):
+            strict.verify(unbound)
+        self.assertEqual(self.verify(self.proof(), auth=strict).sub, "user_123")
+
+    def test_a_proof_works_once(self):
+        proof = self.proof()
+        self.verify(proof)
+        self.assertProofRefused(proof)
+
+    def test_a_resigned_ecdsa_copy_is_still_a_replay(self):
+        proof = self.proof()
+        self.verify(proof)
+        head, body, sig = proof.split(".")
+        raw = unb64url(sig)
+        flipped = raw[:32] + (P256_N - int.from_bytes(raw[32:], "big")).to_bytes(32, "big")
+        copy = f"{head}.{body}.{b64url(flipped)}"
+        self.assertIs(self.key.verify(f"{head}.{body}".encode("ascii"), flipped), True)  # a valid signature
+        self.assertProofRefused(copy)
+        fresh = sign_proof(json_segment(head), json_segment(body), self.key)  # a new signature, same jti
+        self.assertNotEqual(fresh, proof)
+        self.assertProofRefused(fresh)
+
+    def test_the_replay_cache_is_the_instances_store(self):
+        directory = tempfile.mkdtemp(prefix="agentauth-test-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        path = os.path.join(directory, "shared.db")
+        first, second = SqliteStore(path), SqliteStore(path)
+        self.addCleanup(first.close)
+        self.addCleanup(second.close)
+        proof = self.proof()
+        self.verify(proof, auth=make_auth(store=first))
+        self.assertProofRefused(proof, auth=make_auth(store=second))
+
+    def test_the_proof_is_bound_to_the_method_and_url(self):
+        cases = {
+            "method": dict(method="POST"),
+            "method case": dict(method="get"),
+            "path": dict(url="https://api.example/outbox"),
+            "host": dict(url="https://other.example/inbox"),
+            "scheme": dict(url="http://api.example/inbox"),
+            "port": dict(url="https://api.example:8443/inbox"),
+            "trailing slash": dict(url="https://api.example/inbox/"),
+            "encoded slash": dict(url="https://api.example/in%2Fbox"),
+        }
+        for name, request in cases.items():
+            with self.subTest(case=name):
+                self.assertProofRefused(self.proof(), **request)
+
+    def test_htu_is_compared_after_rfc3986_normalisation(self):
+        equivalent = {
+            "case of scheme and host": "HTTPS://API.Example/inbox",
+            "default port": "https://api.example:443/inbox",
+            "query and fragment": "https://api.example/inbox?page=2#top",
+            "percent-encoded unreserved": "https://api.example/%69nbox",
+            "dot segments": "https://api.example/a/../inbox",
+        }
+        for name, url in equivalent.items():
+            with self.subTest(proof_url=name):
+                header, claims = proof_parts(self.key, self.token, url=url)
+                self.assertEqual(self.verify(sign_proof(header, claims, self.key)).sub, "user_123")
+            with self.subTest(request_url=name):
+                self.assertEqual(self.verify(self.proof(), url=url).sub, "user_123")
+        encoded = self.auth.issue(subject="u", agent="a", scopes=["s"], dpop_jkt=self.key.thumbprint()).token
+        header, claims = proof_parts(self.key, encoded, url="https://api.example/a%2fb")
+        self.assertEqual(self.verify(sign_proof(header, claims, self.key), token=encoded,
+                                     url="https://api.example/a%2Fb").sub, "u")
+
+    def test_iat_must_be_within_the_window(self):
+        for offset, accepted in ((-300, True), (300, True), (-301, False), (301, False), (-3600, False)):
+            header, claims = proof_parts(self.key, self.token, iat=T0 + offset)
+            proof = sign_proof(header, claims, self.key)
+            with self.subTest(offset=offset):
+                if accepted:
+                    self.assertEqual(self.verify(proof).sub, "user_123")
+                else:
+                    self.assertProofRefused(proof)
+        narrow = make_auth(dpop_window_seconds=60)
+        header, claims = proof_parts(self.key, self.token, iat=T0 - 61)
+        self.assertProofRefused(sign_proof(header, claims, self.key), auth=narrow)
+
+    def test_ath_must_hash_this_token(self):
+        other = self.auth.issue(subject="user_123", agent="bot", scopes=["email:read"], dpop_jkt=self.key.thumbprint())
+        self.assertProofRefused(self.proof(token=other.token))
+        for ath in (RFC9449_ATH, "", 7):
+            header, claims = proof_parts(self.key, self.token, ath=ath)
+            with self.subTest(ath=ath):
+                self.assertProofRefused(sign_proof(header, claims, self.key))
+
+    def test_required_claims(self):
+        for name in ("jti", "htm", "htu", "iat", "ath"):
+            header, claims = proof_parts(self.key, self.token, **{name: DROP})
+            with self.subTest(missing=name):
+                self.assertProofRefused(sign_proof(header, claims, self.key))
+        for name, value in (("jti", ""), ("jti", 5), ("jti", "x" * 257), ("htm", ["GET"]), ("htu", None),
+                            ("iat", "1700000000"), ("iat", True), ("iat", float("nan"))):
+            header, claims = proof_parts(self.key, self.token, **{name: value})
+            with self.subTest(name=name, value=value):  # NaN: json.dumps writes it, the strict parser refuses it
+                self.assertProofRefused(sign_proof(header, claims, self.key))
+
+    def test_header_rules(self):
+        header, claims = proof_parts(self.key, self.token)
+        jwk = header["jwk"]
+        ed = Ed25519Key.from_seed(ED_SEED)
+        cases = {
+            "typ JWT": (dict(header, typ="JWT"), self.key),
+            "no typ": ({k: v for k, v in header.items() if k != "typ"}, self.key),
+            "typ at+jwt": (dict(header, typ="at+jwt"), self.key),
+            "alg none": (dict(header, alg="none"), self.key),
+            "alg HS256": (dict(header, alg="HS256"), self.key),
+            "alg RS256": (dict(header, alg="RS256"), self.key),
+            "alg ES384": (dict(header, alg="ES384"), self.key),
+            "alg EdDSA with an EC key": (dict(header, alg="EdDSA"), self.key),
+            "crit": (dict(header, crit=["exp"]), self.key),
+            "no jwk": ({k: v for k, v in header.items() if k != "jwk"}, self.key),
+            "jwk a string": (dict(header, jwk=json.dumps(jwk)), self.key),
+            "private jwk": (dict(header, jwk=dict(jwk, d=self.key.private_jwk()["d"])), self.key),
+            "symmetric jwk": (dict(header, jwk={"kty": "oct", "k": b64url(SECRET)}), self.key),
+            "kty OKP for ES256": (dict(header, jwk=dict(jwk, kty="OKP")), self.key),
+            "crv P-384": (dict(header, jwk=dict(jwk, crv="P-384")), self.key),
+            "point off the curve": (dict(header, jwk=dict(jwk, y=b64url((P256_Y + 1).to_bytes(32, "big")))), self.key),
+            "another key's jwk": (dict(header, jwk={k: v for k, v in P256Key.generate().public_jwk().items()
+                                                     if k in ("kty", "crv", "x", "y")}), self.key),
+            "jwk members a list": (dict(header, jwk=dict(jwk, x=[jwk["x"]])), self.key),
+            "small-order Ed25519 jwk": (dict(header, alg="EdDSA", jwk={"kty": "OKP", "crv": "Ed25519",
+                                                                       "x": b64url(ED_SMALL_ORDER[0])}), ed),
+        }
+        for name, (bad_header, key) in cases.items():
+            with self.subTest(case=name):
+                self.assertProofRefused(sign_proof(bad_header, claims, key))
+
+    def test_malformed_proofs(self):
+        proof = self.proof()
+        head, body, sig = proof.split(".")
+        cases = {
+            "tampered payload": tamper(proof, "payload"),
+            "tampered signature": tamper(proof, "signature"),
+            "two segments": f"{head}.{body}",
+            "empty signature": f"{head}.{body}.",
+            "DER signature": f"{head}.{body}.{b64url(b'0D' + unb64url(sig))}",
+            "not a string": proof.encode("ascii"),
+            "two proofs joined": proof + "," + proof,
+            "oversized": f"{head}.{body}.{sig}" + "A" * 4096,
+            "payload not JSON": f"{head}.{b64url(b'nope')}.{sig}",
+        }
+        for name, bad in cases.items():
+            with self.subTest(case=name):
+                self.assertProofRefused(bad)
+
+    def test_algorithm_allowlist(self):
+        only_ed = make_auth(dpop_algorithms=["EdDSA", "Ed25519"])
+        self.assertProofRefused(self.proof(), auth=only_ed)
+        only_es = make_auth(dpop_algorithms=["ES256"])
+        self.assertEqual(self.verify(self.proof(), auth=only_es).sub, "user_123")
+        ed = Ed25519Key.from_seed(ED_SEED)
+        token = only_es.issue(subject="u", agent="a", scopes=["s"], dpop_jkt=ed.thumbprint()).token
+        self.assertProofRefused(self.proof(ed, token=token), auth=only_es, token=token)
+        for bad in (["none"], ["HS256"], ["ES256", "RS256"], [], "ES256", [None]):
+            with self.subTest(dpop_algorithms=bad):
+                with raises_exactly(self, InvalidConfigError):
+                    make_auth(dpop_algorithms=bad)
+
+    def test_token_checks_come_first_and_keep_their_errors(self):
+        self.auth.revoke(self.token)
+        with raises_exactly(self, RevokedError):
+            self.verify(self.proof())
+        self.auth._clock.advance(10**6)
+        with raises_exactly(self, TokenExpiredError):
+            self.verify(self.proof())
+
+    def test_a_refused_request_does_not_burn_the_proof(self):
+        proof = self.proof()
+        with raises_exactly(self, MissingScopeError):
+            self.verify(proof, required_scopes=["email:send"])
+        self.assertProofRefused(proof)  # it was checked and recorded: a replay now
+        fresh = self.proof()
+        with raises_exactly(self, agentauth.DPoPProofError):
+            self.verify(fresh, url="https://api.example/other")
+        self.assertEqual(self.verify(fresh).sub, "user_123")  # refused before recording: still usable
+
+    def test_malformed_cnf_claims_are_refused(self):
+        for cnf in ({"jkt": "short"}, {"x5t#S256": "abc"}, {"jkt": self.key.thumbprint(), "x5t#S256": "abc"},
+                    "jkt", None, {"jkt": 5}):
+            token = forge(HEADER, claims_for(cnf=cnf), SECRET)
+            with self.subTest(cnf=cnf):
+                with raises_exactly(self, TokenInvalidError):
+                    self.auth.verify(token)
+
+    def test_verify_needs_method_and_url_with_a_proof(self):
+        for request in (dict(method=None), dict(url=None), dict(method=b"GET")):
+            with self.subTest(request=request):
+                with self.assertRaises(TypeError):
+                    self.verify(self.proof(), **request)
+
+    def test_a_store_without_a_replay_cache(self):
+        class RevocationsOnly:
+            def revoke(self, criteria, *, revoked_at, expires_at):
+                pass
+
+            def is_revoked(self, claims):
+                return False
+
+        with raises_exactly(self, StoreUnavailableError):
+            self.verify(self.proof(), auth=make_auth(store=RevocationsOnly()))
+        with raises_exactly(self, InvalidConfigError):
+            make_auth(store=RevocationsOnly(), require_dpop=True)
+
+    def test_a_replay_cache_that_answers_oddly_fails_closed(self):
+        class Odd(MemoryStore):
+            def record_proof(self, key, *, now, expires_at):
+                return "yes"
+
+        class Broken(MemoryStore):
+            def record_proof(self, key, *, now, expires_at):
+                raise OSError("disk")
+
+        for store in (Odd(), Broken()):
+            with self.subTest(store=type(store).__name__):
+                with raises_exactly(self, StoreUnavailableError):
+                    self.verify(self.proof(), auth=make_auth(store=store))
+
+    def test_denied_events_carry_the_dpop_error_code(self):
+        events = []
+        auth = make_auth(on_event=events.append)
+        token = auth.issue(subject="u", agent="a", scopes=["s"], dpop_jkt=self.key.thumbprint()).token
+        with raises_exactly(self, agentauth.DPoPProofError):
+            auth.verify(token)
+        self.assertEqual((events[-1].type, events[-1].error), ("denied", "invalid_dpop_proof"))
+
+    def test_error_codes(self):
+        self.assertEqual(agentauth.DPoPProofError.code, "invalid_dpop_proof")
+        self.assertEqual(agentauth.DPoPNonceError.code, "use_dpop_nonce")
+        self.assertTrue(issubclass(agentauth.DPoPProofError, TokenInvalidError))
+        self.assertTrue(issubclass(agentauth.DPoPNonceError, agentauth.DPoPProofError))
+
+
+class DPoPNonceTests(DPoPFixture, unittest.TestCase):
+    def setUp(self):
+        super().setUp()
+        self.auth = make_auth(dpop_nonce=True)
+
+    def nonce(self):
+        with raises_exactly(self, agentauth.DPoPNonceError) as cm:
+            self.verify(self.proof())
+        return cm.exception.nonce
+
+    def test_a_proof_without_the_nonce_is_challenged_then_accepted_with_it(self):
+        nonce = self.nonce()
+        self.assertEqual(self.verify(self.proof(nonce=nonce)).sub, "user_123")
+        self.assertEqual(json_segment(self.proof(nonce=nonce).split(".")[1])["nonce"], nonce)
+
+    def test_a_stale_nonce_is_challenged_again_with_a_new_one(self):
+        nonce = self.nonce()
+        self.auth._clock.advance(agentauth._DPOP_NONCE_SECONDS)
+        self.assertEqual(self.verify(self.proof(nonce=nonce)).sub, "user_123")  # the next slot still takes it
+        self.auth._clock.advance(agentauth._DPOP_NONCE_SECONDS)
+        with raises_exactly(self, agentauth.DPoPNonceError) as cm:
+            self.verify(self.proof(nonce=nonce))
+        self.assertNotEqual(cm.exception.nonce, nonce)
+        self.assertEqual(self.verify(self.proof(nonce=cm.exception.nonce)).sub, "user_123")
+
+    def test_forged_and_foreign_nonces_are_refused(self):
+        nonce = self.nonce()
+        forged = nonce[:-2] + ("AA" if nonce[-2:] != "AA" else "BA")
+        other = make_auth(secret=OTHER_SECRET, dpop_nonce=True)
+        foreign = other._dpop.nonces.issue(T0)
+        for bad in (forged, foreign, "", "x" * 32, 12):
+            with self.subTest(nonce=bad):
+                header, claims = proof_parts(self.key, self.token, nonce=bad)
+                with raises_exactly(self, agentauth.DPoPNonceError):
+                    self.verify(sign_proof(header, claims, self.key))
+
+    def test_instances_sharing_a_key_accept_each_others_nonces(self):
+        nonce = self.nonce()
+        twin = make_auth(dpop_nonce=True)  # the same secret: the same derived nonce key
+        self.assertEqual(self.verify(self.proof(nonce=nonce), auth=twin).sub, "user_123")
+        shared = b"a shared nonce key, 32 bytes at least"
+        verifier_a = make_auth(dpop_nonce=shared)
+        verifier_b = make_auth(dpop_nonce=shared.decode("ascii"))
+        self.assertEqual(verifier_a._dpop.nonces.issue(T0), verifier_b._dpop.nonces.issue(T0))
+        for bad in (b"short", 5, ["x"]):
+            with self.subTest(dpop_nonce=bad):
+                with raises_exactly(self, InvalidConfigError):
+                    make_auth(dpop_nonce=bad)
+
+
+class DPoPIssueTests(DPoPFixture, unittest.TestCase):
+    def test_issue_binds_with_cnf_jkt(self):
+        self.assertEqual(json_segment(self.token.split(".")[1])["cnf"], {"jkt": self.key.thumbprint()})
+        self.assertNotIn("cnf", json_segment(self.auth.issue(subject="u", agent="a", scopes=["s"]).token.split(".")[1]))
+
+    def test_malformed_thumbprints_are_refused(self):
+        for jkt in ("", "short", self.key.thumbprint() + "A", self.key.thumbprint()[:-1] + "=", 5, b"x" * 43):
+            with self.subTest(jkt=jkt):
+                with raises_exactly(self, InvalidGrantError):
+                    self.auth.issue(subject="u", agent="a", scopes=["s"], dpop_jkt=jkt)
+
+    def test_delegate_binds_the_child_and_never_unbinds(self):
+        child_key = Ed25519Key.generate()
+        child = self.auth.delegate(self.token, agent="helper", scopes=["email:read"], dpop_jkt=child_key.thumbprint())
+        self.assertEqual(json_segment(child.token.split(".")[1])["cnf"], {"jkt": child_key.thumbprint()})
+        claims = self.verify(self.proof(child_key, token=child.token), token=child.token)
+        self.assertEqual(claims.chain, ("bot", "helper"))
+        with raises_exactly(self, InvalidGrantError):
+            self.auth.delegate(self.token, agent="helper", scopes=["email:read"])
+        unbound = self.auth.issue(subject="u", agent="a", scopes=["s"]).token
+        bound_child = self.auth.delegate(unbound, agent="b", scopes=["s"], dpop_jkt=child_key.thumbprint())
+        with raises_exactly(self, agentauth.DPoPProofError):
+            self.auth.verify(bound_child.token)
+        with raises_exactly(self, InvalidGrantError):
+            self.auth.delegate(unbound, agent="b", scopes=["s"], dpop_jkt="bad")
+
+
+class DPoPProofBuilderTests(unittest.TestCase):
+    def test_proof_contents(self):
+        key = P256Key.from_private_value(P256_D)
+        proof = agentauth.dpop_proof(key, "POST", "https://api.example/a?q=1#f", access_token="tok",
+                                     nonce="n1", clock=FixedClock())
+        header, claims = json_segment(proof.split(".")[0]), json_segment(proof.split(".")[1])
+        self.assertEqual(header, {"typ": "dpop+jwt", "alg": "ES256",
+                                  "jwk": {k: v for k, v in key.public_jwk().items() if k in ("kty", "crv", "x", "y")}})
+        self.assertEqual(claims["htm"], "POST")
+        self.assertEqual(claims["htu"], "https://api.example/a")
+        self.assertEqual(claims["iat"], T0)
+        self.assertEqual(claims["nonce"], "n1")
+        self.assertEqual(claims["ath"], b64url(hashlib.sha256(b"tok").digest()))
+        self.assertGreaterEqual(len(claims["jti"]), 22)
+        self.assertNotEqual(json_segment(agentauth.dpop_proof(key, "GET", DPOP_URL).split(".")[1])["jti"], claims["jti"])
+        ed_header = json_segment(agentauth.dpop_proof(Ed25519Key.from_seed(ED_SEED), "GET", DPOP_URL).split(".")[0])
+        self.assertEqual((ed_header["alg"], ed_header["jwk"]["kty"]), ("EdDSA", "OKP"))
+        self.assertNotIn("d", ed_header["jwk"])
+
+    def test_bad_arguments(self):
+        key = P256Key.from_private_value(P256_D)
+        cases = {
+            "public key": (key.public_key(), "GET", DPOP_URL, {}),
+            "not a key": (SECRET, "GET", DPOP_URL, {}),
+            "method with a space": (key, "GE T", DPOP_URL, {}),
+            "no method": (key, "", DPOP_URL, {}),
+            "relative url": (key, "GET", "/inbox", {}),
+            "ftp url": (key, "GET", "ftp://api.example/x", {}),
+            "ES256 key named EdDSA": (key, "GET", DPOP_URL, {"alg": "EdDSA"}),
+            "Ed25519 key named ES256": (Ed25519Key.from_seed(ED_SEED), "GET", DPOP_URL, {"alg": "ES256"}),
+            "empty nonce": (key, "GET", DPOP_URL, {"nonce": ""}),
+            "token bytes": (key, "GET", DPOP_URL, {"access_token": b"tok"}),
+        }
+        for name, (k, method, url, extra) in cases.items():
+            with self.subTest(case=name):
+                with raises_exactly(self, InvalidConfigError):
+                    agentauth.dpop_proof(k, method, url, **extra)
 
 
 class ConfigTests(unittest.TestCase):
@@ -7078,6 +7657,11 @@ class FakeRedis:
             return found
         key, revoked_at, expires_at = args
         self.calls.append(("eval", key))
+        if "'NX'" in script:  # record_proof: SET key now NX EXAT expires_at
+            if key in self.data and self.expiry[key] > revoked_at:
+                return 0
+            self.data[key], self.expiry[key] = str(revoked_at).encode(), expires_at
+            return 1
         old = self.data.get(key)
         self.data[key] = str(max(revoked_at, int(old) if old else revoked_at)).encode()
         self.expiry[key] = max(expires_at, self.expiry.get(key, 0))
