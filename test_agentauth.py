@@ -4854,9 +4854,11 @@ class VerifyCacheTests(unittest.TestCase):
     def test_tokens_bound_to_a_key_are_never_remembered(self):
         # RFC 9449 / RFC 7800: a cnf token needs its proof checked on every request.
         token = forge(HEADER, claims_for(cnf={"jkt": "0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I"}), SECRET)
-        self.auth.verify(token)
-        self.auth.verify(token)
+        for _ in range(2):  # refused without its proof, and never from the cache
+            with raises_exactly(self, agentauth.DPoPProofError):
+                self.auth.verify(token)
         self.assertEqual(self.signature_checks, 2)
+        self.assertEqual(len(self.auth._verify_cache), 0)
 
     def test_verify_cache_size_is_checked(self):
         for value in (-1, 1.5, "10", None, True):
