@@ -1106,6 +1106,59 @@ class PostgresOutageTests(PostgresFixture, unittest.TestCase):
         self.assertIs(store.is_revoked(claims), False)
 
 
+def python_blocks(path):
+    """The ```python blocks of a Markdown file, each with the ```text block after it (or None)."""
+    with open(path, encoding="utf-8") as file:
+        text = file.read()
+    pattern = re.compile(r"```python\n(.*?)```\n(?:\s*```text\n(.*?)```)?", re.S)
+    return [(match.group(1), match.group(2)) for match in pattern.finditer(text)]
+
+
+def start_redis_server(test):
+    """Start a throwaway redis-server on a free port for ``test``; return its URL."""
+    port = free_port()
+    folder = tempfile.TemporaryDirectory()
+    test.addCleanup(folder.cleanup)
+    process = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--dir", folder.name],
+        stdout=subprocess.PIPE, text=True,
+    )
+
+    def stop():
+        process.terminate()
+        process.wait(timeout=10)
+        process.stdout.close()
+
+    test.addCleanup(stop)
+    for line in process.stdout:  # wait for the server's own word, not a sleep
+        if "Ready to accept connections" in line:
+            break
+    return f"redis://127.0.0.1:{port}/0"
+
+
+@needs_postgres
+@installed("redis")
+@unittest.skipUnless(shutil.which("redis-server"), "needs redis-server (apt-get install redis-server)")
+class PostgresDocsTests(PostgresFixture, unittest.TestCase):
+    """docs/postgres.md: every python block runs as written and prints what the page shows."""
+
+    def test_every_python_block_runs_and_prints_its_text_block(self):
+        blocks = python_blocks(os.path.join(os.path.dirname(os.path.abspath(agentauth.__file__)), "docs", "postgres.md"))
+        self.assertEqual(len(blocks), 2)
+        self.addCleanup(self.drop_schema, "agentauth")  # the blocks use the default schema
+        here = os.path.dirname(os.path.abspath(agentauth.__file__))
+        env = dict(os.environ, DATABASE_URL=POSTGRES_URL, REDIS_URL=start_redis_server(self),
+                   PYTHONPATH=os.pathsep.join([here] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+        for index, (code, expected) in enumerate(blocks):
+            with self.subTest(block=index), tempfile.TemporaryDirectory() as cwd:
+                result = subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True,
+                                        timeout=60)
+                self.assertEqual(result.returncode, 0, result.stderr)
+                self.assertIsNotNone(expected)
+                self.assertEqual(result.stdout, expected)
+
+
 class AgentsPageMountTests(unittest.TestCase):
     """docs/agents-page.md's mounts: the page beside a Flask app and inside a FastAPI app."""
 
