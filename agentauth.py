@@ -4906,6 +4906,60 @@ class AgentAuth:
         protection = _Protection(self, required_scopes, resource_metadata_url, resource_metadata, realm, expose_errors)
         return _AsgiMiddleware(protection, app)
 
+    def protect(
+        self,
+        app: Any,
+        required_scopes: Iterable[str] = (),
+        resource_metadata_url: Optional[str] = None,
+        resource_metadata: Optional[Mapping[str, Any]] = None,
+        *,
+        realm: Optional[str] = None,
+        expose_errors: bool = False,
+    ) -> Any:
+        """Protect a Flask, Starlette or FastAPI app in one call, and return it.
+
+        Adds the middleware (``wsgi`` or ``asgi``, the same arguments) and an
+        error handler, so that a refusal raised in a view (``require``)
+        reaches the client as the middleware's RFC 6750 answer, never as a
+        500 with a logged traceback. The app is recognised by its methods
+        (``register_error_handler`` and ``wsgi_app``; ``add_exception_handler``
+        and ``add_middleware``): agentauth imports no framework.
+
+        Raises:
+            InvalidConfigError: an app of another kind (wrap it with ``wsgi``
+                or ``asgi``; for Django use ``django()``), or what ``wsgi`` refuses.
+        """
+        protection = _Protection(self, required_scopes, resource_metadata_url, resource_metadata, realm, expose_errors)
+        return _protect_app(protection, app)
+
+    def django(
+        self,
+        required_scopes: Iterable[str] = (),
+        resource_metadata_url: Optional[str] = None,
+        resource_metadata: Optional[Mapping[str, Any]] = None,
+        *,
+        realm: Optional[str] = None,
+        expose_errors: bool = False,
+    ) -> Callable[[Callable[..., Any]], Any]:
+        """Return a Django middleware: name it in ``settings.MIDDLEWARE``.
+
+        ``agentauth_middleware = auth.django()`` in a module of yours, then
+        ``"yourapp.auth.agentauth_middleware"`` in ``MIDDLEWARE``. It verifies
+        the bearer token of every request as ``wsgi`` does (the claims in
+        ``request.META["agentauth.claims"]`` and ``current_claims()``), and
+        answers a refusal raised in a view (``require``) with the same RFC
+        6750 response. Django is imported only when a response is built.
+
+        Raises:
+            InvalidConfigError: what ``wsgi`` refuses.
+        """
+        protection = _Protection(self, required_scopes, resource_metadata_url, resource_metadata, realm, expose_errors)
+
+        def middleware(get_response: Callable[..., Any]) -> Any:
+            return _DjangoMiddleware(protection, get_response)
+
+        return middleware
+
     def require(self, *scopes: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         """Decorate a route or MCP tool (sync or async) so it runs only if the token grants ``scopes``.
 
@@ -4940,31 +4994,35 @@ class AgentAuth:
 
             # Inside an MCP tool the request's bearer token is verified again
             # (signature, expiry, revocation), so a token revoked during a
-            # long MCP session stops working at its next tool call.
+            # long MCP session stops working at its next tool call. A refusal
+            # is also the loaded MCP servers' ToolError (and still its own
+            # class for every other handler): a tool behind auth.asgi alone,
+            # which no request context marks as one, then answers an error
+            # result rather than logging a traceback.
             if inspect.iscoroutinefunction(func):
 
                 @functools.wraps(func)
                 async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
-                    in_mcp, claims, bearer = _request_token()
+                    _, claims, bearer = _request_token()
                     try:
                         if claims is None and bearer is not None:
                             claims = await _verify_async(self, bearer, ())
                         _check_grant(self, claims, required)
                     except AgentAuthError as exc:
-                        raise _as_tool_error(exc) if in_mcp else exc
+                        raise _as_tool_error(exc)
                     return await func(*args, **kwargs)
 
                 return async_wrapper
 
             @functools.wraps(func)
             def wrapper(*args: Any, **kwargs: Any) -> Any:
-                in_mcp, claims, bearer = _request_token()
+                _, claims, bearer = _request_token()
                 try:
                     if claims is None and bearer is not None:
                         claims = self.verify(bearer)
                     _check_grant(self, claims, required)
                 except AgentAuthError as exc:
-                    raise _as_tool_error(exc) if in_mcp else exc
+                    raise _as_tool_error(exc)
                 return func(*args, **kwargs)
 
             return wrapper
@@ -5491,6 +5549,94 @@ class _AsgiMiddleware:
         raw.append((b"content-length", str(len(body)).encode("ascii")))
         await send({"type": "http.response.start", "status": status, "headers": raw})
         await send({"type": "http.response.body", "body": body})
+
+
+#: What a view's refusal can be: the classes protect() and django() answer for.
+_REFUSALS = (TokenInvalidError, MissingScopeError, StoreUnavailableError)
+
+
+class _AsgiRefusal:
+    """A refusal as an ASGI app: what a Starlette exception handler may return."""
+
+    def __init__(self, refusal: _Refusal) -> None:
+        self._refusal = refusal
+
+    async def __call__(self, scope: Dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> None:
+        await _AsgiMiddleware._respond(self._refusal, send)
+
+
+def _protect_app(protection: _Protection, app: Any) -> Any:
+    """Add the middleware and a refusal handler to a Flask or Starlette/FastAPI app."""
+    if callable(getattr(app, "register_error_handler", None)) and callable(getattr(app, "wsgi_app", None)):  # Flask
+
+        def flask_refused(exc: AgentAuthError) -> Tuple[bytes, int, List[Tuple[str, str]]]:
+            status, headers, body = protection.refuse(exc)
+            return body, status, headers
+
+        for refusal in _REFUSALS:
+            app.register_error_handler(refusal, flask_refused)
+        app.wsgi_app = _WsgiMiddleware(protection, app.wsgi_app)
+        return app
+    if callable(getattr(app, "add_exception_handler", None)) and callable(getattr(app, "add_middleware", None)):
+
+        async def asgi_refused(request: Any, exc: AgentAuthError) -> _AsgiRefusal:
+            return _AsgiRefusal(protection.refuse(exc))
+
+        def middleware(app: Callable[..., Any]) -> _AsgiMiddleware:
+            return _AsgiMiddleware(protection, app)
+
+        for refusal in _REFUSALS:
+            app.add_exception_handler(refusal, asgi_refused)
+        app.add_middleware(middleware)
+        return app
+    raise InvalidConfigError(
+        "protect() knows Flask, Starlette and FastAPI apps: wrap another app with auth.wsgi() or auth.asgi(),"
+        " and use auth.django() for Django"
+    )
+
+
+class _DjangoMiddleware:
+    """Django: verify the bearer token, call the view, answer a refusal it raises."""
+
+    sync_capable = True
+    async_capable = False
+
+    def __init__(self, protection: _Protection, get_response: Callable[..., Any]) -> None:
+        self._protection = protection
+        self._get_response = get_response
+
+    def __call__(self, request: Any) -> Any:
+        protection = self._protection
+        if protection.metadata_path is not None and request.path == protection.metadata_path:
+            return self._response(protection.metadata(request.method))
+        header = request.META.get("HTTP_AUTHORIZATION")
+        try:
+            token = _bearer_token([] if header is None else [header])
+            claims = protection.auth.verify(token, protection.required_scopes)
+        except AgentAuthError as exc:
+            return self._response(protection.refuse(exc))
+        request.META["agentauth.claims"] = claims
+        reset = _CURRENT_CLAIMS.set(claims)
+        try:
+            return self._get_response(request)
+        finally:
+            _CURRENT_CLAIMS.reset(reset)
+
+    def process_exception(self, request: Any, exception: Exception) -> Any:
+        """Django's hook for a view's exception: a refusal gets its answer, anything else goes on."""
+        if isinstance(exception, _REFUSALS):
+            return self._response(self._protection.refuse(exception))
+        return None
+
+    @staticmethod
+    def _response(refusal: _Refusal) -> Any:
+        from django.http import HttpResponse
+
+        status, headers, body = refusal
+        response = HttpResponse(body, status=status)
+        for name, value in headers:
+            response[name] = value
+        return response
 
 
 _MAX_FORM_BYTES = 65536  # a form posted to an endpoint or a page: a few KiB at most

@@ -6832,6 +6832,91 @@ class AsgiMiddlewareTests(unittest.TestCase):
         self.assertIsNone(agentauth.current_claims())
 
 
+class FakeFlask:
+    """What protect() reads of a Flask app: register_error_handler and wsgi_app."""
+
+    def __init__(self):
+        self.handlers = {}
+        self.wsgi_app = echo_app
+
+    def register_error_handler(self, cls, handler):
+        self.handlers[cls] = handler
+
+
+class FakeStarlette:
+    """What protect() reads of a Starlette or FastAPI app."""
+
+    def __init__(self):
+        self.handlers, self.middleware = {}, []
+
+    def add_exception_handler(self, cls, handler):
+        self.handlers[cls] = handler
+
+    def add_middleware(self, factory):
+        self.middleware.append(factory)
+
+
+class ProtectTests(unittest.TestCase):
+    def setUp(self):
+        self.auth = make_auth(audience="my-api")
+        self.token = self.auth.issue(subject="user_123", agent="bot", scopes=["email:read"]).token
+
+    def test_a_flask_app_gets_the_middleware_and_a_handler_for_each_refusal(self):
+        app = FakeFlask()
+        self.assertIs(self.auth.protect(app), app)
+        self.assertEqual(set(app.handlers), {TokenInvalidError, MissingScopeError, StoreUnavailableError})
+        body, status, headers = app.handlers[MissingScopeError](MissingScopeError(missing=("email:send",)))
+        self.assertEqual((status, dict(headers)["WWW-Authenticate"]), (403, 'Bearer realm="my-api", error="insufficient_scope"'))
+        self.assertNotIn(b"email", body)
+        self.assertEqual(wsgi_call(app.wsgi_app)[0], "401 Unauthorized")
+        status, _, body = wsgi_call(app.wsgi_app, headers={"HTTP_AUTHORIZATION": f"Bearer {self.token}"})
+        self.assertEqual((status, body), ("200 OK", b"user_123|user_123"))
+
+    def test_a_starlette_app_gets_the_middleware_and_an_asgi_refusal(self):
+        app = FakeStarlette()
+        self.assertIs(self.auth.protect(app, realm="mail"), app)
+        self.assertEqual(set(app.handlers), {TokenInvalidError, MissingScopeError, StoreUnavailableError})
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+
+        async def answer():
+            response = await app.handlers[StoreUnavailableError](None, StoreUnavailableError("down"))
+            await response({"type": "http"}, None, send)
+
+        asyncio.run(answer())
+        self.assertEqual(sent[0]["status"], 503)
+        self.assertEqual(json.loads(sent[1]["body"])["error"], "temporarily_unavailable")
+        protected = app.middleware[0](asgi_echo)
+        self.assertIsInstance(protected, agentauth._AsgiMiddleware)
+
+    def test_another_app_is_refused_with_what_to_use(self):
+        for app in (echo_app, object(), asgi_echo):
+            with self.subTest(app=app):
+                with raises_exactly(self, InvalidConfigError) as cm:
+                    self.auth.protect(app)
+                self.assertIn("auth.django()", str(cm.exception))
+
+    def test_a_refusal_inside_a_tool_behind_the_middleware_is_the_mcp_tool_error(self):
+        module = types.ModuleType("mcp.server.mcpserver.exceptions")
+        module.ToolError = type("ToolError", (Exception,), {})
+        with unittest.mock.patch.dict(sys.modules, {module.__name__: module}):
+            claims = self.auth.verify(self.token)
+
+            @self.auth.require("email:send")
+            def send_email():
+                return "sent"
+
+            def call():
+                agentauth._CURRENT_CLAIMS.set(claims)  # as auth.asgi() sets it, with no auth.mcp()
+                send_email()
+
+            with self.assertRaises(MissingScopeError) as cm:
+                contextvars.copy_context().run(call)
+            self.assertIsInstance(cm.exception, module.ToolError)
+
+
 class RequireTests(unittest.TestCase):
     def setUp(self):
         self.auth = make_auth()
