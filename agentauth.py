@@ -3060,7 +3060,8 @@ _POSTGRES_MAX_RETRY_SECONDS = 1.0  # the listener retries a lost connection at l
 def _postgres_migrations(schema: str) -> List[Tuple[str, ...]]:
     """Return the statements that bring a schema from version n to n + 1, by n.
 
-    Version 1 holds revocations; version 2 adds grants. A schema at an
+    Version 1 holds revocations; version 2 adds grants; version 3 the DPoP
+    replay cache. A schema at an
     older version is migrated in place: only the missing steps run.
 
     ``seq`` orders the revocations by commit: every writer locks the table
@@ -3096,6 +3097,10 @@ def _postgres_migrations(schema: str) -> List[Tuple[str, ...]]:
                 last_used_at bigint,
                 PRIMARY KEY (subject, agent)
             )""",
+        ),
+        (  # 2 -> 3: the DPoP replay cache (ProofReplayStore), one row per proof until expires_at
+            f"CREATE TABLE {s}.agentauth_dpop_proofs (key text PRIMARY KEY, expires_at bigint NOT NULL)",
+            f"CREATE INDEX agentauth_dpop_proofs_expires ON {s}.agentauth_dpop_proofs (expires_at)",
         ),
     ]
 
@@ -3134,7 +3139,7 @@ def _postgres_close(conn: Any) -> None:
 
 
 class PostgresStore:
-    """Revocations and grants in PostgreSQL: the store for several hosts that share a database.
+    """Revocations, grants and DPoP proofs in PostgreSQL: the store for several hosts that share a database.
 
     ``connect`` is a function that returns a new connection of psycopg 3 or
     psycopg2 (``lambda: psycopg.connect(url)``); agentauth imports neither.
@@ -3151,7 +3156,8 @@ class PostgresStore:
     A revocation committed on one host is therefore refused by the others
     as soon as the notification arrives (milliseconds). Grants are read
     from the database on every call; a write that narrows or removes one
-    records its revocation in the same transaction (``GrantStore``).
+    records its revocation in the same transaction (``GrantStore``). The
+    DPoP replay cache (``ProofReplayStore``) is one statement per proof.
 
     Security: fail closed. When the listening connection has not caught up
     with the database for ``max_staleness_seconds`` (measured with
@@ -3501,6 +3507,37 @@ class PostgresStore:
         if self._monotonic() > self._stale_at:
             raise StoreUnavailableError("the revocation store has not caught up with the database")
         return self._index.matches(claims)
+
+    # -- the DPoP replay cache: shared by every host, so a proof is accepted once across all of them
+
+    def record_proof(self, key: str, *, now: int, expires_at: int) -> bool:
+        """Remember a DPoP proof (``ProofReplayStore``) in one transaction; False for a replay.
+
+        One ``INSERT ... ON CONFLICT``: of two hosts racing with the same
+        proof, one inserts and the other waits for its commit and sees a
+        replay. A row already expired is taken over; a bounded batch of
+        expired rows is purged in the same transaction.
+
+        Raises:
+            StoreUnavailableError: the database did not answer (verify fails closed).
+        """
+        proofs = f'"{self.schema}".agentauth_dpop_proofs'
+
+        def work(cursor: Any) -> bool:
+            cursor.execute(
+                f"DELETE FROM {proofs} WHERE key IN"
+                f" (SELECT key FROM {proofs} WHERE expires_at <= %s ORDER BY expires_at LIMIT {_POSTGRES_PURGE_ROWS})",
+                (now,),
+            )
+            cursor.execute(
+                f"INSERT INTO {proofs} AS p (key, expires_at) VALUES (%s, %s)"
+                " ON CONFLICT (key) DO UPDATE SET expires_at = EXCLUDED.expires_at WHERE p.expires_at <= %s"
+                " RETURNING key",
+                (key, expires_at, now),
+            )
+            return cursor.fetchone() is not None
+
+        return typing.cast(bool, self._transaction(work, "the DPoP replay cache did not answer"))
 
     # -- the grant store: read from the database on every call, so every host sees the same grants
 

@@ -34,7 +34,7 @@ import warnings
 import wsgiref.simple_server
 
 import agentauth
-from test_agentauth import GrantStoreContract, StoreContract, agent_claims, new_grant
+from test_agentauth import GrantStoreContract, ProofReplayContract, StoreContract, agent_claims, new_grant
 
 SECRET = "Hn4Wq8Zt1Lc6Vb3Xk9Pm2Rd7Fs0Gy5Ju-Ea"  # fixed, not guessable
 ISSUER = "integration-issuer"
@@ -992,6 +992,41 @@ class PostgresGrantStorePsycopg2ContractTests(PostgresGrantStoreContractTests):
 
 
 @needs_postgres
+class PostgresProofReplayTests(PostgresFixture, ProofReplayContract, unittest.TestCase):
+    def make_store(self):
+        self.schema = self.new_schema()
+        return self.open_store(self.schema)
+
+    def test_hosts_racing_with_one_proof_accept_it_once(self):
+        stores = [self.store] + [self.open_store(self.schema) for _ in range(3)]
+        barrier = threading.Barrier(4)
+        answers, errors = [], []
+
+        def record(store):
+            barrier.wait()
+            try:
+                answers.append(store.record_proof("raced", now=1_800_000_000, expires_at=1_800_000_600))
+            except Exception as exc:  # reported below
+                errors.append(repr(exc))
+
+        threads = [threading.Thread(target=record, args=(store,)) for store in stores]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        self.assertEqual(errors, [])
+        self.assertEqual(sorted(answers), [False, False, False, True])
+
+    def test_expired_proofs_are_purged_a_bounded_batch_per_call(self):
+        table = f'"{self.schema}".agentauth_dpop_proofs'
+        self.sql(f"INSERT INTO {table} (key, expires_at) SELECT 'old' || g, 10 FROM generate_series(1, 1500) g")
+        self.store.record_proof("new-1", now=100, expires_at=700)
+        self.assertEqual(self.sql(f"SELECT count(*) FROM {table}"), [(1 + 1500 - 1000,)])
+        self.store.record_proof("new-2", now=100, expires_at=700)
+        self.assertEqual(self.sql(f"SELECT count(*) FROM {table}"), [(2,)])
+
+
+@needs_postgres
 class PostgresGrantTests(PostgresFixture, unittest.TestCase):
     def test_a_version_1_schema_is_migrated_in_place_without_losing_a_revocation(self):
         schema = self.new_schema()
@@ -1004,7 +1039,7 @@ class PostgresGrantTests(PostgresFixture, unittest.TestCase):
             f" VALUES ('agent:agent_a', nextval('\"{schema}\".agentauth_revocations_seq'), 'agent_a', 1800000000, 1800001000)"
         )
         store = self.open_store(schema)
-        self.assertEqual(self.sql(f'SELECT version FROM "{schema}".agentauth_schema'), [(2,)])
+        self.assertEqual(self.sql(f'SELECT version FROM "{schema}".agentauth_schema'), [(3,)])
         self.assertIs(store.is_revoked(claims_of("agent_a", 1_800_000_000)), True)
         grant = store.save_grant(new_grant(), replace=False, revoked_at=1_800_000_000, expires_at=1_800_001_000)
         self.assertEqual(self.open_store(schema).get_grant("user_a", "agent_a"), grant)
@@ -1079,8 +1114,9 @@ class PostgresStoreTests(PostgresFixture, unittest.TestCase):
         schema = self.new_schema()
         self.open_store(schema)
         tables = self.sql("SELECT table_name FROM information_schema.tables WHERE table_schema = %s ORDER BY 1", (schema,))
-        self.assertEqual([t for (t,) in tables], ["agentauth_grants", "agentauth_revocations", "agentauth_schema"])
-        self.assertEqual(self.sql(f'SELECT version FROM "{schema}".agentauth_schema'), [(2,)])
+        self.assertEqual([t for (t,) in tables],
+                         ["agentauth_dpop_proofs", "agentauth_grants", "agentauth_revocations", "agentauth_schema"])
+        self.assertEqual(self.sql(f'SELECT version FROM "{schema}".agentauth_schema'), [(3,)])
 
     def test_a_newer_schema_version_is_refused(self):
         schema = self.new_schema()
