@@ -1268,6 +1268,11 @@ class PostgresOutageTests(PostgresFixture, unittest.TestCase):
             self.assertIs(type(cm.exception), agentauth.StoreUnavailableError)
         with self.assertRaises(agentauth.StoreUnavailableError):
             other.revoke({"agent": "after"}, revoked_at=int(Clock().now), expires_at=int(Clock().now) + 600)
+        for write in (lambda: auth.grant(subject="u", agent="live", scopes=["s"]),
+                      lambda: auth.disconnect(subject="u", agent="live"), lambda: auth.revoke(live)):
+            with self.assertRaises(agentauth.StoreUnavailableError) as cm:
+                write()
+            self.assertIs(type(cm.exception), agentauth.StoreUnavailableError)
         postgres_ctl("start")
         # Written as soon as the server is back, maybe before this store's listener is.
         self.assertIsNotNone(wait_until(lambda: self.try_revoke(other, "after"), 10))
@@ -1276,7 +1281,8 @@ class PostgresOutageTests(PostgresFixture, unittest.TestCase):
             auth.verify(before)
         # By notification or by the catch-up query of the reconnect, whichever came first.
         self.assertIsNotNone(wait_until(lambda: self.refused(auth, after), 1.0))
-        self.assertEqual({e.agent for e in other.entries()}, {"before", "after"})
+        self.assertEqual({e.agent for e in other.entries()}, {"before", "after"})  # the failed writes left nothing
+        self.assertEqual(auth.grants(subject="u"), [])
 
     @staticmethod
     def refused(auth, token):
