@@ -12,7 +12,7 @@ API or MCP server the agent calls enforces it with one call::
     auth.revoke(agent="agent_research_bot")   # "disconnect this agent"
 
 Also: grants (what each user allowed each agent: ``grant``, ``grants``,
-``disconnect``), revocation stores (memory, SQLite, Redis), WSGI/ASGI middleware with
+``disconnect``, and a connected-agents page to mount), revocation stores (memory, SQLite, Redis), WSGI/ASGI middleware with
 RFC 6750 challenges, an MCP token verifier, delegation chains with RFC 8693
 token exchange, and ``python -m agentauth`` for quick checks.
 
@@ -5285,7 +5285,6 @@ _STATUS_TEXT = {
     400: "Bad Request",
     401: "Unauthorized",
     403: "Forbidden",
-    404: "Not Found",
     405: "Method Not Allowed",
     500: "Internal Server Error",
     503: "Service Unavailable",
