@@ -4900,11 +4900,17 @@ class AgentAuth:
         *,
         realm: Optional[str] = None,
         expose_errors: bool = False,
+        public_url: Optional[str] = None,
     ) -> Callable[..., Iterable[bytes]]:
         """Wrap a WSGI app: every request needs a valid bearer token.
 
         The token comes from exactly one ``Authorization: Bearer`` header
-        (never the query string). The app sees the claims in
+        (never the query string), or ``Authorization: DPoP`` with exactly
+        one ``DPoP`` proof header (RFC 9449 §7.1), checked against the
+        request's method and URL. Behind a proxy, give ``public_url``: the
+        URL clients use for what this server receives as "/" (scheme, host,
+        port, any path prefix the proxy strips); the request's Host header
+        is not used then. The app sees the claims in
         ``environ["agentauth.claims"]`` and through ``current_claims()``.
         _Refusals follow RFC 6750 §3 (see ``error_response``). With
         ``resource_metadata`` (from ``protected_resource_metadata()``), the
@@ -4912,13 +4918,19 @@ class AgentAuth:
         ``resource_metadata_url``, by default the RFC 9728 well-known path of
         the resource, and every challenge points to it.
 
+        DPoP refusals are 401 with ``WWW-Authenticate: DPoP ... algs="..."``:
+        ``invalid_dpop_proof``, or ``use_dpop_nonce`` with a ``DPoP-Nonce``
+        header when the instance has ``dpop_nonce`` on.
+
         Raises:
             InvalidConfigError: a malformed scope, realm, URL or metadata.
 
         Security: ``expose_errors=True`` tells clients which check failed and
         which scopes were missing; leave it off in production.
         """
-        protection = _Protection(self, required_scopes, resource_metadata_url, resource_metadata, realm, expose_errors)
+        protection = _Protection(
+            self, required_scopes, resource_metadata_url, resource_metadata, realm, expose_errors, public_url
+        )
         return _WsgiMiddleware(protection, app)
 
     def asgi(
@@ -4930,8 +4942,9 @@ class AgentAuth:
         *,
         realm: Optional[str] = None,
         expose_errors: bool = False,
+        public_url: Optional[str] = None,
     ) -> Callable[..., Any]:
-        """Wrap an ASGI 3 app (HTTP and WebSocket); the same rules as ``wsgi``.
+        """Wrap an ASGI 3 app (HTTP and WebSocket); the same rules as ``wsgi``, DPoP included.
 
         The app sees the claims in ``scope["state"]["agentauth.claims"]``
         (Starlette: ``request.state``) and through ``current_claims()``. A
@@ -4939,8 +4952,14 @@ class AgentAuth:
         event loop only when it cannot block (``MemoryStore`` or
         ``check_revocation=False``: pure CPU, about 10 µs); with any other
         store it runs in the loop's default thread pool.
+
+        In front of an MCP server that uses ``auth.mcp()``, this middleware
+        is what checks DPoP: the app behind sees a Bearer header for the
+        verified token, which ``auth.mcp()`` accepts for that request only.
         """
-        protection = _Protection(self, required_scopes, resource_metadata_url, resource_metadata, realm, expose_errors)
+        protection = _Protection(
+            self, required_scopes, resource_metadata_url, resource_metadata, realm, expose_errors, public_url
+        )
         return _AsgiMiddleware(protection, app)
 
     def protect(
@@ -5099,6 +5118,9 @@ class AgentAuth:
         """Return the RFC 9728 protected resource metadata document, as a dict.
 
         Give it to ``wsgi``/``asgi`` as ``resource_metadata`` to serve it.
+        It lists the DPoP proof algorithms this instance accepts
+        (``dpop_signing_alg_values_supported``) and, with
+        ``require_dpop=True``, ``dpop_bound_access_tokens_required: true``.
 
         Raises:
             InvalidConfigError: ``resource`` is not an absolute URL.
@@ -5116,11 +5138,15 @@ class AgentAuth:
         if supported:
             document["scopes_supported"] = supported
         document["bearer_methods_supported"] = ["header"]  # never the query string
+        # RFC 9728 §2: what DPoP this resource takes (RFC 9449).
+        document["dpop_signing_alg_values_supported"] = self._dpop.algs_param.split(" ")
+        if self._dpop.require:
+            document["dpop_bound_access_tokens_required"] = True
         if resource_name is not None:
             document["resource_name"] = resource_name
         return document
 
-    def token_exchange_wsgi(self) -> Callable[..., Iterable[bytes]]:
+    def token_exchange_wsgi(self, *, public_url: Optional[str] = None) -> Callable[..., Iterable[bytes]]:
         """Return a WSGI app: an RFC 8693 token exchange endpoint for agents.
 
         An agent that holds only its token POSTs (form-encoded)
@@ -5142,16 +5168,16 @@ class AgentAuth:
             InvalidConfigError: this instance holds no signing key.
         """
         self._require_signing_key()
-        return _ExchangeWsgi(self)
+        return _ExchangeWsgi(self, _public_url(public_url))
 
-    def token_exchange_asgi(self) -> Callable[..., Any]:
+    def token_exchange_asgi(self, *, public_url: Optional[str] = None) -> Callable[..., Any]:
         """Return an ASGI app: the same token exchange endpoint as ``token_exchange_wsgi``.
 
         Raises:
             InvalidConfigError: this instance holds no signing key.
         """
         self._require_signing_key()
-        return _ExchangeAsgi(self)
+        return _ExchangeAsgi(self, _public_url(public_url))
 
     # -- pages ---------------------------------------------------------------
 
@@ -5278,6 +5304,10 @@ class AgentAuth:
 _CURRENT_CLAIMS: "contextvars.ContextVar[Optional[AgentClaims]]" = contextvars.ContextVar(
     "agentauth_claims", default=None
 )
+#: The token the ASGI middleware verified for the request being served, and its claims.
+_VERIFIED_TOKEN: "contextvars.ContextVar[Optional[Tuple[str, AgentClaims]]]" = contextvars.ContextVar(
+    "agentauth_verified_token", default=None
+)
 _METADATA_WELL_KNOWN = "/.well-known/oauth-protected-resource"  # RFC 9728 §3
 _STATUS_TEXT = {
     200: "OK",
@@ -5296,6 +5326,8 @@ _GENERIC_DESCRIPTIONS = {
     "invalid_token": "the access token is invalid, expired or revoked",
     "insufficient_scope": "the access token does not grant this request",
     "temporarily_unavailable": "authorization is temporarily unavailable; retry later",
+    "invalid_dpop_proof": "the DPoP proof is missing or invalid",
+    "use_dpop_nonce": "send a DPoP proof with the nonce in the DPoP-Nonce header",
     "server_error": "the server could not authorize the request",
 }
 
@@ -5362,6 +5394,22 @@ def _bearer_token(values: List[str]) -> str:
         _NoBearerToken: no header, or another scheme.
         _MalformedAuthorization: several headers, or not exactly one token.
     """
+    dpop, token = _credentials(values)
+    if dpop:
+        raise _NoBearerToken("the Authorization scheme is not Bearer")
+    return token
+
+
+def _credentials(values: List[str]) -> Tuple[bool, str]:
+    """Return (DPoP scheme?, token) of the request's Authorization headers.
+
+    The schemes are ``Bearer`` (RFC 6750 §2.1) and ``DPoP`` (RFC 9449 §7.1),
+    with the same token syntax.
+
+    Raises:
+        _NoBearerToken: no header, or another scheme.
+        _MalformedAuthorization: several headers, or not exactly one token.
+    """
     if not values:
         raise _NoBearerToken("no Authorization header")
     # Several headers (a WSGI server joins them with commas) are ambiguous.
@@ -5373,13 +5421,38 @@ def _bearer_token(values: List[str]) -> str:
     scheme, _, token = value.partition(" ")
     if _AUTH_SCHEME.fullmatch(scheme) is None:
         raise _MalformedAuthorization("the Authorization header is malformed")
-    if scheme.lower() != "bearer":
-        raise _NoBearerToken("the Authorization scheme is not Bearer")
-    # RFC 6750 §2.1: "Bearer" 1*SP b64token, nothing else.
+    scheme = scheme.lower()  # RFC 9110 §11.1: case-insensitive
+    if scheme not in ("bearer", "dpop"):
+        raise _NoBearerToken("the Authorization scheme is not Bearer or DPoP")
+    # RFC 6750 §2.1: "Bearer" 1*SP b64token, nothing else (and so for "DPoP").
     token = token.lstrip(" ")
     if _B64TOKEN.fullmatch(token) is None:
         raise _MalformedAuthorization("the bearer value is not one token")
-    return token
+    return scheme == "dpop", token
+
+
+def _dpop_header(values: List[str]) -> str:
+    """Return the one ``DPoP`` header's proof (RFC 9449 §4.3 steps 1-2).
+
+    Raises:
+        DPoPProofError: none, several, or a list in one (joined by commas).
+    """
+    if len(values) != 1 or "," in values[0]:
+        raise DPoPProofError("send exactly one DPoP header with the DPoP scheme")
+    return values[0].strip(" \t")
+
+
+def _request_url(public_url: Optional[str], scheme: str, host: Optional[str], path: str) -> str:
+    """The URL a client used for this request, for the DPoP ``htu`` check.
+
+    ``path`` is the percent-encoded path within the app. Behind a proxy the
+    host and scheme the app sees are not the client's: ``public_url`` (the
+    app's root as clients reach it) replaces them, so nothing of it comes
+    from request headers then.
+    """
+    if public_url is not None:
+        return public_url + path
+    return f"{scheme}://{host or 'localhost'}{path}"
 
 
 def _quote(value: str) -> str:
@@ -5399,6 +5472,7 @@ def _refusal(
     realm: str,
     resource_metadata_url: Optional[str],
     expose_errors: bool,
+    dpop_algs: Optional[str] = None,
 ) -> _Refusal:
     """Map a refusal to its HTTP status, headers and JSON body: the one place that does.
 
@@ -5406,9 +5480,17 @@ def _refusal(
     sent), 403 ``insufficient_scope``, 400 ``invalid_request``; 503 when the
     revocation store is down. Unless ``expose_errors``, the description is
     generic: it never says which check failed or which scope was missing.
+
+    With ``dpop_algs`` (the request spoke DPoP, or the server requires it),
+    the challenge is RFC 9449 §7.1's ``DPoP`` one with ``algs``; a bad proof
+    is 401 ``invalid_dpop_proof``, and a missing nonce 401
+    ``use_dpop_nonce`` with the nonce in ``DPoP-Nonce`` (§9).
     """
     challenge = True
-    if isinstance(exc, _NoBearerToken):
+    if isinstance(exc, DPoPProofError):
+        dpop_algs = dpop_algs or " ".join(DEFAULT_DPOP_ALGORITHMS)
+        status, error = 401, exc.code
+    elif isinstance(exc, _NoBearerToken):
         status, error = 401, "unauthorized"
     elif isinstance(exc, _MalformedAuthorization):
         status, error = 400, "invalid_request"
@@ -5432,7 +5514,13 @@ def _refusal(
                     params.append(f"scope={_quote(' '.join(exc.missing))}")
         if resource_metadata_url is not None:
             params.append(f"resource_metadata={_quote(resource_metadata_url)}")  # RFC 9728 §5.1
-        headers.append(("WWW-Authenticate", "Bearer " + ", ".join(params)))
+        if dpop_algs is None:
+            headers.append(("WWW-Authenticate", "Bearer " + ", ".join(params)))
+        else:
+            params.append(f"algs={_quote(dpop_algs)}")  # RFC 9449 §7.1
+            headers.append(("WWW-Authenticate", "DPoP " + ", ".join(params)))
+            if isinstance(exc, DPoPNonceError):
+                headers.append(("DPoP-Nonce", exc.nonce))
     if status == 503:
         headers.append(("Retry-After", "1"))
     body = _JSON_ENCODER.encode({"error": error, "error_description": description}).encode("utf-8")
@@ -5450,8 +5538,10 @@ class _Protection:
         resource_metadata: Optional[Mapping[str, Any]],
         realm: Optional[str],
         expose_errors: bool,
+        public_url: Optional[str] = None,
     ) -> None:
         self.auth = auth
+        self.public_url = _public_url(public_url)
         self.required_scopes = _configured_scopes(required_scopes, "required_scopes")
         self.realm = _header_safe(auth.audience if realm is None else realm, "realm")
         self.expose_errors = bool(expose_errors)
@@ -5474,10 +5564,26 @@ class _Protection:
             None if resource_metadata_url is None else _header_safe(resource_metadata_url, "resource_metadata_url")
         )
 
-    def refuse(self, exc: AgentAuthError) -> _Refusal:
+    def refuse(self, exc: AgentAuthError, dpop: bool = False) -> _Refusal:
+        """The refusal of ``exc``; a DPoP challenge when the request spoke DPoP or the server requires it."""
+        policy = self.auth._dpop
         return _refusal(
-            exc, realm=self.realm, resource_metadata_url=self.resource_metadata_url, expose_errors=self.expose_errors
+            exc,
+            realm=self.realm,
+            resource_metadata_url=self.resource_metadata_url,
+            expose_errors=self.expose_errors,
+            dpop_algs=policy.algs_param if dpop or policy.require else None,
         )
+
+    def credentials(self, authorization: List[str], dpop: List[str]) -> Tuple[bool, str, Optional[str]]:
+        """Return (DPoP scheme?, token, proof) of a request's headers.
+
+        ``Authorization: DPoP`` needs exactly one ``DPoP`` header (RFC 9449
+        §7.1); with ``Bearer`` any ``DPoP`` header is ignored, and a bound
+        token is then refused by verify (§7.2: never a bearer token).
+        """
+        is_dpop, token = _credentials(authorization)
+        return is_dpop, token, _dpop_header(dpop) if is_dpop else None
 
     def metadata(self, method: str) -> _Refusal:
         """Serve the RFC 9728 document: public, cacheable, no token needed."""
@@ -5489,6 +5595,57 @@ class _Protection:
             ("Access-Control-Allow-Origin", "*"),  # public metadata, read by browser-based clients
         ]
         return 200, headers, self.metadata_body if method == "GET" else b""
+
+
+def _public_url(value: Optional[str]) -> Optional[str]:
+    """Check a configured ``public_url``: an absolute http(s) URL, no query or fragment; no trailing slash."""
+    if value is None:
+        return None
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(value) if type(value) is str else None
+    if parts is None or _htu(value) is None or parts.query or parts.fragment or "#" in value or "?" in value:
+        raise InvalidConfigError("public_url must be an absolute http(s) URL without query or fragment")
+    return value.rstrip("/")
+
+
+_PATH_SAFE = "/:@!$&'()*+,;="  # RFC 3986 §3.3 pchar beside unreserved: left as they are
+
+
+def _wsgi_url(environ: Mapping[str, Any], public_url: Optional[str]) -> str:
+    """The request's URL (no query) as the client sent it, for DPoP (PEP 3333 §URL reconstruction)."""
+    from urllib.parse import quote
+
+    path = environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")
+    try:
+        encoded = quote(path.encode("latin-1"), safe=_PATH_SAFE) or "/"  # PEP 3333: bytes as latin-1
+    except UnicodeEncodeError:
+        encoded = quote(path, safe=_PATH_SAFE) or "/"
+    scheme = environ.get("wsgi.url_scheme", "http")
+    host = environ.get("HTTP_HOST")
+    if not host:
+        host = environ.get("SERVER_NAME", "localhost")
+        port = str(environ.get("SERVER_PORT", ""))
+        if port and port != {"http": "80", "https": "443"}.get(scheme):
+            host += ":" + port
+    return _request_url(public_url, scheme, host, encoded)
+
+
+def _asgi_url(scope: Mapping[str, Any], public_url: Optional[str]) -> str:
+    """The request's URL (no query) as the client sent it, for DPoP (ASGI: raw_path when the server gives it)."""
+    raw = scope.get("raw_path")
+    if isinstance(raw, bytes) and raw:
+        path = raw.decode("latin-1").split("?", 1)[0]
+    else:
+        from urllib.parse import quote
+
+        path = quote(scope.get("root_path", "") + scope.get("path", "/"), safe=_PATH_SAFE) or "/"
+    host = next((v.decode("latin-1") for k, v in scope.get("headers", ()) if k.lower() == b"host"), None)
+    server = scope.get("server")
+    if not host and server:
+        host = f"{server[0]}:{server[1]}" if server[1] is not None else server[0]
+    scheme = {"ws": "http", "wss": "https"}.get(scope.get("scheme", "http"), scope.get("scheme", "http"))
+    return _request_url(public_url, scheme, host, path)
 
 
 class _WsgiMiddleware:
@@ -5505,11 +5662,24 @@ class _WsgiMiddleware:
         ):
             return self._respond(protection.metadata(environ.get("REQUEST_METHOD", "GET")), start_response)
         header = environ.get("HTTP_AUTHORIZATION")
+        proof_header = environ.get("HTTP_DPOP")  # several DPoP headers arrive joined by commas
+        dpop = False
         try:
-            token = _bearer_token([] if header is None else [header])
-            claims = protection.auth.verify(token, protection.required_scopes)
+            dpop, token, proof = protection.credentials(
+                [] if header is None else [header], [] if proof_header is None else [proof_header]
+            )
+            if proof is None:
+                claims = protection.auth.verify(token, protection.required_scopes)
+            else:
+                claims = protection.auth.verify(
+                    token,
+                    protection.required_scopes,
+                    dpop_proof=proof,
+                    method=environ.get("REQUEST_METHOD", "GET"),
+                    url=_wsgi_url(environ, protection.public_url),
+                )
         except AgentAuthError as exc:
-            return self._respond(protection.refuse(exc), start_response)
+            return self._respond(protection.refuse(exc, dpop), start_response)
         environ["agentauth.claims"] = claims
         # A copied context: the claims are visible to the app, also while
         # its response streams, and gone after.
@@ -5563,19 +5733,35 @@ class _AsgiMiddleware:
             await self._respond(protection.metadata(scope["method"]), send)
             return
         values = [value.decode("latin-1") for name, value in scope["headers"] if name.lower() == b"authorization"]
+        proofs = [value.decode("latin-1") for name, value in scope["headers"] if name.lower() == b"dpop"]
+        dpop = False
         try:
-            claims = await _verify_async(protection.auth, _bearer_token(values), protection.required_scopes)
+            dpop, token, proof = protection.credentials(values, proofs)
+            if proof is None:
+                claims = await _verify_async(protection.auth, token, protection.required_scopes)
+            else:
+                method = scope.get("method", "GET")  # a WebSocket opens with GET (RFC 6455 §4.1)
+                url = _asgi_url(scope, protection.public_url)
+                claims = await _verify_async(protection.auth, token, protection.required_scopes, proof, method, url)
         except AgentAuthError as exc:
             if kind == "websocket":  # close before accept: the server answers 403
                 await send({"type": "websocket.close", "code": 1008})
             else:
-                await self._respond(protection.refuse(exc), send)
+                await self._respond(protection.refuse(exc, dpop), send)
             return
         scope.setdefault("state", {})["agentauth.claims"] = claims  # Starlette's request.state
+        if dpop:
+            # The app behind (the MCP SDK's own bearer check with auth.mcp())
+            # sees a Bearer header; auth.mcp() answers for this token from
+            # the claims verified here, proof included, in this request only.
+            headers = [(k, v) for k, v in scope["headers"] if k.lower() not in (b"authorization", b"dpop")]
+            scope = dict(scope, headers=headers + [(b"authorization", b"Bearer " + token.encode("ascii"))])
         reset = _CURRENT_CLAIMS.set(claims)
+        verified = _VERIFIED_TOKEN.set((token, claims))
         try:
             await self._app(scope, receive, send)
         finally:
+            _VERIFIED_TOKEN.reset(verified)
             _CURRENT_CLAIMS.reset(reset)
 
     @staticmethod
@@ -6229,12 +6415,12 @@ _EXCHANGE_PARAMS = ("grant_type", "subject_token", "subject_token_type", "actor"
 class _ExchangeRefusal(Exception):
     """An RFC 6749 §5.2 error answer of the token exchange endpoint."""
 
-    def __init__(self, status: int, error: str, description: str) -> None:
+    def __init__(self, status: int, error: str, description: str, extra: Tuple[Tuple[str, str], ...] = ()) -> None:
         super().__init__(description)
-        self.status, self.error = status, error
+        self.status, self.error, self.extra = status, error, extra
 
     def answer(self) -> _Refusal:
-        extra = {405: (("Allow", "POST"),), 503: (("Retry-After", "1"),)}.get(self.status, ())
+        extra = {405: (("Allow", "POST"),), 503: (("Retry-After", "1"),)}.get(self.status, self.extra)
         return _exchange_answer(self.status, {"error": self.error, "error_description": str(self)}, extra)
 
 
@@ -6264,8 +6450,37 @@ def _exchange_form(method: str, content_type: str, body: bytes) -> Dict[str, str
     return form
 
 
-def _exchange(auth: "AgentAuth", form: Mapping[str, str]) -> _Refusal:
-    """Answer one RFC 8693 token exchange: a narrower token for the agent named in ``actor``."""
+def _exchange_proof(auth: "AgentAuth", proofs: Tuple[str, ...], url: str, subject_token: str) -> Optional[str]:
+    """Check the request's DPoP proof at the token endpoint (RFC 9449 §5); return the key to bind to.
+
+    No proof: None, unless the subject token is bound (a bound token is
+    never exchanged without its key). A proof: checked (no ``ath`` at a
+    token endpoint), recorded against replay, and, for a bound subject
+    token, signed by the key it is bound to.
+
+    Raises:
+        DPoPProofError, DPoPNonceError, TokenInvalidError, StoreUnavailableError.
+    """
+    now = auth._clock()
+    parent_jkt = _token_jkt(auth._check(subject_token, now))
+    if not proofs:
+        if parent_jkt is not None:
+            raise DPoPProofError("a DPoP-bound subject token is exchanged only with a proof of its key")
+        return None
+    jkt, replay_key, expires_at = auth._dpop.check(_dpop_header(list(proofs)), "POST", url, None, now)
+    if parent_jkt is not None and not hmac.compare_digest(jkt, parent_jkt):
+        raise DPoPProofError("the DPoP proof is not signed by the subject token's key")
+    auth._record_proof(replay_key, expires_at, now)
+    return jkt
+
+
+def _exchange(auth: "AgentAuth", form: Mapping[str, str], proofs: Tuple[str, ...] = (), url: str = "") -> _Refusal:
+    """Answer one RFC 8693 token exchange: a narrower token for the agent named in ``actor``.
+
+    With a DPoP proof (``proofs``: the request's ``DPoP`` headers; ``url``:
+    the endpoint's URL), the new token is bound to the proof's key and its
+    ``token_type`` is "DPoP" (RFC 9449 §5).
+    """
     try:
         if "grant_type" not in form:
             raise _ExchangeRefusal(400, "invalid_request", "grant_type is required")
@@ -6282,7 +6497,12 @@ def _exchange(auth: "AgentAuth", form: Mapping[str, str]) -> _Refusal:
                 scopes: Iterable[str] = form["scope"].split(" ")
             else:  # RFC 8693 §2.1: no scope asks for what the subject token holds
                 scopes = auth._check(form["subject_token"], auth._clock()).scopes
-            issued = auth.delegate(form["subject_token"], agent=form["actor"], scopes=scopes)
+            jkt = _exchange_proof(auth, proofs, url, form["subject_token"])
+            issued = auth.delegate(form["subject_token"], agent=form["actor"], scopes=scopes, dpop_jkt=jkt)
+        except DPoPProofError as exc:
+            # RFC 9449 §5: a token endpoint answers 400 with the DPoP error codes.
+            nonce = (("DPoP-Nonce", exc.nonce),) if isinstance(exc, DPoPNonceError) else ()
+            raise _ExchangeRefusal(400, exc.code, _GENERIC_DESCRIPTIONS[exc.code], nonce) from exc
         except StoreUnavailableError as exc:
             raise _ExchangeRefusal(503, "temporarily_unavailable", "authorization is temporarily unavailable") from exc
         except TokenInvalidError as exc:
@@ -6295,15 +6515,16 @@ def _exchange(auth: "AgentAuth", form: Mapping[str, str]) -> _Refusal:
     return _exchange_answer(200, {
         "access_token": issued.token,
         "issued_token_type": TOKEN_TYPE_ACCESS_TOKEN,
-        "token_type": "Bearer",
+        "token_type": "Bearer" if jkt is None else "DPoP",  # RFC 9449 §5
         "expires_in": max(0, issued.expires_at - math.floor(auth._clock())),
         "scope": " ".join(dict.fromkeys(scopes)),  # as delegate() granted them: deduplicated, in order
     })
 
 
 class _ExchangeWsgi:
-    def __init__(self, auth: "AgentAuth") -> None:
+    def __init__(self, auth: "AgentAuth", public_url: Optional[str]) -> None:
         self._auth = auth
+        self._public_url = public_url
 
     def __call__(self, environ: Dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         try:
@@ -6312,15 +6533,17 @@ class _ExchangeWsgi:
             except _MalformedRequest as exc:
                 raise _ExchangeRefusal(400, "invalid_request", str(exc)) from exc
             form = _exchange_form(environ.get("REQUEST_METHOD", "GET"), environ.get("CONTENT_TYPE", ""), body)
-            answer = _exchange(self._auth, form)
+            proofs = () if environ.get("HTTP_DPOP") is None else (environ["HTTP_DPOP"],)
+            answer = _exchange(self._auth, form, proofs, _wsgi_url(environ, self._public_url))
         except _ExchangeRefusal as refusal:
             answer = refusal.answer()
         return _WsgiMiddleware._respond(answer, start_response)
 
 
 class _ExchangeAsgi:
-    def __init__(self, auth: "AgentAuth") -> None:
+    def __init__(self, auth: "AgentAuth", public_url: Optional[str]) -> None:
         self._auth = auth
+        self._public_url = public_url
 
     async def __call__(self, scope: Dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> None:
         if scope["type"] != "http":
@@ -6336,12 +6559,14 @@ class _ExchangeAsgi:
             answer = refusal.answer()
         else:
             auth = self._auth
+            proofs = tuple(v.decode("latin-1") for k, v in scope["headers"] if k.lower() == b"dpop")
+            url = _asgi_url(scope, self._public_url)
             if not auth._may_block() and type(auth.store) is MemoryStore:  # delegate always checks the store
-                answer = _exchange(auth, form)
+                answer = _exchange(auth, form, proofs, url)
             else:  # delegate checks the store: keep its I/O off the event loop
                 import asyncio
 
-                answer = await asyncio.get_running_loop().run_in_executor(None, _exchange, auth, form)
+                answer = await asyncio.get_running_loop().run_in_executor(None, _exchange, auth, form, proofs, url)
         await _AsgiMiddleware._respond(answer, send)
 
 
@@ -6454,15 +6679,23 @@ def _claims_from_raw(raw: Any) -> Optional[AgentClaims]:
     )
 
 
-async def _verify_async(auth: "AgentAuth", token: str, required: Tuple[str, ...]) -> AgentClaims:
+async def _verify_async(
+    auth: "AgentAuth",
+    token: str,
+    required: Tuple[str, ...],
+    proof: Optional[str] = None,
+    method: Optional[str] = None,
+    url: Optional[str] = None,
+) -> AgentClaims:
     """Verify from async code without ever blocking the event loop on store I/O."""
+    verify = functools.partial(auth.verify, token, required, dpop_proof=proof, method=method, url=url)
     if not auth._may_block():
-        return auth.verify(token, required)  # pure CPU, about 10 µs
+        return verify()  # pure CPU, about 10 µs (a DPoP proof adds its signature check)
     import asyncio
 
     # A store does I/O (a locked SQLite file waits up to its timeout): run
     # verify in the loop's default thread pool.
-    return await asyncio.get_running_loop().run_in_executor(None, auth.verify, token, required)
+    return await asyncio.get_running_loop().run_in_executor(None, verify)
 
 
 @functools.lru_cache(maxsize=None)
@@ -6472,11 +6705,24 @@ def _agent_access_token_class(access_token_class: type) -> Any:
 
 
 async def _access_token(auth: "AgentAuth", token: str, access_token_class: Any) -> Any:
-    """Verify ``token`` and fill the SDK's AccessToken; None when refused."""
-    try:
-        claims = await _verify_async(auth, token, ())
-    except AgentAuthError:
-        return None  # refused, expired, revoked, or the store is down: fail closed
+    """Verify ``token`` and fill the SDK's AccessToken; None when refused.
+
+    A token that ``auth.asgi()`` verified for this same request (a DPoP
+    request, its proof checked there) is not verified again: it could not
+    be, since the SDK hands over the token alone.
+    """
+    verified = _VERIFIED_TOKEN.get()
+    claims: Optional[AgentClaims] = None
+    if verified is not None and hmac.compare_digest(verified[0], token):
+        candidate = verified[1]
+        audience = candidate.aud if type(candidate.aud) is tuple else (candidate.aud,)
+        if candidate.iss == auth.issuer and auth.audience in audience:
+            claims = candidate
+    if claims is None:
+        try:
+            claims = await _verify_async(auth, token, ())
+        except AgentAuthError:
+            return None  # refused, expired, revoked, or the store is down: fail closed
     return _agent_access_token_class(access_token_class)(
         token=token,
         client_id=claims.agent,

@@ -6917,6 +6917,241 @@ class ProtectTests(unittest.TestCase):
             self.assertIsInstance(cm.exception, module.ToolError)
 
 
+# -- DPoP in the middleware and the token exchange endpoint -----------------------------
+
+
+def wsgi_dpop_call(app, token, proof, *, path="/inbox", method="GET", scheme="DPoP", extra=None):
+    headers = {"HTTP_AUTHORIZATION": f"{scheme} {token}"}
+    if proof is not None:
+        headers["HTTP_DPOP"] = proof
+    headers.update(extra or {})
+    return wsgi_call(app, headers=headers, path=path, method=method)
+
+
+def challenge_params(header: str) -> dict:
+    scheme, _, rest = header.partition(" ")
+    params = dict(re.findall(r'(\w+)="([^"]*)"', rest))
+    params["scheme"] = scheme
+    return params
+
+
+class DPoPMiddlewareTests(DPoPFixture, unittest.TestCase):
+    URL = "http://127.0.0.1/inbox"  # what wsgiref's testing defaults make of /inbox
+
+    def setUp(self):
+        super().setUp()
+        self.app = self.auth.wsgi(echo_app)
+
+    def call(self, proof, **kwargs):
+        return wsgi_dpop_call(self.app, self.token, proof, **kwargs)
+
+    def test_dpop_scheme_with_its_proof_is_served(self):
+        status, _headers, body = self.call(self.proof(url=self.URL))
+        self.assertEqual((status, body), ("200 OK", b"user_123|user_123"))
+        post = self.proof(method="POST", url=self.URL + "?ignored=1")
+        self.assertEqual(self.call(post, method="POST")[0], "200 OK")
+
+    def assertDPoPRefusal(self, answer, error="invalid_dpop_proof"):
+        status, headers, body = answer
+        self.assertEqual(status, "401 Unauthorized")
+        params = challenge_params(headers["WWW-Authenticate"])
+        self.assertEqual((params["scheme"], params["error"]), ("DPoP", error))
+        self.assertEqual(params["algs"], "ES256 EdDSA Ed25519")
+        self.assertEqual(json.loads(body)["error"], error)
+        self.assertNotIn("url", json.loads(body)["error_description"])  # generic: no check named
+        return headers
+
+    def test_refusals_are_dpop_challenges(self):
+        cases = {
+            "bound token sent as Bearer": self.call(None, scheme="Bearer"),
+            "bound token as Bearer with a proof": self.call(self.proof(url=self.URL), scheme="Bearer"),
+            "no DPoP header": self.call(None),
+            "two DPoP headers": self.call(self.proof(url=self.URL) + "," + self.proof(url=self.URL)),
+            "empty DPoP header": self.call(""),
+            "proof for another URL": self.call(self.proof(url="http://127.0.0.1/outbox")),
+            "proof for another method": self.call(self.proof(url=self.URL), method="POST"),
+            "proof of another key": self.call(self.proof(P256Key.generate(), url=self.URL)),
+        }
+        for name, answer in cases.items():
+            with self.subTest(case=name):
+                self.assertDPoPRefusal(answer)
+
+    def test_a_replayed_request_is_refused(self):
+        proof = self.proof(url=self.URL)
+        self.assertEqual(self.call(proof)[0], "200 OK")
+        self.assertDPoPRefusal(self.call(proof))
+
+    def test_other_refusals_keep_their_codes_in_a_dpop_challenge(self):
+        app = self.auth.wsgi(echo_app, required_scopes=["email:send"])
+        status, headers, _ = wsgi_dpop_call(app, self.token, self.proof(url=self.URL))
+        self.assertEqual(status, "403 Forbidden")
+        self.assertEqual(challenge_params(headers["WWW-Authenticate"])["error"], "insufficient_scope")
+        self.assertEqual(challenge_params(headers["WWW-Authenticate"])["scheme"], "DPoP")
+
+    def test_unbound_bearer_tokens_are_unchanged(self):
+        unbound = self.auth.issue(subject="u", agent="a", scopes=["s"]).token
+        status, _, body = wsgi_dpop_call(self.app, unbound, "junk", scheme="Bearer")
+        self.assertEqual((status, body), ("200 OK", b"u|u"))
+        status, headers, _ = wsgi_call(self.app)
+        self.assertEqual(status, "401 Unauthorized")
+        self.assertTrue(headers["WWW-Authenticate"].startswith("Bearer "))
+        status, headers, _ = wsgi_dpop_call(self.app, unbound, self.proof(token=unbound, url=self.URL))
+        self.assertEqual(challenge_params(headers["WWW-Authenticate"])["error"], "invalid_token")
+
+    def test_require_dpop_challenges_with_dpop(self):
+        strict = make_auth(require_dpop=True)
+        app = strict.wsgi(echo_app)
+        unbound = strict.issue(subject="u", agent="a", scopes=["s"]).token
+        self.assertDPoPRefusal(wsgi_dpop_call(app, unbound, None, scheme="Bearer"))
+        status, headers, _ = wsgi_call(app)
+        self.assertEqual(status, "401 Unauthorized")
+        self.assertEqual(challenge_params(headers["WWW-Authenticate"])["scheme"], "DPoP")
+        self.assertEqual(wsgi_dpop_call(app, self.token, self.proof(url=self.URL))[0], "200 OK")
+
+    def test_public_url_names_the_url_clients_use(self):
+        app = self.auth.wsgi(echo_app, public_url="https://api.example/base/")
+        outside = self.proof(url="https://api.example/base/inbox")
+        self.assertDPoPRefusal(self.call(outside))  # without public_url the server sees http://127.0.0.1
+        self.assertEqual(wsgi_dpop_call(app, self.token, outside)[0], "200 OK")
+        spoofed = self.proof(url="http://evil.example/inbox")
+        self.assertDPoPRefusal(wsgi_dpop_call(app, self.token, spoofed, extra={"HTTP_HOST": "evil.example"}))
+        for bad in ("/base", "ftp://api.example", "https://api.example/?q=1", "https://api.example/#f", 5):
+            with self.subTest(public_url=bad):
+                with raises_exactly(self, InvalidConfigError):
+                    self.auth.wsgi(echo_app, public_url=bad)
+
+    def test_request_url_reconstruction(self):
+        proof = self.proof(url="http://127.0.0.1/caf%C3%A9/a%20b")
+        path = "/café/a b".encode("utf-8").decode("latin-1")  # PEP 3333: PATH_INFO holds the bytes as latin-1
+        self.assertEqual(self.call(proof, path=path)[0], "200 OK")
+        proof = self.proof(url="https://api.example:8443/x")
+        extra = {"wsgi.url_scheme": "https", "HTTP_HOST": "api.example:8443"}
+        self.assertEqual(self.call(proof, path="/x", extra=extra)[0], "200 OK")
+
+    def test_nonces_are_challenged_with_a_dpop_nonce_header(self):
+        auth = make_auth(dpop_nonce=True)
+        app = auth.wsgi(echo_app)
+        headers = self.assertDPoPRefusal(wsgi_dpop_call(app, self.token, self.proof(url=self.URL)), "use_dpop_nonce")
+        nonce = headers["DPoP-Nonce"]
+        self.assertEqual(wsgi_dpop_call(app, self.token, self.proof(url=self.URL, nonce=nonce))[0], "200 OK")
+
+    def test_asgi_dpop(self):
+        app = self.auth.asgi(asgi_echo)
+
+        def call(proofs, scheme="DPoP", token=None, kind="http"):
+            headers = [(b"authorization", f"{scheme} {token or self.token}".encode()), (b"host", b"api.example")]
+            headers += [(b"dpop", p.encode()) for p in proofs]
+            return asgi_call(app, headers=headers, path="/inbox", kind=kind)[1]
+
+        sent = call([self.proof(url="http://api.example/inbox")])
+        self.assertEqual((sent[0]["status"], sent[1]["body"]), (200, b"user_123|user_123"))
+        for name, proofs, scheme in (("no proof", [], "DPoP"), ("two proofs", [self.proof(url="http://api.example/inbox")] * 2, "DPoP"),
+                                     ("bearer", [], "Bearer"), ("other url", [self.proof(url="http://api.example/x")], "DPoP")):
+            with self.subTest(case=name):
+                sent = call(proofs, scheme)
+                self.assertEqual(sent[0]["status"], 401)
+                www = dict(sent[0]["headers"])[b"www-authenticate"].decode()
+                self.assertEqual(challenge_params(www)["error"], "invalid_dpop_proof")
+        sent = call([self.proof(url="http://api.example/inbox")], kind="websocket")
+        self.assertEqual(sent[0]["status"], 200)  # asgi_echo answers; the socket was let through
+        self.assertEqual(call([], kind="websocket"), [{"type": "websocket.close", "code": 1008}])
+
+    def test_asgi_hands_the_app_a_bearer_header_and_mcp_accepts_that_token_in_that_request_only(self):
+        class AccessToken:
+            def __init__(self, **fields):
+                self.__dict__.update(fields)
+
+        seen = {}
+
+        async def app(scope, receive, send):
+            seen["headers"] = dict(scope["headers"])
+            seen["inside"] = await agentauth._access_token(self.auth, self.token, AccessToken)
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+
+        wrapped = self.auth.asgi(app)
+        headers = [(b"authorization", f"DPoP {self.token}".encode()), (b"host", b"api.example"),
+                   (b"dpop", self.proof(url="http://api.example/mcp").encode())]
+        asgi_call(wrapped, headers=headers, path="/mcp")
+        self.assertEqual(seen["headers"][b"authorization"], f"Bearer {self.token}".encode())
+        self.assertNotIn(b"dpop", seen["headers"])
+        self.assertEqual(seen["inside"].subject, "user_123")
+        self.assertEqual(seen["inside"].claims["cnf"], {"jkt": self.key.thumbprint()})
+        outside = asyncio.run(agentauth._access_token(self.auth, self.token, AccessToken))
+        self.assertIsNone(outside)  # no proof checked here: a bound token alone is refused
+        other = make_auth(audience="https://other.example")
+        self.assertIsNone(asyncio.run(agentauth._access_token(other, self.token, AccessToken)))
+
+    def test_metadata_advertises_dpop(self):
+        document = self.auth.protected_resource_metadata(resource="https://api.example")
+        self.assertEqual(document["dpop_signing_alg_values_supported"], ["ES256", "EdDSA", "Ed25519"])
+        self.assertNotIn("dpop_bound_access_tokens_required", document)
+        strict = make_auth(require_dpop=True, dpop_algorithms=["ES256"])
+        document = strict.protected_resource_metadata(resource="https://api.example")
+        self.assertEqual(document["dpop_signing_alg_values_supported"], ["ES256"])
+        self.assertIs(document["dpop_bound_access_tokens_required"], True)
+
+
+def wsgi_dpop_exchange(auth, subject_token, proof, *, actor="agent_x", public_url=None):
+    body = urllib.parse.urlencode({
+        "grant_type": agentauth.GRANT_TYPE_TOKEN_EXCHANGE, "subject_token": subject_token,
+        "subject_token_type": agentauth.TOKEN_TYPE_ACCESS_TOKEN, "actor": actor}).encode()
+    environ = {}
+    wsgiref.util.setup_testing_defaults(environ)
+    environ.update({"REQUEST_METHOD": "POST", "CONTENT_TYPE": "application/x-www-form-urlencoded", "PATH_INFO": "/token",
+                    "CONTENT_LENGTH": str(len(body)), "wsgi.input": io.BytesIO(body)})
+    if proof is not None:
+        environ["HTTP_DPOP"] = proof
+    seen = {}
+
+    def start_response(status, headers, exc_info=None):
+        seen["status"], seen["headers"] = status, dict(headers)
+
+    answer = b"".join(auth.token_exchange_wsgi(public_url=public_url)(environ, start_response))
+    return seen["status"], seen["headers"], json.loads(answer)
+
+
+class DPoPTokenExchangeTests(DPoPFixture, unittest.TestCase):
+    URL = "http://127.0.0.1/token"
+
+    def exchange_proof(self, key=None, **kwargs):
+        return agentauth.dpop_proof(key or self.key, "POST", self.URL, clock=self.auth._clock, **kwargs)
+
+    def test_a_proof_binds_the_new_token_to_its_key(self):
+        unbound = self.auth.issue(subject="u", agent="a", scopes=["s"]).token
+        actor_key = P256Key.generate()
+        status, _, answer = wsgi_dpop_exchange(self.auth, unbound, self.exchange_proof(actor_key))
+        self.assertEqual((status, answer["token_type"]), ("200 OK", "DPoP"))
+        self.assertEqual(json_segment(answer["access_token"].split(".")[1])["cnf"], {"jkt": actor_key.thumbprint()})
+        status, _, answer = wsgi_dpop_exchange(self.auth, unbound, None)
+        self.assertEqual((status, answer["token_type"]), ("200 OK", "Bearer"))
+
+    def test_a_bound_subject_token_needs_a_proof_of_its_key(self):
+        for name, proof in (("no proof", None), ("another key", self.exchange_proof(P256Key.generate())),
+                            ("another URL", agentauth.dpop_proof(self.key, "POST", "http://127.0.0.1/other",
+                                                                 clock=self.auth._clock))):
+            with self.subTest(case=name):
+                status, _, answer = wsgi_dpop_exchange(self.auth, self.token, proof)
+                self.assertEqual((status, answer["error"]), ("400 Bad Request", "invalid_dpop_proof"))
+        proof = self.exchange_proof()
+        status, _, answer = wsgi_dpop_exchange(self.auth, self.token, proof)
+        self.assertEqual((status, answer["token_type"]), ("200 OK", "DPoP"))
+        self.assertEqual(json_segment(answer["access_token"].split(".")[1])["cnf"], {"jkt": self.key.thumbprint()})
+        status, _, answer = wsgi_dpop_exchange(self.auth, self.token, proof)  # the same proof again
+        self.assertEqual(answer["error"], "invalid_dpop_proof")
+
+    def test_nonce_and_public_url(self):
+        auth = make_auth(dpop_nonce=True)
+        status, headers, answer = wsgi_dpop_exchange(auth, self.token, self.exchange_proof())
+        self.assertEqual((status, answer["error"]), ("400 Bad Request", "use_dpop_nonce"))
+        proof = self.exchange_proof(nonce=headers["DPoP-Nonce"])
+        self.assertEqual(wsgi_dpop_exchange(auth, self.token, proof)[0], "200 OK")
+        outside = agentauth.dpop_proof(self.key, "POST", "https://as.example/token", clock=self.auth._clock)
+        self.assertEqual(wsgi_dpop_exchange(self.auth, self.token, outside)[2]["error"], "invalid_dpop_proof")
+        status, _, answer = wsgi_dpop_exchange(self.auth, self.token, outside, public_url="https://as.example")
+        self.assertEqual((status, answer["token_type"]), ("200 OK", "DPoP"))
+
+
 class RequireTests(unittest.TestCase):
     def setUp(self):
         self.auth = make_auth()
