@@ -4971,6 +4971,7 @@ class AgentAuth:
         *,
         realm: Optional[str] = None,
         expose_errors: bool = False,
+        public_url: Optional[str] = None,
     ) -> Any:
         """Protect a Flask, Starlette or FastAPI app in one call, and return it.
 
@@ -4985,7 +4986,9 @@ class AgentAuth:
             InvalidConfigError: an app of another kind (wrap it with ``wsgi``
                 or ``asgi``; for Django use ``django()``), or what ``wsgi`` refuses.
         """
-        protection = _Protection(self, required_scopes, resource_metadata_url, resource_metadata, realm, expose_errors)
+        protection = _Protection(
+            self, required_scopes, resource_metadata_url, resource_metadata, realm, expose_errors, public_url
+        )
         return _protect_app(protection, app)
 
     def django(
@@ -4996,12 +4999,13 @@ class AgentAuth:
         *,
         realm: Optional[str] = None,
         expose_errors: bool = False,
+        public_url: Optional[str] = None,
     ) -> Callable[[Callable[..., Any]], Any]:
         """Return a Django middleware: name it in ``settings.MIDDLEWARE``.
 
         ``agentauth_middleware = auth.django()`` in a module of yours, then
         ``"yourapp.auth.agentauth_middleware"`` in ``MIDDLEWARE``. It verifies
-        the bearer token of every request as ``wsgi`` does (the claims in
+        the bearer or DPoP token of every request as ``wsgi`` does (the claims in
         ``request.META["agentauth.claims"]`` and ``current_claims()``), and
         answers a refusal raised in a view (``require``) with the same RFC
         6750 response. Django is imported only when a response is built.
@@ -5009,7 +5013,9 @@ class AgentAuth:
         Raises:
             InvalidConfigError: what ``wsgi`` refuses.
         """
-        protection = _Protection(self, required_scopes, resource_metadata_url, resource_metadata, realm, expose_errors)
+        protection = _Protection(
+            self, required_scopes, resource_metadata_url, resource_metadata, realm, expose_errors, public_url
+        )
 
         def middleware(get_response: Callable[..., Any]) -> Any:
             return _DjangoMiddleware(protection, get_response)
@@ -5585,6 +5591,23 @@ class _Protection:
         is_dpop, token = _credentials(authorization)
         return is_dpop, token, _dpop_header(dpop) if is_dpop else None
 
+    def verify_environ(self, environ: Mapping[str, Any]) -> Tuple[bool, Union[AgentClaims, AgentAuthError]]:
+        """Verify a WSGI (or Django ``META``) request: (DPoP scheme?, its claims or the refusal)."""
+        header = environ.get("HTTP_AUTHORIZATION")
+        proof_header = environ.get("HTTP_DPOP")  # several DPoP headers arrive joined by commas
+        dpop = False
+        try:
+            dpop, token, proof = self.credentials(
+                [] if header is None else [header], [] if proof_header is None else [proof_header]
+            )
+            if proof is None:
+                return dpop, self.auth.verify(token, self.required_scopes)
+            url = _wsgi_url(environ, self.public_url)
+            method = environ.get("REQUEST_METHOD", "GET")
+            return dpop, self.auth.verify(token, self.required_scopes, dpop_proof=proof, method=method, url=url)
+        except AgentAuthError as exc:
+            return dpop, exc
+
     def metadata(self, method: str) -> _Refusal:
         """Serve the RFC 9728 document: public, cacheable, no token needed."""
         if method not in ("GET", "HEAD"):
@@ -5661,25 +5684,9 @@ class _WsgiMiddleware:
             environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "") == protection.metadata_path
         ):
             return self._respond(protection.metadata(environ.get("REQUEST_METHOD", "GET")), start_response)
-        header = environ.get("HTTP_AUTHORIZATION")
-        proof_header = environ.get("HTTP_DPOP")  # several DPoP headers arrive joined by commas
-        dpop = False
-        try:
-            dpop, token, proof = protection.credentials(
-                [] if header is None else [header], [] if proof_header is None else [proof_header]
-            )
-            if proof is None:
-                claims = protection.auth.verify(token, protection.required_scopes)
-            else:
-                claims = protection.auth.verify(
-                    token,
-                    protection.required_scopes,
-                    dpop_proof=proof,
-                    method=environ.get("REQUEST_METHOD", "GET"),
-                    url=_wsgi_url(environ, protection.public_url),
-                )
-        except AgentAuthError as exc:
-            return self._respond(protection.refuse(exc, dpop), start_response)
+        dpop, claims = protection.verify_environ(environ)
+        if not isinstance(claims, AgentClaims):
+            return self._respond(protection.refuse(claims, dpop), start_response)
         environ["agentauth.claims"] = claims
         # A copied context: the claims are visible to the app, also while
         # its response streams, and gone after.
@@ -5831,12 +5838,9 @@ class _DjangoMiddleware:
         protection = self._protection
         if protection.metadata_path is not None and request.path == protection.metadata_path:
             return self._response(protection.metadata(request.method))
-        header = request.META.get("HTTP_AUTHORIZATION")
-        try:
-            token = _bearer_token([] if header is None else [header])
-            claims = protection.auth.verify(token, protection.required_scopes)
-        except AgentAuthError as exc:
-            return self._response(protection.refuse(exc))
+        dpop, claims = protection.verify_environ(request.META)
+        if not isinstance(claims, AgentClaims):
+            return self._response(protection.refuse(claims, dpop))
         request.META["agentauth.claims"] = claims
         reset = _CURRENT_CLAIMS.set(claims)
         try:

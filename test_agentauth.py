@@ -7082,6 +7082,22 @@ class DPoPMiddlewareTests(DPoPFixture, unittest.TestCase):
         other = make_auth(audience="https://other.example")
         self.assertIsNone(asyncio.run(agentauth._access_token(other, self.token, AccessToken)))
 
+    def test_django_middleware_takes_dpop_requests(self):
+        class Request:
+            path, method = "/inbox", "GET"
+
+            def __init__(self, meta):
+                self.META = meta
+
+        environ = {}
+        wsgiref.util.setup_testing_defaults(environ)
+        environ.update({"PATH_INFO": "/inbox", "REQUEST_METHOD": "GET", "HTTP_AUTHORIZATION": f"DPoP {self.token}",
+                        "HTTP_DPOP": self.proof(url="https://api.example/inbox")})
+        middleware = self.auth.django(public_url="https://api.example")(lambda request: request.META["agentauth.claims"])
+        self.assertEqual(middleware(Request(environ)).sub, "user_123")
+        with raises_exactly(self, InvalidConfigError):
+            self.auth.protect(object(), public_url="nope")
+
     def test_metadata_advertises_dpop(self):
         document = self.auth.protected_resource_metadata(resource="https://api.example")
         self.assertEqual(document["dpop_signing_alg_values_supported"], ["ES256", "EdDSA", "Ed25519"])
