@@ -1764,7 +1764,7 @@ class _JwksSource:
         self._last_attempt = -math.inf
         self._fetched = False
         self._lock = threading.Lock()
-        self._helper: Optional[threading.Thread] = None  # the thread of the last fetch
+        self._fetcher = _UrlFetch(timeout_seconds=self.timeout_seconds, max_bytes=self.max_bytes, what="the key set")
 
     def refresh(self, now: float, *, forced: bool) -> bool:
         """Fetch the set if due (or ``forced`` by an unknown kid and allowed); tell whether it changed.
@@ -1802,10 +1802,36 @@ class _JwksSource:
             self._lock.release()
 
     def _fetch(self) -> Any:
-        """Fetch and decode the set, all within ``timeout_seconds`` whatever the server does.
+        """Fetch and decode the set (``_UrlFetch``: one deadline, no redirects, a size cap).
+
+        Raises:
+            ValueError: the fetch failed, took too long, or is not JSON.
+        """
+        _headers, body = self._fetcher.get(self.url)
+        return _JSON_DECODER.decode(body.decode("utf-8"))
+
+
+class _UrlFetch:
+    """GET one URL: one deadline for the whole fetch, no redirects, at most ``max_bytes``.
+
+    Shared by the JWKS source and the authorization server's client metadata
+    documents. With ``allow_private=False`` the connection is refused when
+    the address it reached (after name resolution, so a DNS answer cannot
+    smuggle one in) is loopback, private, link-local or otherwise not global.
+    """
+
+    def __init__(self, *, timeout_seconds: float, max_bytes: int, what: str, allow_private: bool = True) -> None:
+        self.timeout_seconds = timeout_seconds
+        self.max_bytes = max_bytes
+        self.what = what
+        self.allow_private = allow_private
+        self._helper: Optional[threading.Thread] = None  # the thread of the last fetch
+
+    def get(self, url: str) -> Tuple[Mapping[str, str], bytes]:
+        """Return the response's headers (lower-case names) and body, all within ``timeout_seconds``.
 
         A socket timeout bounds each read only: a server trickling its status
-        line or headers a byte at a time could hold a verify for minutes. So
+        line or headers a byte at a time could hold a caller for minutes. So
         the fetch runs in a helper thread that the caller waits for at most
         ``timeout_seconds``; at the deadline the connection is shut down, which
         ends the helper too. Name resolution (DNS) cannot be interrupted: the
@@ -1820,17 +1846,17 @@ class _JwksSource:
         if helper is not None:  # one helper at a time; a shut-down one ends at once
             helper.join(self.timeout_seconds)
             if helper.is_alive():
-                raise ValueError("the previous fetch of the key set has not ended yet")
+                raise ValueError(f"the previous fetch of {self.what} has not ended yet")
         result: Dict[str, Any] = {}
         connections: List[Any] = []
 
         def run() -> None:
             try:
-                result["document"] = self._fetch_now(connections)
+                result["response"] = self._get_now(url, connections)
             except BaseException as exc:  # handed to the waiting caller
                 result["error"] = exc
 
-        helper = self._helper = threading.Thread(target=run, name="agentauth-jwks-fetch", daemon=True)
+        helper = self._helper = threading.Thread(target=run, name="agentauth-fetch", daemon=True)
         helper.start()
         helper.join(max(deadline - time.monotonic(), 0.0))
         if helper.is_alive():
@@ -1841,26 +1867,34 @@ class _JwksSource:
                     sock.shutdown(socket.SHUT_RDWR)  # wakes the helper's blocked read
                 except OSError:
                     pass
-            raise ValueError("the key set took longer than jwks_timeout_seconds")
+            raise ValueError(f"{self.what} took longer than the fetch's deadline")
         if "error" in result:
             raise result["error"]
-        return result["document"]
+        return typing.cast(Tuple[Mapping[str, str], bytes], result["response"])
 
-    def _fetch_now(self, connections: List[Any]) -> Any:
-        """The fetch itself; each connected socket is added to ``connections``."""
+    def _get_now(self, url: str, connections: List[Any]) -> Tuple[Mapping[str, str], bytes]:
+        """The fetch itself; each connected socket is checked, then added to ``connections``."""
         import http.client
         import urllib.error
         import urllib.request
 
+        allow_private = self.allow_private
+
+        def connected(sock: Any) -> None:
+            connections.append(sock)
+            if not allow_private and not _is_public_address(sock.getpeername()[0]):
+                # SSRF: the client's URL must not reach this host's or its network's services.
+                raise ValueError("the URL leads to a private or loopback address")
+
         class Http(http.client.HTTPConnection):
             def connect(self) -> None:
                 super().connect()
-                connections.append(self.sock)
+                connected(self.sock)
 
         class Https(http.client.HTTPSConnection):
             def connect(self) -> None:
                 super().connect()
-                connections.append(self.sock)
+                connected(self.sock)
 
         class HttpHandler(urllib.request.HTTPHandler):
             def http_open(self, req: Any) -> Any:
@@ -1876,17 +1910,18 @@ class _JwksSource:
                 return None
 
         handlers: List[Any] = [NoRedirect, HttpHandler, HttpsHandler]
-        if self.url.startswith("http:"):
+        if url.startswith("http:"):
             # Plain http is allowed only because loopback traffic stays on
             # this host: never hand it to an $http_proxy elsewhere.
             handlers.append(urllib.request.ProxyHandler({}))
         opener = urllib.request.build_opener(*handlers)
-        request = urllib.request.Request(self.url, headers={"Accept": "application/json"})
+        request = urllib.request.Request(url, headers={"Accept": "application/json"})
         body = b""
         try:
             with opener.open(request, timeout=self.timeout_seconds) as response:
                 if response.status != 200:
-                    raise ValueError(f"the key set answered HTTP {response.status}")
+                    raise ValueError(f"{self.what} answered HTTP {response.status}")
+                headers = {name.lower(): value for name, value in response.headers.items()}
                 while len(body) <= self.max_bytes:
                     chunk = response.read1(self.max_bytes + 1 - len(body))
                     if not chunk:
@@ -1894,10 +1929,24 @@ class _JwksSource:
                     body += chunk
         except urllib.error.HTTPError as exc:
             exc.close()  # free the socket now, not at garbage collection
-            raise ValueError(f"the key set answered HTTP {exc.code}") from None
+            raise ValueError(f"{self.what} answered HTTP {exc.code}") from None
         if len(body) > self.max_bytes:
-            raise ValueError("the key set is larger than jwks_max_bytes")
-        return _JSON_DECODER.decode(body.decode("utf-8"))
+            raise ValueError(f"{self.what} is larger than the fetch's size limit")
+        return headers, body
+
+
+def _is_public_address(address: str) -> bool:
+    """Whether an IP address is a global one (not loopback, private, link-local, reserved...)."""
+    import ipaddress
+
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return False
+    mapped = getattr(ip, "ipv4_mapped", None)
+    if mapped is not None:
+        ip = mapped
+    return ip.is_global and not ip.is_multicast
 
 
 def _is_loopback(host: str) -> bool:

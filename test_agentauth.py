@@ -2310,7 +2310,7 @@ class JwksUrlTests(unittest.TestCase):
         started = time.monotonic()
         self.assertFetchFails(verifier, self.token1)
         self.assertLess(time.monotonic() - started, 2.0)  # not the ~8 s the trickle lasts
-        helper = verifier._jwks._helper
+        helper = verifier._jwks._fetcher._helper
         helper.join(2)
         self.assertFalse(helper.is_alive())  # the connection was shut down, not left to run
         self.assertTrue(closed.wait(2))
