@@ -74,6 +74,7 @@ __all__ = [
     "RevocationStore",
     "GrantStore",
     "ProofReplayStore",
+    "AuthorizationStore",
     "MemoryStore",
     "SqliteStore",
     "RedisStore",
@@ -85,6 +86,8 @@ __all__ = [
     # Web middleware and token exchange
     "current_claims",
     "GRANT_TYPE_TOKEN_EXCHANGE",
+    "GRANT_TYPE_AUTHORIZATION_CODE",
+    "GRANT_TYPE_REFRESH_TOKEN",
     "TOKEN_TYPE_ACCESS_TOKEN",
     # Command line
     "main",
@@ -111,6 +114,12 @@ DEFAULT_MAX_TOKEN_BYTES = 8192
 MAX_NAME_CHARS = 256  # subject and agent identifiers
 DEFAULT_MAX_CHAIN_LENGTH = 4  # agents in a delegation chain, the root included
 DEFAULT_VERIFY_CACHE_SIZE = 1024  # verified tokens remembered per instance (at most 8 KB each)
+# -- the authorization server's (authorization_server_wsgi/asgi):
+DEFAULT_CODE_TTL_SECONDS = 60  # an authorization code is used at once (OAuth 2.1 §4.1.2: short-lived)
+DEFAULT_REFRESH_TOKEN_TTL_SECONDS = 30 * 86400  # a refresh token unused this long dies
+DEFAULT_REFRESH_REUSE_GRACE_SECONDS = 30  # a rotated refresh token still works this long (concurrent refreshes)
+DEFAULT_UNUSED_CLIENT_TTL_SECONDS = 86400  # a registration that never got a token is forgotten after a day
+DEFAULT_CLIENT_TTL_SECONDS = 90 * 86400  # a used registration, this long after its last token
 _JTI_BYTES = 16  # 128 bits of randomness (RFC 7519 §4.1.7: collision-resistant)
 _HEADER_CACHE_SIZE = 16  # distinct valid header segments remembered per instance
 _REVOCATION_KINDS = ("jti", "agent", "subject")
@@ -2336,6 +2345,38 @@ class ProofReplayStore(typing.Protocol):
 _MAX_PROOFS = 1_000_000  # proofs a MemoryStore remembers at once (about 150 MB); more fail closed
 
 
+class AuthorizationStore(typing.Protocol):
+    """Where the authorization server keeps its clients, codes and refresh tokens.
+
+    Three methods over small records: a record is a JSON text filed under a
+    ``kind`` ("client", "code", "refresh", "client_document") and a ``key``
+    (for codes and refresh tokens, the SHA-256 of the secret, never the
+    secret). A record whose ``expires_at`` is at or before ``now`` does not
+    exist; a store may drop it then (``put_record`` purges). ``use_record``
+    is the one atomic operation the server relies on: two processes
+    presenting the same code at once must not both see a first use.
+    MemoryStore and SqliteStore implement it; a store that cannot answer, or
+    did not write, raises ``StoreUnavailableError``.
+    """
+
+    def put_record(self, kind: str, key: str, value: str, *, expires_at: int, now: int) -> None:
+        """Store (or replace, forgetting any use) the record; purge expired ones."""
+
+    def get_record(self, kind: str, key: str, *, now: int) -> Optional[str]:
+        """Return the record's value, or None (absent or expired)."""
+
+    def use_record(self, kind: str, key: str, *, now: int) -> Optional[Tuple[str, Optional[int]]]:
+        """Mark the record used, atomically, and return (its value, when it was first used before).
+
+        The first use records ``now`` and returns None as the earlier use;
+        every later use returns that first time and changes nothing. An
+        absent or expired record returns None.
+        """
+
+
+_RECORD_METHODS = ("put_record", "get_record", "use_record")
+
+
 def _entry_key(criteria: Mapping[str, str]) -> Tuple[str, RevocationEntry]:
     """Return the lookup key of one criteria mapping, and its entry's criteria.
 
@@ -2458,6 +2499,7 @@ class MemoryStore:
     def __init__(self, *, max_proofs: int = _MAX_PROOFS) -> None:
         self._index = _EntryIndex()
         self._grants: Dict[Tuple[str, str], Grant] = {}  # by (subject, agent)
+        self._records: Dict[Tuple[str, str], List[Any]] = {}  # (kind, key) -> [value, expires_at, used_at]
         self._lock = threading.Lock()
         self.max_proofs = _positive_int(max_proofs, "max_proofs")
         self._proofs: Dict[str, int] = {}  # replay key -> expires_at
@@ -2535,6 +2577,30 @@ class MemoryStore:
             if grant is not None and (grant.last_used_at or 0) < used_at:
                 self._grants[key] = grant._replace(last_used_at=used_at)
 
+    def put_record(self, kind: str, key: str, value: str, *, expires_at: int, now: int) -> None:
+        """Store an authorization server record (``AuthorizationStore``); purge expired ones."""
+        with self._lock:
+            records = self._records
+            for name in [name for name, record in records.items() if record[1] <= now]:
+                del records[name]
+            records[(kind, key)] = [value, expires_at, None]
+
+    def get_record(self, kind: str, key: str, *, now: int) -> Optional[str]:
+        """Return a live record's value, or None."""
+        record = self._records.get((kind, key))
+        return None if record is None or record[1] <= now else typing.cast(str, record[0])
+
+    def use_record(self, kind: str, key: str, *, now: int) -> Optional[Tuple[str, Optional[int]]]:
+        """Mark a live record used under the lock; return (value, the first use before this one)."""
+        with self._lock:
+            record = self._records.get((kind, key))
+            if record is None or record[1] <= now:
+                return None
+            first_use = record[2]
+            if first_use is None:
+                record[2] = now
+            return record[0], first_use
+
     def is_revoked(self, claims: AgentClaims) -> bool:
         """Tell whether an entry refuses these claims."""
         return self._index.matches(claims)
@@ -2545,7 +2611,9 @@ class MemoryStore:
             return self._index.sorted(now)
 
 
-_SQLITE_SCHEMA_VERSION = 3  # 1: revocations; 2: + grants; 3: + DPoP proofs (older files gain the tables in place)
+#: 1: revocations; 2: + grants; 3: + DPoP proofs; 4: + authorization server records
+#: (an older file gains the tables in place)
+_SQLITE_SCHEMA_VERSION = 4
 _SQLITE_SCHEMA = (
     # seq grows with every write and is never reused (AUTOINCREMENT), so a
     # reader can load just the rows written since it last looked.
@@ -2579,6 +2647,17 @@ _SQLITE_SCHEMA = (
     ) WITHOUT ROWID""",
     """CREATE INDEX IF NOT EXISTS agentauth_dpop_proofs_expires
         ON agentauth_dpop_proofs (expires_at)""",
+    # The authorization server's clients, codes and refresh tokens (AuthorizationStore).
+    """CREATE TABLE IF NOT EXISTS agentauth_records (
+        kind TEXT NOT NULL,
+        key TEXT NOT NULL,
+        value TEXT NOT NULL,
+        expires_at INTEGER NOT NULL,
+        used_at INTEGER,
+        PRIMARY KEY (kind, key)
+    )""",
+    """CREATE INDEX IF NOT EXISTS agentauth_records_expires
+        ON agentauth_records (expires_at)""",
 )
 _SQLITE_COLUMNS = "seq, key, jti, agent, subject, revoked_at, expires_at"
 _GRANT_COLUMNS = "grant_id, subject, agent, agent_name, scopes, created_at, updated_at, last_used_at"
@@ -2810,6 +2889,42 @@ class SqliteStore:
                 cursor.execute(f"PRAGMA busy_timeout = {int(self._timeout * 1000)}")
         except sqlite3.Error as exc:
             raise StoreUnavailableError(f"the grant's last use was not recorded: {exc}") from exc
+
+    def put_record(self, kind: str, key: str, value: str, *, expires_at: int, now: int) -> None:
+        """Store an authorization server record in one durable transaction; purge expired ones."""
+
+        def work(cursor: "sqlite3.Cursor") -> None:
+            cursor.execute("DELETE FROM agentauth_records WHERE expires_at <= ?", (now,))
+            cursor.execute(
+                "INSERT OR REPLACE INTO agentauth_records (kind, key, value, expires_at, used_at)"
+                " VALUES (?, ?, ?, ?, NULL)",
+                (kind, key, value, expires_at),
+            )
+
+        self._transaction(work, "the record was not stored")
+
+    def get_record(self, kind: str, key: str, *, now: int) -> Optional[str]:
+        """Return a live record's value, or None."""
+        rows = self._read(
+            "SELECT value FROM agentauth_records WHERE kind = ? AND key = ? AND expires_at > ?", (kind, key, now)
+        )
+        return typing.cast(str, rows[0][0]) if rows else None
+
+    def use_record(self, kind: str, key: str, *, now: int) -> Optional[Tuple[str, Optional[int]]]:
+        """Mark a live record used in one write transaction (processes serialise on it)."""
+
+        def work(cursor: "sqlite3.Cursor") -> Optional[Tuple[str, Optional[int]]]:
+            row = cursor.execute(
+                "SELECT value, used_at FROM agentauth_records WHERE kind = ? AND key = ? AND expires_at > ?",
+                (kind, key, now),
+            ).fetchone()
+            if row is None:
+                return None
+            if row[1] is None:
+                cursor.execute("UPDATE agentauth_records SET used_at = ? WHERE kind = ? AND key = ?", (now, kind, key))
+            return row[0], row[1]
+
+        return typing.cast(Optional[Tuple[str, Optional[int]]], self._transaction(work, "the record was not used"))
 
     def _read(self, query: str, params: Tuple[Any, ...]) -> List[Tuple[Any, ...]]:
         import sqlite3
@@ -5290,6 +5405,105 @@ class AgentAuth:
         """
         return _AgentsPageAsgi(_AgentsPage(self, authenticate, scope_descriptions, login_url, asgi=True))
 
+    # -- authorization server --------------------------------------------------
+
+    def authorization_server_wsgi(
+        self,
+        *,
+        authenticate: Callable[..., Any],
+        scope_descriptions: Mapping[str, str],
+        login_url: Optional[str] = None,
+        default_scopes: Optional[Iterable[str]] = None,
+        code_ttl_seconds: int = DEFAULT_CODE_TTL_SECONDS,
+        refresh_token_ttl_seconds: int = DEFAULT_REFRESH_TOKEN_TTL_SECONDS,
+        refresh_reuse_grace_seconds: int = DEFAULT_REFRESH_REUSE_GRACE_SECONDS,
+        unused_client_ttl_seconds: int = DEFAULT_UNUSED_CLIENT_TTL_SECONDS,
+        client_ttl_seconds: int = DEFAULT_CLIENT_TTL_SECONDS,
+        allow_private_client_documents: bool = False,
+    ) -> Callable[..., Iterable[bytes]]:
+        """Return a WSGI app: an OAuth 2.1 authorization server any MCP client can use.
+
+        Mount it at the origin of ``issuer`` (an https URL). It serves RFC
+        8414 metadata at ``/.well-known/oauth-authorization-server``, the
+        authorization endpoint with its consent page (``/authorize``), the
+        token endpoint (``/token``: authorization_code with PKCE S256,
+        rotating refresh tokens, RFC 8693 token exchange), RFC 7591
+        registration (``/register``) and RFC 7009 revocation (``/revoke``);
+        clients may also name themselves by a client ID metadata document
+        (an https URL). The tokens it mints are this instance's tokens, with
+        ``client_id`` = the agent; consent is recorded with ``grant()``.
+
+        Arguments: ``authenticate(request)`` returns the
+        signed-in subject or None (your login, as for the agents page);
+        ``scope_descriptions`` maps every scope the server grants to the
+        text the consent page shows; ``login_url`` (users who are not signed
+        in go there with ``next=``; without it they get a 401 page);
+        ``default_scopes`` (asked for when a request names none, RFC 6749
+        §3.3; default: every described scope); ``code_ttl_seconds`` (60),
+        ``refresh_token_ttl_seconds`` (30 days), ``refresh_reuse_grace_seconds``
+        (30), ``unused_client_ttl_seconds`` (1 day), ``client_ttl_seconds``
+        (90 days), ``allow_private_client_documents`` (False: a metadata
+        document is never fetched from a loopback or private address; True
+        only for development and tests).
+
+        Raises:
+            InvalidConfigError: an issuer that is not an https URL, a store
+                without the grant and record methods, no signing key, a bad option.
+
+        Security: the consent page is the user's only defence against an
+        agent that lies about its name; it shows the agent's id and the host
+        it returns to. Serve it over TLS only.
+        """
+        if _is_coroutine_function(authenticate):
+            raise InvalidConfigError("under WSGI, authenticate must be a plain function (async works under ASGI)")
+        return _AuthorizationServerWsgi(_AuthorizationServer(
+            self,
+            authenticate=authenticate,
+            scope_descriptions=scope_descriptions,
+            login_url=login_url,
+            default_scopes=default_scopes,
+            code_ttl_seconds=code_ttl_seconds,
+            refresh_token_ttl_seconds=refresh_token_ttl_seconds,
+            refresh_reuse_grace_seconds=refresh_reuse_grace_seconds,
+            unused_client_ttl_seconds=unused_client_ttl_seconds,
+            client_ttl_seconds=client_ttl_seconds,
+            allow_private_client_documents=allow_private_client_documents,
+        ))
+
+    def authorization_server_asgi(
+        self,
+        *,
+        authenticate: Callable[..., Any],
+        scope_descriptions: Mapping[str, str],
+        login_url: Optional[str] = None,
+        default_scopes: Optional[Iterable[str]] = None,
+        code_ttl_seconds: int = DEFAULT_CODE_TTL_SECONDS,
+        refresh_token_ttl_seconds: int = DEFAULT_REFRESH_TOKEN_TTL_SECONDS,
+        refresh_reuse_grace_seconds: int = DEFAULT_REFRESH_REUSE_GRACE_SECONDS,
+        unused_client_ttl_seconds: int = DEFAULT_UNUSED_CLIENT_TTL_SECONDS,
+        client_ttl_seconds: int = DEFAULT_CLIENT_TTL_SECONDS,
+        allow_private_client_documents: bool = False,
+    ) -> Callable[..., Any]:
+        """Return an ASGI app: the same authorization server as ``authorization_server_wsgi``.
+
+        ``authenticate`` may be a coroutine function. The endpoints run in
+        the loop's default thread pool (the store and a client document's
+        fetch may block).
+        """
+        return _AuthorizationServerAsgi(_AuthorizationServer(
+            self,
+            authenticate=authenticate,
+            scope_descriptions=scope_descriptions,
+            login_url=login_url,
+            default_scopes=default_scopes,
+            code_ttl_seconds=code_ttl_seconds,
+            refresh_token_ttl_seconds=refresh_token_ttl_seconds,
+            refresh_reuse_grace_seconds=refresh_reuse_grace_seconds,
+            unused_client_ttl_seconds=unused_client_ttl_seconds,
+            client_ttl_seconds=client_ttl_seconds,
+            allow_private_client_documents=allow_private_client_documents,
+        ))
+
     # -- MCP -----------------------------------------------------------------
 
     def mcp(self) -> Any:
@@ -5366,6 +5580,7 @@ _VERIFIED_TOKEN: "contextvars.ContextVar[Optional[Tuple[str, AgentClaims]]]" = c
 _METADATA_WELL_KNOWN = "/.well-known/oauth-protected-resource"  # RFC 9728 §3
 _STATUS_TEXT = {
     200: "OK",
+    201: "Created",
     303: "See Other",
     400: "Bad Request",
     401: "Unauthorized",
@@ -6453,6 +6668,1029 @@ class _AgentsPageAsgi:
                 answer = page.answer(request, subject)
         else:  # a plain authenticate may do I/O too (a session lookup): it runs off the loop with the rest
             answer = await loop.run_in_executor(None, page.authenticate_and_answer, request)
+        await _AsgiMiddleware._respond(answer, send)
+
+
+# ---------------------------------------------------------------------------
+# Authorization server
+# ---------------------------------------------------------------------------
+
+GRANT_TYPE_AUTHORIZATION_CODE = "authorization_code"  # RFC 6749 §4.1.3
+GRANT_TYPE_REFRESH_TOKEN = "refresh_token"  # RFC 6749 §6
+_MAX_REGISTRATION_BYTES = 8192  # an RFC 7591 registration request
+_MAX_REDIRECT_URIS = 10
+_MAX_URI_CHARS = 2000
+_MAX_STATE_CHARS = 1024
+_CLIENT_DOCUMENT_MAX_BYTES = 8192  # a client ID metadata document
+_CLIENT_DOCUMENT_TIMEOUT_SECONDS = 5.0  # the whole fetch of one, headers and body included
+_CLIENT_DOCUMENT_DEFAULT_CACHE_SECONDS = 300  # when its response says nothing about caching
+_CLIENT_DOCUMENT_MAX_CACHE_SECONDS = 86400
+_CONSENT_TTL_SECONDS = 600  # how long a consent page's form works
+_AUTHORIZE_PARAMS = (
+    "response_type", "client_id", "redirect_uri", "state", "scope",
+    "code_challenge", "code_challenge_method", "resource", "prompt",
+)
+_PKCE_VERIFIER = re.compile(r"[A-Za-z0-9._~-]{43,128}")  # RFC 7636 §4.1
+_PKCE_CHALLENGE = re.compile(r"[A-Za-z0-9_-]{43}")  # RFC 7636 §4.2: BASE64URL(SHA256(verifier))
+#: RFC 8252 §7.1: a private-use scheme is a reverse domain name (com.example.app).
+_PRIVATE_USE_SCHEME = re.compile(r"[a-z][a-z0-9+-]*(?:\.[a-z0-9+-]+)+")
+_PROMPTS = frozenset(("none", "consent", "login"))  # OpenID Connect Core §3.1.2.1
+_CONSENT_TEMPLATE = """<section class="grant">
+<h2>{agent_name}</h2>
+<p class="agent">{client_id}</p>
+<p class="meta">After you answer, you return to <strong>{redirect_host}</strong>.</p>
+{warning}<p>It asks to act for you with these permissions. Untick any you do not want to give.</p>
+<form method="post" action="{action}">
+<ul class="scopes">
+{scopes}</ul>
+{hidden}<input type="hidden" name="csrf_token" value="{csrf_token}">
+<button type="submit" name="decision" value="allow">Allow</button>
+<button type="submit" name="decision" value="deny">Deny</button>
+</form>
+</section>
+"""
+_CONSENT_SCOPE_TEMPLATE = (
+    '<li><label><input type="checkbox" name="approved_scope" value="{scope}" checked> '
+    "{description} <code>{scope}</code></label></li>\n"
+)
+_CONSENT_HIDDEN_TEMPLATE = '<input type="hidden" name="{name}" value="{value}">\n'
+_CONSENT_LOOPBACK_WARNING = (
+    "<p><strong>This agent runs on a computer, not a website:</strong> it returns to localhost. "
+    "Allow it only if you started it yourself.</p>\n"
+)
+
+
+class _OAuthError(Exception):
+    """One RFC 6749 refusal: the error code, a description for the client, the HTTP status."""
+
+    def __init__(self, error: str, description: str, status: int = 400) -> None:
+        super().__init__(description)
+        self.error, self.status = error, status
+
+    def json(self) -> _Refusal:
+        """The RFC 6749 §5.2 JSON answer (token, registration and revocation endpoints)."""
+        extra: Tuple[Tuple[str, str], ...] = ()
+        if self.status == 405:
+            extra = (("Allow", "POST"),)
+        elif self.status == 503:
+            extra = (("Retry-After", "1"),)
+        return _exchange_answer(self.status, {"error": self.error, "error_description": str(self)}, extra)
+
+
+class _Client(NamedTuple):
+    """An agent as the authorization server knows it: registered (RFC 7591) or by its metadata document."""
+
+    client_id: str
+    client_name: Optional[str]
+    redirect_uris: Tuple[str, ...]
+    grant_types: Tuple[str, ...]
+
+
+class _AuthorizationRequest(NamedTuple):
+    """An authorization request that passed every check: what the consent page asks about."""
+
+    client: _Client
+    redirect_uri: str
+    redirect_uri_given: bool  # the token request must then name the same URI (RFC 6749 §4.1.3)
+    state: Optional[str]
+    scopes: Tuple[str, ...]
+    resource: str
+    code_challenge: str
+    prompt: Optional[str]
+    params: Tuple[Tuple[str, str], ...]  # the request's own parameters, for the consent form
+
+
+def _digest(secret: str) -> str:
+    """The key a code or refresh token is filed under: never the secret itself."""
+    return hashlib.sha256(secret.encode("utf-8")).hexdigest()
+
+
+def _single_params(fields: Mapping[str, List[str]], names: Iterable[str]) -> Dict[str, str]:
+    """The named parameters, each at most once; an empty value counts as absent.
+
+    Raises:
+        _OAuthError: a parameter is repeated (RFC 6749 §3.1, §3.2).
+    """
+    params = {}
+    for name in names:
+        values = fields.get(name, [])
+        if len(values) > 1:
+            raise _OAuthError("invalid_request", f"{name} is repeated")
+        if values and values[0]:
+            params[name] = values[0]
+    return params
+
+
+def _query_fields(query: str) -> Dict[str, List[str]]:
+    from urllib.parse import parse_qs
+
+    try:
+        return parse_qs(query, keep_blank_values=True, strict_parsing=bool(query), errors="strict")
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise _OAuthError("invalid_request", "the query string is malformed") from exc
+
+
+def _with_params(uri: str, params: Mapping[str, str]) -> str:
+    """Add query parameters to a URI that may have a query already (RFC 6749 §3.1.2)."""
+    from urllib.parse import urlencode
+
+    return uri + ("&" if "?" in uri else "?") + urlencode(params)
+
+
+def _check_redirect_uri_syntax(uri: Any) -> str:
+    """A redirect URI a client may register: https, http to a loopback host, or a private-use scheme.
+
+    Raises:
+        _OAuthError: invalid_redirect_uri (RFC 7591 §3.2.2).
+    """
+    from urllib.parse import urlsplit
+
+    if type(uri) is not str or not 0 < len(uri) <= _MAX_URI_CHARS or _CONTROL_CHARS.search(uri) or " " in uri:
+        raise _OAuthError("invalid_redirect_uri", "a redirect URI must be a URL of at most 2000 characters")
+    try:
+        parts = urlsplit(uri)
+        host = parts.hostname
+        parts.port  # noqa: B018 - a malformed port raises here
+    except ValueError as exc:
+        raise _OAuthError("invalid_redirect_uri", "a redirect URI is malformed") from exc
+    if parts.fragment or "#" in uri:  # RFC 6749 §3.1.2: no fragment
+        raise _OAuthError("invalid_redirect_uri", "a redirect URI must not have a fragment")
+    if parts.scheme in ("https", "http"):
+        if not host or "@" in parts.netloc or "\\" in uri:
+            raise _OAuthError("invalid_redirect_uri", "a redirect URI must name a host and no credentials")
+        if parts.scheme == "http" and not _is_loopback(host):  # RFC 8252 §8.3 / OAuth 2.1 §2.3.1
+            raise _OAuthError("invalid_redirect_uri", "a plain http redirect URI must be a loopback address")
+        return uri
+    if _PRIVATE_USE_SCHEME.fullmatch(parts.scheme) is None:
+        raise _OAuthError("invalid_redirect_uri", "a redirect URI must be https, loopback http or a private-use scheme")
+    return uri
+
+
+def _redirect_uri_matches(registered: str, given: str) -> bool:
+    """Exact match, except that a loopback http URI matches on any port (RFC 8252 §7.3)."""
+    from urllib.parse import urlsplit
+
+    if registered == given:
+        return True
+    try:
+        a, b = urlsplit(registered), urlsplit(given)
+        a.port, b.port  # noqa: B018 - a malformed port raises here
+    except ValueError:
+        return False
+    return (
+        a.scheme == b.scheme == "http"
+        and a.hostname is not None
+        and _is_loopback(a.hostname)
+        and a.hostname == b.hostname
+        and "@" not in b.netloc
+        and (a.path or "/") == (b.path or "/")
+        and a.query == b.query
+        and not b.fragment
+        and "#" not in given
+    )
+
+
+def _check_response_type(params: Mapping[str, str]) -> None:
+    if "response_type" not in params:
+        raise _OAuthError("invalid_request", "response_type is required")
+    if params["response_type"] != "code":  # OAuth 2.1: the code flow only
+        raise _OAuthError("unsupported_response_type", "response_type must be code")
+
+
+def _check_pkce(params: Mapping[str, str]) -> str:
+    """Require an S256 code challenge (OAuth 2.1 §4.1.1; RFC 7636 §4.3): never plain, never none."""
+    if params.get("code_challenge_method") != "S256":
+        raise _OAuthError("invalid_request", "code_challenge_method must be S256")
+    challenge = params.get("code_challenge", "")
+    if _PKCE_CHALLENGE.fullmatch(challenge) is None:
+        raise _OAuthError("invalid_request", "code_challenge must be a base64url SHA-256 (43 characters)")
+    return challenge
+
+
+def _check_state(params: Mapping[str, str]) -> Optional[str]:
+    state = params.get("state")
+    if state is not None and len(state) > _MAX_STATE_CHARS:
+        raise _OAuthError("invalid_request", "state is too long")
+    return state
+
+
+def _check_scope(params: Mapping[str, str], supported: Mapping[str, str], default: Tuple[str, ...]) -> Tuple[str, ...]:
+    """The requested scopes, each one the server describes; no scope asks for the defaults (RFC 6749 §3.3)."""
+    if "scope" not in params:
+        if not default:
+            raise _OAuthError("invalid_scope", "scope is required")
+        return default
+    scopes = tuple(dict.fromkeys(params["scope"].split(" ")))
+    if not all(scope in supported for scope in scopes):  # "" (a double space) included
+        raise _OAuthError("invalid_scope", "a requested scope is unknown to this server")
+    return scopes
+
+
+def _check_resource(params: Mapping[str, str], audience: str) -> str:
+    """RFC 8707: the resource, if named, must be this server's audience (the token's ``aud``)."""
+    resource = params.get("resource", audience)
+    if resource != audience:
+        raise _OAuthError("invalid_target", "this server issues tokens for one resource only")
+    return resource
+
+
+def _check_prompt(params: Mapping[str, str]) -> Optional[str]:
+    prompt = params.get("prompt")
+    if prompt is not None and not set(prompt.split(" ")) <= _PROMPTS:
+        raise _OAuthError("invalid_request", "prompt must be none, login or consent")
+    return prompt
+
+
+def _check_pkce_verifier(verifier: Optional[str], challenge: str) -> None:
+    """RFC 7636 §4.6: BASE64URL(SHA256(code_verifier)) equals the challenge."""
+    if verifier is None or _PKCE_VERIFIER.fullmatch(verifier) is None:
+        raise _OAuthError("invalid_grant", "code_verifier is missing or malformed")
+    computed = _b64encode(hashlib.sha256(verifier.encode("ascii")).digest())
+    if not hmac.compare_digest(computed, challenge):
+        raise _OAuthError("invalid_grant", "code_verifier does not match the code challenge")
+
+
+def _cache_seconds(headers: Mapping[str, str]) -> int:
+    """How long a fetched document may be reused (RFC 9111 §5.2.2): max-age, capped; none for no-store."""
+    directives = [d.strip().lower() for d in headers.get("cache-control", "").split(",")]
+    if "no-store" in directives or "no-cache" in directives:
+        return 0
+    for directive in directives:
+        name, _, value = directive.partition("=")
+        if name == "max-age":
+            return min(int(value), _CLIENT_DOCUMENT_MAX_CACHE_SECONDS) if value.isdigit() else 0
+    return _CLIENT_DOCUMENT_DEFAULT_CACHE_SECONDS
+
+
+class _Clients:
+    """The agents the server knows: RFC 7591 registrations and client ID metadata documents.
+
+    Both live in the instance's store (``AuthorizationStore``). A
+    registration that never gets a token is forgotten after
+    ``unused_client_ttl_seconds``; each token keeps a used one for
+    ``client_ttl_seconds`` more. A metadata document is fetched from its
+    https URL and kept as its response's caching headers allow.
+    """
+
+    def __init__(
+        self,
+        auth: "AgentAuth",
+        *,
+        unused_client_ttl_seconds: int,
+        client_ttl_seconds: int,
+        allow_private_client_documents: bool,
+    ) -> None:
+        self._auth = auth
+        self._unused_ttl = unused_client_ttl_seconds
+        self._ttl = client_ttl_seconds
+        self._allow_private = allow_private_client_documents
+
+    def _store(self) -> "AuthorizationStore":
+        return typing.cast(AuthorizationStore, self._auth.store)
+
+    def _now(self) -> int:
+        return math.floor(self._auth._clock())
+
+    # -- RFC 7591 --------------------------------------------------------
+
+    def register(self, body: bytes) -> Dict[str, Any]:
+        """Register a public client from an RFC 7591 request body; return the registration response.
+
+        Raises:
+            _OAuthError: invalid_redirect_uri or invalid_client_metadata (RFC 7591 §3.2.2).
+        """
+        if len(body) > _MAX_REGISTRATION_BYTES:
+            raise _OAuthError("invalid_client_metadata", "the registration request is too large")
+        try:
+            metadata = _json_object(body, "registration request")
+        except TokenInvalidError as exc:
+            raise _OAuthError("invalid_client_metadata", "the registration request is not a JSON object") from exc
+        client = self._client_from(secrets.token_urlsafe(16), metadata)
+        now = self._now()
+        self.save(client, expires_at=now + self._unused_ttl)
+        response: Dict[str, Any] = {
+            "client_id": client.client_id,
+            "client_id_issued_at": now,
+            "redirect_uris": list(client.redirect_uris),
+            "grant_types": list(client.grant_types),
+            "response_types": ["code"],
+            "token_endpoint_auth_method": "none",
+        }
+        if client.client_name is not None:
+            response["client_name"] = client.client_name
+        return response
+
+    @staticmethod
+    def _client_from(client_id: str, metadata: Mapping[str, Any]) -> _Client:
+        """Check client metadata (a registration or a metadata document) and build the client."""
+        uris = metadata.get("redirect_uris")
+        if type(uris) is not list or not 0 < len(uris) <= _MAX_REDIRECT_URIS:
+            raise _OAuthError("invalid_redirect_uri", f"redirect_uris must list 1 to {_MAX_REDIRECT_URIS} URIs")
+        redirect_uris = tuple(_check_redirect_uri_syntax(uri) for uri in uris)
+        if metadata.get("token_endpoint_auth_method", "none") != "none":  # public clients only
+            raise _OAuthError("invalid_client_metadata", "token_endpoint_auth_method must be none")
+        grant_types = metadata.get("grant_types", [GRANT_TYPE_AUTHORIZATION_CODE])
+        if (
+            type(grant_types) is not list
+            or GRANT_TYPE_AUTHORIZATION_CODE not in grant_types
+            or not set(grant_types) <= {GRANT_TYPE_AUTHORIZATION_CODE, GRANT_TYPE_REFRESH_TOKEN}
+        ):
+            raise _OAuthError("invalid_client_metadata", "grant_types must be authorization_code and refresh_token")
+        if metadata.get("response_types", ["code"]) != ["code"]:
+            raise _OAuthError("invalid_client_metadata", "response_types must be [\"code\"]")
+        try:
+            name = _agent_name(metadata.get("client_name"))
+        except InvalidGrantError as exc:
+            raise _OAuthError("invalid_client_metadata", "client_name must be 1 to 100 characters of text") from exc
+        return _Client(client_id, name, redirect_uris, tuple(dict.fromkeys(grant_types)))
+
+    def save(self, client: _Client, *, expires_at: int) -> None:
+        document = {"client_name": client.client_name, "redirect_uris": list(client.redirect_uris),
+                    "grant_types": list(client.grant_types)}
+        _store_call(self._store().put_record, "client", client.client_id, _JSON_ENCODER.encode(document),
+                    expires_at=expires_at, now=self._now())
+
+    def keep(self, client: _Client) -> None:
+        """A token was issued to this client: keep its registration ``client_ttl_seconds`` more."""
+        if not client.client_id.startswith("https:") and not client.client_id.startswith("http:"):
+            self.save(client, expires_at=self._now() + self._ttl)
+
+    # -- lookup ----------------------------------------------------------
+
+    def find(self, client_id: str) -> Optional[_Client]:
+        """Return the client, or None when unknown (never registered, expired, or its document refused).
+
+        Raises:
+            StoreUnavailableError: the store could not answer.
+        """
+        if client_id.startswith(("https://", "http://")):
+            return self._from_document(client_id)
+        value = _store_call(self._store().get_record, "client", client_id, now=self._now())
+        if value is None:
+            return None
+        document = _JSON_DECODER.decode(value)
+        return _Client(client_id, document["client_name"], tuple(document["redirect_uris"]),
+                       tuple(document["grant_types"]))
+
+    def _document_url_ok(self, url: str) -> bool:
+        """The MCP spec's client ID URL: https with a path, no fragment, credentials or dot segments."""
+        from urllib.parse import urlsplit
+
+        if len(url) > MAX_NAME_CHARS or _CONTROL_CHARS.search(url) or " " in url or "\\" in url:
+            return False
+        try:
+            parts = urlsplit(url)
+            parts.port  # noqa: B018 - a malformed port raises here
+        except ValueError:
+            return False
+        if parts.fragment or "#" in url or "@" in parts.netloc or not parts.hostname:
+            return False
+        if not parts.path or parts.path == "/" or any(s in (".", "..") for s in parts.path.split("/")):
+            return False
+        # Plain http only to a loopback host, and only when private addresses are allowed (development).
+        return parts.scheme == "https" or (self._allow_private and parts.scheme == "http" and _is_loopback(parts.hostname))
+
+    def _from_document(self, url: str) -> Optional[_Client]:
+        if not self._document_url_ok(url):
+            return None
+        store, now = self._store(), self._now()
+        cached = _store_call(store.get_record, "client_document", url, now=now)
+        if cached is not None:
+            return self._client_from(url, _JSON_DECODER.decode(cached))
+        fetcher = _UrlFetch(
+            timeout_seconds=_CLIENT_DOCUMENT_TIMEOUT_SECONDS,
+            max_bytes=_CLIENT_DOCUMENT_MAX_BYTES,
+            what="the client metadata document",
+            allow_private=self._allow_private,
+        )
+        try:
+            headers, body = fetcher.get(url)
+            document = _json_object(body, "client metadata document")
+            if document.get("client_id") != url:  # the document must name itself
+                raise ValueError("the document's client_id is not its URL")
+            client = self._client_from(url, document)
+        except (ValueError, OSError, TokenInvalidError, _OAuthError) as exc:
+            import logging
+
+            logging.getLogger("agentauth").warning("client metadata document %s refused: %s", url, exc)
+            return None
+        seconds = _cache_seconds(headers)
+        if seconds > 0:
+            _store_call(store.put_record, "client_document", url, _JSON_ENCODER.encode(document),
+                        expires_at=now + seconds, now=now)
+        return client
+
+
+class _AuthorizationServer:
+    """The state every endpoint reads: the AgentAuth, the settings, the clients, the consent CSRF tokens."""
+
+    def __init__(
+        self,
+        auth: "AgentAuth",
+        *,
+        authenticate: Callable[..., Any],
+        scope_descriptions: Mapping[str, str],
+        login_url: Optional[str],
+        default_scopes: Optional[Iterable[str]],
+        code_ttl_seconds: int,
+        refresh_token_ttl_seconds: int,
+        refresh_reuse_grace_seconds: int,
+        unused_client_ttl_seconds: int,
+        client_ttl_seconds: int,
+        allow_private_client_documents: bool,
+    ) -> None:
+        from urllib.parse import urlsplit
+
+        auth._require_signing_key()
+        _grant_store(auth.store)
+        if not all(callable(getattr(auth.store, method, None)) for method in _RECORD_METHODS):
+            raise InvalidConfigError(
+                f"{type(auth.store).__name__} cannot hold an authorization server's records: use MemoryStore or"
+                " SqliteStore (or your own store with the AuthorizationStore methods)"
+            )
+        parts = urlsplit(auth.issuer)
+        # RFC 8414 §2: the issuer is an https URL with no query or fragment; the
+        # metadata, the tokens' iss and RFC 9207's iss are this very string.
+        if (
+            parts.scheme not in ("https", "http")
+            or not parts.hostname
+            or parts.query
+            or parts.fragment
+            or "@" in parts.netloc
+            or (parts.scheme == "http" and not _is_loopback(parts.hostname))
+        ):
+            raise InvalidConfigError(
+                "an authorization server's issuer must be an https URL without query or fragment"
+                " (plain http only on a loopback host, for development)"
+            )
+        if not callable(authenticate):
+            raise InvalidConfigError("authenticate must be callable: it returns the signed-in subject or None")
+        if not isinstance(scope_descriptions, Mapping) or not scope_descriptions:
+            raise InvalidConfigError("scope_descriptions must map each scope the server grants to its description")
+        for scope, description in scope_descriptions.items():
+            if len(_configured_scopes([scope], "scope_descriptions")) != 1 or "*" in scope:
+                raise InvalidConfigError("scope_descriptions keys must be plain scopes (no wildcard)")
+            if type(description) is not str or not description:
+                raise InvalidConfigError("each scope description must be a non-empty string")
+        self.scope_descriptions = dict(scope_descriptions)
+        defaults = tuple(scope_descriptions) if default_scopes is None else _configured_scopes(default_scopes, "default_scopes")
+        if not all(scope in scope_descriptions for scope in defaults):
+            raise InvalidConfigError("default_scopes must be keys of scope_descriptions")
+        self.default_scopes = defaults
+        if login_url is not None:
+            _header_safe(login_url, "login_url")
+        for value, name in (
+            (code_ttl_seconds, "code_ttl_seconds"),
+            (refresh_token_ttl_seconds, "refresh_token_ttl_seconds"),
+            (unused_client_ttl_seconds, "unused_client_ttl_seconds"),
+            (client_ttl_seconds, "client_ttl_seconds"),
+        ):
+            _positive_int(value, name)
+        if type(refresh_reuse_grace_seconds) is not int or refresh_reuse_grace_seconds < 0:
+            raise InvalidConfigError("refresh_reuse_grace_seconds must be a whole number >= 0")
+        if type(allow_private_client_documents) is not bool:
+            raise InvalidConfigError("allow_private_client_documents must be True or False")
+        self.auth = auth
+        self.authenticate = authenticate
+        self.login_url = login_url
+        self.code_ttl_seconds = code_ttl_seconds
+        self.refresh_token_ttl_seconds = refresh_token_ttl_seconds
+        self.refresh_reuse_grace_seconds = refresh_reuse_grace_seconds
+        self.clients = _Clients(
+            auth,
+            unused_client_ttl_seconds=unused_client_ttl_seconds,
+            client_ttl_seconds=client_ttl_seconds,
+            allow_private_client_documents=allow_private_client_documents,
+        )
+        self.consent_csrf = _CsrfTokens(auth._derived_key(b"agentauth consent csrf"), auth._clock, _CONSENT_TTL_SECONDS)
+        base = auth.issuer.rstrip("/")
+        path = parts.path.rstrip("/")
+        self.paths = {
+            # RFC 8414 §3.1: the well-known segment goes before the issuer's path.
+            "/.well-known/oauth-authorization-server" + path: "metadata",
+            path + "/authorize": "authorize",
+            path + "/token": "token",
+            path + "/register": "register",
+            path + "/revoke": "revoke",
+        }
+        self.authorize_path = path + "/authorize"
+        self.metadata = {
+            "issuer": auth.issuer,
+            "authorization_endpoint": base + "/authorize",
+            "token_endpoint": base + "/token",
+            "registration_endpoint": base + "/register",
+            "revocation_endpoint": base + "/revoke",
+            "response_types_supported": ["code"],
+            "response_modes_supported": ["query"],
+            "grant_types_supported": [GRANT_TYPE_AUTHORIZATION_CODE, GRANT_TYPE_REFRESH_TOKEN, GRANT_TYPE_TOKEN_EXCHANGE],
+            "code_challenge_methods_supported": ["S256"],
+            "token_endpoint_auth_methods_supported": ["none"],
+            "revocation_endpoint_auth_methods_supported": ["none"],
+            "scopes_supported": list(self.scope_descriptions),
+            "authorization_response_iss_parameter_supported": True,  # RFC 9207
+            "client_id_metadata_document_supported": True,
+        }
+
+    def now(self) -> int:
+        return math.floor(self.auth._clock())
+
+    def store(self) -> "AuthorizationStore":
+        return typing.cast(AuthorizationStore, self.auth.store)
+
+    def endpoint(self, request: _PageRequest) -> Optional[str]:
+        return self.paths.get(request.path)
+
+
+# -- the authorization endpoint and the consent page --------------------------
+
+
+def _check_authorization_request(
+    fields: Mapping[str, List[str]], state: _AuthorizationServer
+) -> Tuple[Optional[_AuthorizationRequest], Optional[_Refusal]]:
+    """Validate an authorization request in oauthlib's order.
+
+    Returns (the request, None), or (None, the answer): a page for errors
+    found before the client and its redirect URI are known to be good (never
+    a redirect: that would make this server an open redirector), and a
+    redirect carrying ``error``, ``state`` and ``iss`` for the others.
+    """
+    try:
+        params = _single_params(fields, _AUTHORIZE_PARAMS)
+    except _OAuthError as exc:
+        return None, _authorization_page_error(exc)
+    client_id = params.get("client_id")
+    if client_id is None:
+        return None, _authorization_page_error(_OAuthError("invalid_request", "client_id is required"))
+    try:
+        client = state.clients.find(client_id) if _valid_name(client_id) else None
+    except StoreUnavailableError:
+        return None, _render_message(503, "Try again later", "Authorization is temporarily unavailable.",
+                                     (("Retry-After", "1"),))
+    if client is None:
+        return None, _authorization_page_error(_OAuthError("invalid_client", "this agent is unknown"))
+    given = params.get("redirect_uri")
+    if given is None:
+        if len(client.redirect_uris) != 1:  # OAuth 2.1 §4.1.1: required unless exactly one is registered
+            return None, _authorization_page_error(_OAuthError("invalid_request", "redirect_uri is required"))
+        redirect_uri = client.redirect_uris[0]
+    elif any(_redirect_uri_matches(registered, given) for registered in client.redirect_uris):
+        redirect_uri = given
+    else:
+        return None, _authorization_page_error(_OAuthError("invalid_request", "redirect_uri is not registered"))
+    # From here on the redirect URI is the client's own: errors go back to it.
+    request_state = params.get("state")
+    try:
+        request_state = _check_state(params)
+        _check_response_type(params)
+        challenge = _check_pkce(params)
+        scopes = _check_scope(params, state.scope_descriptions, state.default_scopes)
+        resource = _check_resource(params, state.auth.audience)
+        prompt = _check_prompt(params)
+    except _OAuthError as exc:
+        if exc.error == "invalid_request" and str(exc) == "state is too long":
+            request_state = None  # never echo a state we refused
+        return None, _authorization_redirect(state, redirect_uri, request_state,
+                                             {"error": exc.error, "error_description": str(exc)})
+    return _AuthorizationRequest(
+        client, redirect_uri, given is not None, request_state, scopes, resource, challenge, prompt,
+        tuple((name, params[name]) for name in _AUTHORIZE_PARAMS if name in params),
+    ), None
+
+
+def _valid_name(value: str) -> bool:
+    try:
+        _name(value, "client_id")
+    except InvalidGrantError:
+        return False
+    return True
+
+
+def _authorization_page_error(exc: _OAuthError) -> _Refusal:
+    return _render_message(400, "This authorization request cannot be answered", f"{exc.error}: {exc}")
+
+
+def _authorization_redirect(
+    state: _AuthorizationServer, redirect_uri: str, request_state: Optional[str], params: Mapping[str, str]
+) -> _Refusal:
+    """Redirect back to the client with ``params``, its ``state`` and our ``iss`` (RFC 9207 §2)."""
+    answer = dict(params)
+    if request_state is not None:
+        answer["state"] = request_state
+    answer["iss"] = state.auth.issuer
+    return _page_redirect(_with_params(redirect_uri, answer))
+
+
+def _consent_binding(subject: str, request: _AuthorizationRequest) -> str:
+    """What a consent form's CSRF token is bound to: the user and this very request."""
+    digest = hashlib.sha256(_JSON_ENCODER.encode(request.params).encode("utf-8")).hexdigest()
+    return f"{subject}\x00{digest}"  # a subject never holds NUL
+
+
+def _issue_code(state: _AuthorizationServer, subject: str, request: _AuthorizationRequest,
+                scopes: Tuple[str, ...]) -> _Refusal:
+    """File a single-use code bound to everything the token request must repeat; redirect with it."""
+    code = secrets.token_urlsafe(32)
+    now = state.now()
+    record = {
+        "client_id": request.client.client_id,
+        "redirect_uri": request.redirect_uri,
+        "redirect_uri_given": request.redirect_uri_given,
+        "subject": subject,
+        "scopes": list(scopes),
+        "resource": request.resource,
+        "code_challenge": request.code_challenge,
+        "exp": now + state.code_ttl_seconds,
+        "family": secrets.token_urlsafe(16),  # the refresh tokens this code will lead to
+    }
+    # Kept past its expiry while the tokens minted from it live, so a replay is still recognised.
+    _store_call(state.store().put_record, "code", _digest(code), _JSON_ENCODER.encode(record),
+                expires_at=now + state.code_ttl_seconds + state.auth.default_ttl_seconds, now=now)
+    return _authorization_redirect(state, request.redirect_uri, request.state, {"code": code})
+
+
+def _login_answer(state: _AuthorizationServer, request: _PageRequest) -> _Refusal:
+    if state.login_url is None:
+        return _render_message(401, "Sign in first", "Sign in, then open this link again.")
+    target = request.path + ("?" + request.query if request.query else "")
+    return _page_redirect(_with_params(state.login_url, {"next": target}))
+
+
+def _authorize_endpoint(request: _PageRequest, state: _AuthorizationServer, subject: Optional[str]) -> _Refusal:
+    """GET: check the request, then show the consent page (or answer at once). POST: the user's answer."""
+    if request.method not in ("GET", "POST"):
+        return _render_message(405, "Method not allowed", "Use GET or POST.", (("Allow", "GET, POST"),))
+    try:
+        if request.method == "GET":
+            fields = _query_fields(request.query)
+        else:
+            fields = _form_fields(request.headers.get("content-type", ""), request.body)
+    except (_OAuthError, _MalformedRequest) as exc:
+        return _authorization_page_error(_OAuthError("invalid_request", str(exc)))
+    authorization, answer = _check_authorization_request(fields, state)
+    if authorization is None:
+        return typing.cast(_Refusal, answer)
+    prompts = set((authorization.prompt or "").split(" "))
+    if subject is None:
+        if "none" in prompts:  # OpenID Connect Core §3.1.2.6
+            return _authorization_redirect(state, authorization.redirect_uri, authorization.state,
+                                           {"error": "login_required"})
+        if request.method == "POST":
+            return _render_message(403, "Sign in first", "Your session ended: sign in, then start again.")
+        return _login_answer(state, request)
+    try:
+        if request.method == "POST":
+            return _consent_answer(fields, state, subject, authorization)
+        grant = _grant_store(state.auth.store).get_grant(subject, authorization.client.client_id)
+        granted = grant is not None and all(scope_satisfies(grant.scopes, s) for s in authorization.scopes)
+        if granted and "consent" not in prompts:  # asked before, and nothing new: no second prompt
+            return _issue_code(state, subject, authorization, authorization.scopes)
+        if "none" in prompts:
+            return _authorization_redirect(state, authorization.redirect_uri, authorization.state,
+                                           {"error": "consent_required"})
+        return _consent_page(state, subject, authorization)
+    except StoreUnavailableError:
+        return _authorization_redirect(state, authorization.redirect_uri, authorization.state,
+                                       {"error": "temporarily_unavailable"})
+
+
+def _consent_page(state: _AuthorizationServer, subject: str, authorization: _AuthorizationRequest) -> _Refusal:
+    from urllib.parse import urlsplit
+
+    client = authorization.client
+    parts = urlsplit(authorization.redirect_uri)
+    host = parts.hostname or parts.scheme
+    warning = _Markup(_CONSENT_LOOPBACK_WARNING) if parts.scheme == "http" and _is_loopback(host) else ""
+    scopes = _Markup("".join(
+        _fill(_CONSENT_SCOPE_TEMPLATE, scope=scope, description=state.scope_descriptions[scope])
+        for scope in authorization.scopes
+    ))
+    hidden = _Markup("".join(
+        _fill(_CONSENT_HIDDEN_TEMPLATE, name=name, value=value) for name, value in authorization.params
+    ))
+    return _render(
+        200,
+        "Allow this agent?",
+        _CONSENT_TEMPLATE,
+        agent_name=client.client_name or client.client_id,
+        client_id=client.client_id,
+        redirect_host=host,
+        warning=warning,
+        action=state.authorize_path,
+        scopes=scopes,
+        hidden=hidden,
+        csrf_token=state.consent_csrf.issue(_consent_binding(subject, authorization)),
+    )
+
+
+def _consent_answer(fields: Mapping[str, List[str]], state: _AuthorizationServer, subject: str,
+                    authorization: _AuthorizationRequest) -> _Refusal:
+    """The consent form's POST: CSRF first (bound to this user and this request), then Allow or Deny."""
+    try:
+        extra = _single_params(fields, ("csrf_token", "decision"))
+    except _OAuthError:
+        extra = {}
+    if not state.consent_csrf.check(_consent_binding(subject, authorization), extra.get("csrf_token")):
+        # Not redirected: a forged form must not even learn whether the client exists.
+        return _render_message(403, "This form has expired", "Open the agent's link again to answer.")
+    if extra.get("decision") != "allow":
+        return _authorization_redirect(state, authorization.redirect_uri, authorization.state,
+                                       {"error": "access_denied", "error_description": "the user denied the request"})
+    approved = tuple(s for s in authorization.scopes if s in fields.get("approved_scope", []))
+    if not approved:
+        return _authorization_redirect(state, authorization.redirect_uri, authorization.state,
+                                       {"error": "access_denied", "error_description": "the user allowed no scope"})
+    state.auth.grant(subject=subject, agent=authorization.client.client_id, scopes=approved,
+                     agent_name=authorization.client.client_name)
+    return _issue_code(state, subject, authorization, approved)
+
+
+# -- the token endpoint -------------------------------------------------------
+
+
+def _token_endpoint(request: _PageRequest, state: _AuthorizationServer) -> _Refusal:
+    """RFC 6749 §3.2: authorization_code, refresh_token, and RFC 8693 token exchange."""
+    try:
+        if request.method != "POST":
+            raise _OAuthError("invalid_request", "use POST", 405)
+        try:
+            fields = _form_fields(request.headers.get("content-type", ""), request.body)
+        except _MalformedRequest as exc:
+            raise _OAuthError("invalid_request", str(exc)) from exc
+        if any(len(values) > 1 for values in fields.values()):  # RFC 6749 §3.2: no repeats
+            raise _OAuthError("invalid_request", "a parameter is repeated")
+        grant_type = fields.get("grant_type", [""])[0]
+        if grant_type == GRANT_TYPE_TOKEN_EXCHANGE:
+            form = _single_params(fields, _EXCHANGE_PARAMS)
+            if "scope" in fields:  # as _exchange_form: an empty scope asks for nothing
+                form["scope"] = fields["scope"][0]
+            return _exchange(state.auth, form)
+        if grant_type == GRANT_TYPE_AUTHORIZATION_CODE:
+            return _code_grant(_single_params(fields, ("code", "redirect_uri", "client_id", "code_verifier",
+                                                       "resource")), state)
+        if grant_type == GRANT_TYPE_REFRESH_TOKEN:
+            params = _single_params(fields, ("refresh_token", "client_id", "resource"))
+            if "scope" in fields:
+                params["scope"] = fields["scope"][0]
+            return _refresh_grant(params, state)
+        if not grant_type:
+            raise _OAuthError("invalid_request", "grant_type is required")
+        raise _OAuthError("unsupported_grant_type", "grant_type must be authorization_code, refresh_token or token-exchange")
+    except _OAuthError as exc:
+        return exc.json()
+    except StoreUnavailableError:
+        return _OAuthError("temporarily_unavailable", "authorization is temporarily unavailable", 503).json()
+
+
+def _token_client(params: Mapping[str, str], state: _AuthorizationServer) -> _Client:
+    """A public client names itself with client_id (RFC 6749 §3.2.1); it must be known."""
+    client_id = params.get("client_id")
+    if client_id is None:
+        raise _OAuthError("invalid_request", "client_id is required")
+    client = state.clients.find(client_id) if _valid_name(client_id) else None
+    if client is None:
+        raise _OAuthError("invalid_client", "this client is unknown", 401)
+    return client
+
+
+def _code_grant(params: Mapping[str, str], state: _AuthorizationServer) -> _Refusal:
+    client = _token_client(params, state)
+    if "code" not in params:
+        raise _OAuthError("invalid_request", "code is required")
+    now = state.now()
+    used = _store_call(state.store().use_record, "code", _digest(params["code"]), now=now)
+    if used is None:
+        raise _OAuthError("invalid_grant", "the code is invalid or expired")
+    value, first_use = used
+    record = _JSON_DECODER.decode(value)
+    if first_use is not None:
+        # A code presented twice was stolen or replayed: every token minted from it dies.
+        _revoke_tokens_of(state, record["client_id"], record["subject"], record["family"])
+        raise _OAuthError("invalid_grant", "the code was used already")
+    if record["exp"] <= now:
+        raise _OAuthError("invalid_grant", "the code is invalid or expired")
+    if record["client_id"] != client.client_id:
+        raise _OAuthError("invalid_grant", "the code was issued to another client")
+    given = params.get("redirect_uri")
+    if (given is not None or record["redirect_uri_given"]) and given != record["redirect_uri"]:
+        raise _OAuthError("invalid_grant", "redirect_uri does not match the authorization request")
+    _check_pkce_verifier(params.get("code_verifier"), record["code_challenge"])
+    if params.get("resource", record["resource"]) != record["resource"]:
+        raise _OAuthError("invalid_target", "resource does not match the authorization request")
+    scopes = tuple(record["scopes"])
+    _check_still_granted(state, record["subject"], client.client_id, scopes, None)
+    family = {"family": record["family"], "client_id": client.client_id, "subject": record["subject"],
+              "scopes": list(scopes), "resource": record["resource"], "created_at": now}
+    return _token_answer(state, client, family, scopes)
+
+
+def _refresh_grant(params: Mapping[str, str], state: _AuthorizationServer) -> _Refusal:
+    client = _token_client(params, state)
+    if "refresh_token" not in params:
+        raise _OAuthError("invalid_request", "refresh_token is required")
+    now = state.now()
+    used = _store_call(state.store().use_record, "refresh", _digest(params["refresh_token"]), now=now)
+    if used is None:
+        raise _OAuthError("invalid_grant", "the refresh token is invalid or expired")
+    value, first_use = used
+    family = _JSON_DECODER.decode(value)
+    if family["client_id"] != client.client_id:
+        raise _OAuthError("invalid_grant", "the refresh token was issued to another client")
+    if first_use is not None and now - first_use > state.refresh_reuse_grace_seconds:
+        # A rotated refresh token came back: it was copied. Every token of the grant dies.
+        _revoke_tokens_of(state, family["client_id"], family["subject"], family["family"])
+        raise _OAuthError("invalid_grant", "the refresh token was used already")
+    if params.get("resource", family["resource"]) != family["resource"]:
+        raise _OAuthError("invalid_target", "resource does not match the original grant")
+    scopes = tuple(family["scopes"])
+    if "scope" in params:  # RFC 6749 §6: may narrow, never widen
+        requested = tuple(dict.fromkeys(params["scope"].split(" ")))
+        if not all(scope in scopes for scope in requested):
+            raise _OAuthError("invalid_scope", "a requested scope is outside the original grant")
+        scopes = requested
+    _check_still_granted(state, family["subject"], client.client_id, scopes, family)
+    return _token_answer(state, client, family, scopes)
+
+
+def _check_still_granted(state: _AuthorizationServer, subject: str, agent: str, scopes: Tuple[str, ...],
+                         family: Optional[Mapping[str, Any]]) -> None:
+    """The user's grant must still cover the scopes; a refresh token must postdate the grant and any revocation."""
+    auth = state.auth
+    grant = _store_call(_grant_store(auth.store).get_grant, subject, agent)
+    if grant is None or not all(scope_satisfies(grant.scopes, scope) for scope in scopes):
+        raise _OAuthError("invalid_grant", "the user's grant no longer covers this request")
+    if family is None:
+        return
+    if grant.created_at > family["created_at"]:  # disconnected, then connected again: a new grant
+        raise _OAuthError("invalid_grant", "the refresh token belongs to a grant that was removed")
+    # A refresh token family is checked like a token minted when it was: its
+    # own jti, the agent and subject revocations (disconnect, narrowing, reuse).
+    claims = AgentClaims(subject, agent, scopes, family["family"], family["created_at"], family["created_at"],
+                         auth.issuer, auth.audience, types.MappingProxyType({}), (agent,), ())
+    try:
+        auth._check_revocation(claims)
+    except RevokedError as exc:
+        raise _OAuthError("invalid_grant", "the refresh token was revoked") from exc
+
+
+def _revoke_tokens_of(state: _AuthorizationServer, agent: str, subject: str, family: str) -> None:
+    """Refuse every token of this agent for this subject minted up to now, and the refresh family.
+
+    Kept as long as a refresh token lives, not just an access token's lifetime.
+    """
+    now = state.now()
+    keep = now + max(state.refresh_token_ttl_seconds, state.auth._revocation_lifetime())
+    store = state.auth.store
+    _store_call(store.revoke, {"agent": agent, "subject": subject}, revoked_at=now, expires_at=keep)
+    _store_call(store.revoke, {"jti": family}, revoked_at=now, expires_at=keep)
+
+
+def _token_answer(state: _AuthorizationServer, client: _Client, family: Mapping[str, Any],
+                  scopes: Tuple[str, ...]) -> _Refusal:
+    """Mint the access token (and a fresh refresh token of the family); RFC 6749 §5.1."""
+    auth = state.auth
+    try:
+        issued = auth.issue(subject=family["subject"], agent=client.client_id, scopes=scopes)
+    except InvalidGrantError as exc:
+        raise _OAuthError(exc.oauth_error, str(exc)) from exc
+    now = state.now()
+    document: Dict[str, Any] = {
+        "access_token": issued.token,
+        "token_type": "Bearer",
+        "expires_in": max(0, issued.expires_at - now),
+        "scope": " ".join(scopes),
+    }
+    if GRANT_TYPE_REFRESH_TOKEN in client.grant_types:
+        refresh_token = secrets.token_urlsafe(32)
+        _store_call(state.store().put_record, "refresh", _digest(refresh_token), _JSON_ENCODER.encode(dict(family)),
+                    expires_at=now + state.refresh_token_ttl_seconds, now=now)
+        document["refresh_token"] = refresh_token
+    state.clients.keep(client)
+    return _exchange_answer(200, document)
+
+
+# -- registration, revocation, metadata ---------------------------------------
+
+
+def _register_endpoint(request: _PageRequest, state: _AuthorizationServer) -> _Refusal:
+    """RFC 7591 §3: register a public client from a JSON document."""
+    try:
+        if request.method != "POST":
+            raise _OAuthError("invalid_request", "use POST", 405)
+        if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
+            raise _OAuthError("invalid_client_metadata", "the registration request must be application/json")
+        response = state.clients.register(request.body)
+    except _OAuthError as exc:
+        return exc.json()
+    except StoreUnavailableError:
+        return _OAuthError("temporarily_unavailable", "registration is temporarily unavailable", 503).json()
+    return _exchange_answer(201, response)
+
+
+def _revoke_endpoint(request: _PageRequest, state: _AuthorizationServer) -> _Refusal:
+    """RFC 7009: revoke an access or refresh token; unknown tokens answer 200 too (§2.2)."""
+    try:
+        if request.method != "POST":
+            raise _OAuthError("invalid_request", "use POST", 405)
+        try:
+            fields = _form_fields(request.headers.get("content-type", ""), request.body)
+        except _MalformedRequest as exc:
+            raise _OAuthError("invalid_request", str(exc)) from exc
+        params = _single_params(fields, ("token", "token_type_hint", "client_id"))
+        if "token" not in params:
+            raise _OAuthError("invalid_request", "token is required")
+        token, client_id = params["token"], params.get("client_id")
+        now = state.now()
+        value = _store_call(state.store().get_record, "refresh", _digest(token), now=now)
+        if value is not None:
+            family = _JSON_DECODER.decode(value)
+            if client_id in (None, family["client_id"]):  # a client revokes its own tokens only
+                _revoke_tokens_of(state, family["client_id"], family["subject"], family["family"])
+        elif "." in token:
+            try:
+                claims = state.auth._check(token, state.auth._clock())
+                if client_id in (None, claims.agent):
+                    state.auth.revoke(token)
+            except (TokenInvalidError, TokenExpiredError):
+                pass  # not ours, or refused anyway
+    except _OAuthError as exc:
+        return exc.json()
+    except StoreUnavailableError:
+        return _OAuthError("temporarily_unavailable", "revocation is temporarily unavailable", 503).json()
+    return _exchange_answer(200, {})
+
+
+def _metadata_endpoint(request: _PageRequest, state: _AuthorizationServer) -> _Refusal:
+    """RFC 8414 §3: the server's metadata, public and cacheable."""
+    if request.method not in ("GET", "HEAD"):
+        return 405, [("Allow", "GET, HEAD"), ("Content-Type", "application/json")], b'{"error":"method_not_allowed"}'
+    headers = [
+        ("Content-Type", "application/json"),
+        ("Cache-Control", "public, max-age=3600"),
+        ("Access-Control-Allow-Origin", "*"),  # public metadata, read by browser-based clients
+    ]
+    body = _JSON_ENCODER.encode(state.metadata).encode("utf-8")
+    return 200, headers, body if request.method == "GET" else b""
+
+
+def _serve_authorization(request: _PageRequest, state: _AuthorizationServer, subject: Optional[str]) -> _Refusal:
+    """Route one request to its endpoint; every endpoint is a function of (request, state)."""
+    endpoint = state.endpoint(request)
+    if endpoint == "authorize":
+        return _authorize_endpoint(request, state, subject)
+    if endpoint == "token":
+        return _token_endpoint(request, state)
+    if endpoint == "register":
+        return _register_endpoint(request, state)
+    if endpoint == "revoke":
+        return _revoke_endpoint(request, state)
+    if endpoint == "metadata":
+        return _metadata_endpoint(request, state)
+    return 404, [("Content-Type", "application/json")], b'{"error":"not_found"}'
+
+
+def _signed_in(value: Any) -> Optional[str]:
+    """What ``authenticate`` returned, as a subject: a valid name, or None (not signed in)."""
+    return value if type(value) is str and _valid_name(value) else None
+
+
+class _AuthorizationServerWsgi:
+    def __init__(self, state: _AuthorizationServer) -> None:
+        self._state = state
+
+    def __call__(self, environ: Dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        state = self._state
+        try:
+            body = _wsgi_body(environ)
+        except _MalformedRequest as exc:
+            return _WsgiMiddleware._respond(_OAuthError("invalid_request", str(exc)).json(), start_response)
+        request = _wsgi_request(environ, body)
+        subject = _signed_in(state.authenticate(request)) if state.endpoint(request) == "authorize" else None
+        return _WsgiMiddleware._respond(_serve_authorization(request, state, subject), start_response)
+
+
+class _AuthorizationServerAsgi:
+    def __init__(self, state: _AuthorizationServer) -> None:
+        self._state = state
+
+    async def __call__(self, scope: Dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> None:
+        import asyncio
+        import inspect
+
+        if scope["type"] != "http":
+            return
+        state = self._state
+        try:
+            body = await _asgi_body(receive)
+        except _MalformedRequest as exc:
+            await _AsgiMiddleware._respond(_OAuthError("invalid_request", str(exc)).json(), send)
+            return
+        request = _asgi_request(scope, body)
+        subject = None
+        if state.endpoint(request) == "authorize":
+            found = state.authenticate(request)
+            subject = _signed_in(await found if inspect.isawaitable(found) else found)
+        # The store and a client document's fetch may block: off the event loop.
+        answer = await asyncio.get_running_loop().run_in_executor(None, _serve_authorization, request, state, subject)
         await _AsgiMiddleware._respond(answer, send)
 
 

@@ -2966,7 +2966,7 @@ class SqliteStoreTests(StoreContract, unittest.TestCase):
 
     def test_schema_version_is_in_user_version(self):
         conn = self.connect(self.path)
-        self.assertEqual(conn.execute("PRAGMA user_version").fetchone()[0], 3)
+        self.assertEqual(conn.execute("PRAGMA user_version").fetchone()[0], 4)
 
     def test_database_is_in_wal_mode(self):
         conn = self.connect(self.path)
@@ -3338,7 +3338,7 @@ class SqliteGrantStoreTests(GrantStoreContract, unittest.TestCase):
         self.assertEqual(self.open_store(path).get_grant("user_a", "agent_a"), grant)
         check = sqlite3.connect(path)
         self.addCleanup(check.close)
-        self.assertEqual(check.execute("PRAGMA user_version").fetchone()[0], 3)
+        self.assertEqual(check.execute("PRAGMA user_version").fetchone()[0], 4)
 
     def test_a_failed_narrowing_writes_nothing(self):
         self.save(new_grant(scopes=("email:read", "email:send")))
@@ -3373,6 +3373,138 @@ class SqliteGrantStoreTests(GrantStoreContract, unittest.TestCase):
         # Every agent was disconnected exactly once, by one process or the other.
         self.assertEqual([a + b for a, b in zip(outcomes[0][2], outcomes[1][2])], [1] * 10)
         self.assertEqual(self.store.list_grants("user_shared"), [])
+
+
+class RecordStoreContract:
+    """The AuthorizationStore contract, run against every store that holds records."""
+
+    def test_a_record_is_stored_read_and_replaced(self):
+        self.store.put_record("client", "c1", '{"a":1}', expires_at=T0 + 10, now=T0)
+        self.assertEqual(self.store.get_record("client", "c1", now=T0), '{"a":1}')
+        self.assertIsNone(self.store.get_record("code", "c1", now=T0))  # kinds are apart
+        self.assertIsNone(self.store.get_record("client", "c2", now=T0))
+        self.store.put_record("client", "c1", '{"a":2}', expires_at=T0 + 10, now=T0)
+        self.assertEqual(self.store.get_record("client", "c1", now=T0), '{"a":2}')
+
+    def test_an_expired_record_does_not_exist(self):
+        self.store.put_record("code", "k", "v", expires_at=T0 + 10, now=T0)
+        self.assertEqual(self.store.get_record("code", "k", now=T0 + 9), "v")
+        self.assertIsNone(self.store.get_record("code", "k", now=T0 + 10))
+        self.assertIsNone(self.store.use_record("code", "k", now=T0 + 10))
+
+    def test_use_tells_the_first_use_and_changes_nothing_after(self):
+        self.store.put_record("code", "k", "v", expires_at=T0 + 100, now=T0)
+        self.assertEqual(self.store.use_record("code", "k", now=T0 + 1), ("v", None))
+        self.assertEqual(self.store.use_record("code", "k", now=T0 + 5), ("v", T0 + 1))
+        self.assertEqual(self.store.use_record("code", "k", now=T0 + 9), ("v", T0 + 1))
+        self.assertIsNone(self.store.use_record("code", "other", now=T0))
+
+    def test_replacing_a_record_forgets_its_use(self):
+        self.store.put_record("client", "k", "v", expires_at=T0 + 100, now=T0)
+        self.store.use_record("client", "k", now=T0)
+        self.store.put_record("client", "k", "w", expires_at=T0 + 200, now=T0)
+        self.assertEqual(self.store.use_record("client", "k", now=T0 + 1), ("w", None))
+
+    def test_threads_using_one_record_see_one_first_use(self):
+        self.store.put_record("code", "k", "v", expires_at=T0 + 100, now=T0)
+        results = []
+        barrier = threading.Barrier(8)
+
+        def use():
+            barrier.wait(10)
+            results.append(self.store.use_record("code", "k", now=T0 + 1)[1])
+
+        threads = [threading.Thread(target=use) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        self.assertEqual(sorted(results, key=lambda x: x is not None), [None] + [T0 + 1] * 7)
+
+
+class MemoryRecordStoreTests(RecordStoreContract, unittest.TestCase):
+    def setUp(self):
+        self.store = MemoryStore()
+
+    def test_put_purges_expired_records(self):
+        self.store.put_record("code", "old", "v", expires_at=T0 + 1, now=T0)
+        self.store.put_record("code", "new", "v", expires_at=T0 + 100, now=T0 + 1)
+        self.assertEqual(list(self.store._records), [("code", "new")])
+
+
+class SqliteRecordStoreTests(RecordStoreContract, unittest.TestCase):
+    def setUp(self):
+        directory = tempfile.mkdtemp(prefix="agentauth-test-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        self.path = os.path.join(directory, "records.db")
+        self.store = SqliteStore(self.path)
+        self.addCleanup(self.store.close)
+
+    def test_put_purges_expired_records(self):
+        self.store.put_record("code", "old", "v", expires_at=T0 + 1, now=T0)
+        self.store.put_record("code", "new", "v", expires_at=T0 + 100, now=T0 + 1)
+        conn = sqlite3.connect(self.path)
+        self.addCleanup(conn.close)
+        self.assertEqual(conn.execute("SELECT kind, key FROM agentauth_records").fetchall(), [("code", "new")])
+
+    def test_two_store_objects_on_one_file_see_one_first_use(self):
+        other = SqliteStore(self.path)
+        self.addCleanup(other.close)
+        self.store.put_record("refresh", "k", "v", expires_at=T0 + 100, now=T0)
+        self.assertEqual(other.use_record("refresh", "k", now=T0 + 1), ("v", None))
+        self.assertEqual(self.store.use_record("refresh", "k", now=T0 + 2), ("v", T0 + 1))
+
+    def test_a_version_3_database_is_migrated_in_place_keeping_grants_revocations_and_proofs(self):
+        directory = tempfile.mkdtemp(prefix="agentauth-test-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        path = os.path.join(directory, "v3.db")
+        conn = sqlite3.connect(path, isolation_level=None)
+        for statement in V3_SQLITE_SCHEMA:
+            conn.execute(statement)
+        conn.execute("INSERT INTO agentauth_dpop_proofs VALUES ('proof-1', ?)", (T0 + 600,))
+        conn.execute("INSERT INTO agentauth_revocations (key, jti, agent, subject, revoked_at, expires_at)"
+                     " VALUES ('agent:agent_a', NULL, 'agent_a', NULL, ?, ?)", (T0, T0 + 1000))
+        conn.execute("INSERT INTO agentauth_grants VALUES ('user_a', 'agent_b', 'g1', NULL, 'email:read', ?, ?, NULL)",
+                     (T0, T0))
+        conn.execute("PRAGMA user_version = 3")
+        conn.close()
+        store = SqliteStore(path)
+        self.addCleanup(store.close)
+        self.assertIs(store.record_proof("proof-1", now=T0, expires_at=T0 + 600), False)
+        self.assertIs(store.is_revoked(agent_claims(agent="agent_a", sub="anyone")), True)
+        self.assertEqual(store.get_grant("user_a", "agent_b").scopes, ("email:read",))
+        store.put_record("client", "c", "v", expires_at=T0 + 10, now=T0)
+        self.assertEqual(SqliteStore(path).get_record("client", "c", now=T0), "v")
+        check = sqlite3.connect(path)
+        self.addCleanup(check.close)
+        self.assertEqual(check.execute("PRAGMA user_version").fetchone()[0], 4)
+
+    def test_a_failed_write_or_read_is_unavailable(self):
+        conn = sqlite3.connect(self.path, isolation_level=None)
+        conn.execute("DROP TABLE agentauth_records")
+        conn.close()
+        for call in (lambda: self.store.put_record("client", "c", "v", expires_at=T0 + 10, now=T0),
+                     lambda: self.store.get_record("client", "c", now=T0),
+                     lambda: self.store.use_record("client", "c", now=T0)):
+            with raises_exactly(self, StoreUnavailableError):
+                call()
+
+
+V3_SQLITE_SCHEMA = V1_SQLITE_SCHEMA + (  # a version-3 (revocations, grants, DPoP proofs) database, as released
+    """CREATE TABLE IF NOT EXISTS agentauth_grants (
+        subject TEXT NOT NULL,
+        agent TEXT NOT NULL,
+        grant_id TEXT NOT NULL UNIQUE,
+        agent_name TEXT,
+        scopes TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL,
+        last_used_at INTEGER,
+        PRIMARY KEY (subject, agent)
+    )""",
+    "CREATE TABLE IF NOT EXISTS agentauth_dpop_proofs (key TEXT PRIMARY KEY, expires_at INTEGER NOT NULL) WITHOUT ROWID",
+    "CREATE INDEX IF NOT EXISTS agentauth_dpop_proofs_expires ON agentauth_dpop_proofs (expires_at)",
+)
 
 
 # ---------------------------------------------------------------------------
@@ -3513,7 +3645,7 @@ class SqliteProofReplayTests(ProofReplayContract, unittest.TestCase):
         self.assertIs(store.record_proof("k", now=T0, expires_at=T0 + 600), True)
         check = sqlite3.connect(path)
         self.addCleanup(check.close)
-        self.assertEqual(check.execute("PRAGMA user_version").fetchone()[0], 3)
+        self.assertEqual(check.execute("PRAGMA user_version").fetchone()[0], 4)
 
 
 class RedisProofReplayTests(ProofReplayContract, unittest.TestCase):
@@ -7972,6 +8104,1009 @@ class AgentsPageAsgiTests(AgentsPageContract, unittest.TestCase):
 # ---------------------------------------------------------------------------
 # RedisStore (against a fake client; the real server is in test_integration.py)
 # ---------------------------------------------------------------------------
+
+
+# ---------------------------------------------------------------------------
+# Authorization server
+# ---------------------------------------------------------------------------
+
+AS_ISSUER = "https://auth.example"
+AS_AUDIENCE = "https://mcp.example/mcp"
+AS_SCOPES = {"email:read": "Read your email", "email:send": "Send email as you", "calendar:read": "See your calendar"}
+REDIRECT = "https://agent.example/callback"
+VERIFIER = "v" * 43 + "-verifier_0123456789"
+CHALLENGE = base64.urlsafe_b64encode(hashlib.sha256(VERIFIER.encode()).digest()).rstrip(b"=").decode()
+
+
+def cookie_login(request):
+    """The test's login: the subject is the value of the ``user`` cookie."""
+    return request.cookies.get("user")
+
+
+def as_call(app, method, path, *, query="", body=b"", content_type=None, user=None):
+    """Call a WSGI app; return (status code, headers dict, body)."""
+    environ = {}
+    wsgiref.util.setup_testing_defaults(environ)
+    environ.update({"PATH_INFO": path, "REQUEST_METHOD": method, "QUERY_STRING": query,
+                    "wsgi.input": io.BytesIO(body), "CONTENT_LENGTH": str(len(body))})
+    if content_type is not None:
+        environ["CONTENT_TYPE"] = content_type
+    if user is not None:
+        environ["HTTP_COOKIE"] = f"user={user}"
+    seen = {}
+
+    def start_response(status, headers, exc_info=None):
+        seen["status"], seen["headers"] = int(status.split()[0]), dict(headers)
+
+    result = wsgiref.validate.validator(app)(environ, start_response)
+    try:
+        data = b"".join(result)
+    finally:
+        result.close()
+    return seen["status"], seen["headers"], data
+
+
+def form_of(html):
+    """The consent page's form fields: (hidden and csrf fields, checkbox scopes)."""
+    hidden = dict(re.findall(r'<input type="hidden" name="([^"]+)" value="([^"]*)">', html))
+    scopes = re.findall(r'name="approved_scope" value="([^"]+)" checked', html)
+    import html as html_module
+
+    return {k: html_module.unescape(v) for k, v in hidden.items()}, scopes
+
+
+def redirect_params(headers):
+    location = headers["Location"]
+    parts = urllib.parse.urlsplit(location)
+    return location, dict(urllib.parse.parse_qsl(parts.query, keep_blank_values=True))
+
+
+class AuthorizationServerFixture:
+    """An authorization server over MemoryStore (or ``make_store``), a FixedClock, a cookie login."""
+
+    def make_store(self):
+        return MemoryStore()
+
+    def setUp(self):
+        self.clock = FixedClock()
+        self.store = self.make_store()
+        self.auth = make_auth(issuer=AS_ISSUER, audience=AS_AUDIENCE, clock=self.clock, store=self.store)
+        self.app = self.make_app()
+
+    def make_app(self, **options):
+        settings = dict(authenticate=cookie_login, login_url="/login", scope_descriptions=AS_SCOPES)
+        settings.update(options)
+        return self.auth.authorization_server_wsgi(**settings)
+
+    def post_form(self, path, fields, *, user=None, app=None):
+        body = urllib.parse.urlencode(fields, doseq=True).encode()
+        return as_call(app or self.app, "POST", path, body=body, content_type="application/x-www-form-urlencoded",
+                       user=user)
+
+    def register(self, redirect_uris=(REDIRECT,), **metadata):
+        document = {"redirect_uris": list(redirect_uris), "client_name": "Mail agent",
+                    "grant_types": ["authorization_code", "refresh_token"], **metadata}
+        status, headers, body = as_call(self.app, "POST", "/register", body=json.dumps(document).encode(),
+                                        content_type="application/json")
+        self.assertEqual(status, 201, body)
+        return json.loads(body)["client_id"]
+
+    def authorize_params(self, client_id, **overrides):
+        params = {"response_type": "code", "client_id": client_id, "redirect_uri": REDIRECT, "state": "st-1",
+                  "scope": "email:read email:send", "code_challenge": CHALLENGE, "code_challenge_method": "S256",
+                  "resource": AS_AUDIENCE}
+        params.update(overrides)
+        return {k: v for k, v in params.items() if v is not None}
+
+    def authorize(self, params, *, user="user_123", app=None):
+        return as_call(app or self.app, "GET", "/authorize", query=urllib.parse.urlencode(params), user=user)
+
+    def consent(self, params, *, user="user_123", untick=(), decision="allow"):
+        """GET the consent page, untick scopes, answer; return the redirect's parameters."""
+        status, headers, body = self.authorize(params, user=user)
+        if status == 303 and decision == "allow" and not untick:  # granted before: no second prompt
+            return redirect_params(headers)[1]
+        self.assertEqual(status, 200, body)
+        hidden, scopes = form_of(body.decode())
+        fields = dict(hidden, decision=decision)
+        fields["approved_scope"] = [s for s in scopes if s not in untick]
+        status, headers, body = self.post_form("/authorize", fields, user=user)
+        self.assertEqual(status, 303, body)
+        return redirect_params(headers)[1]
+
+    def code_for(self, client_id, *, untick=(), **overrides):
+        return self.consent(self.authorize_params(client_id, **overrides), untick=untick)["code"]
+
+    def token(self, fields):
+        status, headers, body = self.post_form("/token", fields)
+        return status, headers, json.loads(body)
+
+    def exchange_code(self, client, the_code, **overrides):
+        fields = {"grant_type": "authorization_code", "code": the_code, "client_id": client,
+                  "redirect_uri": REDIRECT, "code_verifier": VERIFIER, "resource": AS_AUDIENCE}
+        fields.update(overrides)
+        return self.token({k: v for k, v in fields.items() if v is not None})
+
+    def tokens(self, client_id, **overrides):
+        status, _, answer = self.exchange_code(client_id, self.code_for(client_id, **overrides))
+        self.assertEqual(status, 200, answer)
+        return answer
+
+    def refresh(self, client_id, refresh_token, **extra):
+        fields = {"grant_type": "refresh_token", "refresh_token": refresh_token, "client_id": client_id, **extra}
+        return self.token({k: v for k, v in fields.items() if v is not None})
+
+    def assertOAuthError(self, answer, status, error):
+        self.assertEqual((answer[0], answer[2]["error"]), (status, error))
+        self.assertEqual(answer[1]["Cache-Control"], "no-store")
+
+
+class AuthorizationServerConfigTests(unittest.TestCase):
+    def make(self, auth=None, **options):
+        settings = dict(authenticate=cookie_login, scope_descriptions=AS_SCOPES)
+        settings.update(options)
+        auth = auth or make_auth(issuer=AS_ISSUER, audience=AS_AUDIENCE)
+        return auth.authorization_server_wsgi(**settings)
+
+    def test_issuer_must_be_an_https_url(self):
+        for issuer in ("my-app", "http://auth.example", "https://auth.example?x=1", "https://auth.example#f",
+                       "ftp://auth.example"):
+            with self.subTest(issuer=issuer), raises_exactly(self, InvalidConfigError):
+                self.make(make_auth(issuer=issuer, audience=AS_AUDIENCE))
+        self.make(make_auth(issuer="http://127.0.0.1:8000", audience=AS_AUDIENCE))  # loopback, for development
+
+    def test_bad_options_are_config_errors(self):
+        for options in ({"scope_descriptions": {}}, {"scope_descriptions": {"email:*": "All email"}},
+                        {"scope_descriptions": {"a b": "two"}}, {"scope_descriptions": {"email:read": ""}},
+                        {"authenticate": None}, {"default_scopes": ["calendar:write"]}, {"code_ttl_seconds": 0},
+                        {"refresh_reuse_grace_seconds": -1}, {"allow_private_client_documents": "yes"},
+                        {"login_url": "/login\n"}):
+            with self.subTest(options=options), raises_exactly(self, InvalidConfigError):
+                self.make(**options)
+        with self.assertRaises(TypeError):
+            make_auth().authorization_server_wsgi(scope_descriptions=AS_SCOPES)  # no authenticate
+
+    def test_an_async_login_is_refused_under_wsgi(self):
+        async def login(request):
+            return None
+
+        with raises_exactly(self, InvalidConfigError):
+            self.make(authenticate=login)
+
+    def test_a_store_without_records_is_refused(self):
+        with raises_exactly(self, InvalidConfigError):
+            self.make(make_auth(issuer=AS_ISSUER, audience=AS_AUDIENCE, store=agentauth.RedisStore(FakeRedis())))
+
+    def test_a_verifier_cannot_be_an_authorization_server(self):
+        key = Ed25519Key.generate()
+        verifier = AgentAuth.verifier(issuer=AS_ISSUER, audience=AS_AUDIENCE, jwks={"keys": [key.public_jwk("k")]})
+        with raises_exactly(self, InvalidConfigError):
+            self.make(verifier)
+
+
+class AuthorizationServerMetadataTests(AuthorizationServerFixture, unittest.TestCase):
+    def test_metadata_has_every_field_and_the_issuer_byte_for_byte(self):
+        status, headers, body = as_call(self.app, "GET", "/.well-known/oauth-authorization-server")
+        self.assertEqual(status, 200)
+        self.assertEqual(json.loads(body), {
+            "issuer": AS_ISSUER,
+            "authorization_endpoint": AS_ISSUER + "/authorize",
+            "token_endpoint": AS_ISSUER + "/token",
+            "registration_endpoint": AS_ISSUER + "/register",
+            "revocation_endpoint": AS_ISSUER + "/revoke",
+            "response_types_supported": ["code"],
+            "response_modes_supported": ["query"],
+            "grant_types_supported": ["authorization_code", "refresh_token",
+                                      "urn:ietf:params:oauth:grant-type:token-exchange"],
+            "code_challenge_methods_supported": ["S256"],
+            "token_endpoint_auth_methods_supported": ["none"],
+            "revocation_endpoint_auth_methods_supported": ["none"],
+            "scopes_supported": ["email:read", "email:send", "calendar:read"],
+            "authorization_response_iss_parameter_supported": True,
+            "client_id_metadata_document_supported": True,
+        })
+        self.assertIn(b'"issuer":"https://auth.example"', body)
+        self.assertEqual(headers["Content-Type"], "application/json")
+
+    def test_an_issuer_with_a_path_gets_the_well_known_segment_first(self):
+        auth = make_auth(issuer="https://example.com/tenant1", audience=AS_AUDIENCE, clock=self.clock)
+        app = auth.authorization_server_wsgi(authenticate=cookie_login, scope_descriptions=AS_SCOPES)
+        status, _, body = as_call(app, "GET", "/.well-known/oauth-authorization-server/tenant1")
+        self.assertEqual(status, 200)
+        self.assertEqual(json.loads(body)["token_endpoint"], "https://example.com/tenant1/token")
+        self.assertEqual(as_call(app, "GET", "/.well-known/oauth-authorization-server")[0], 404)
+
+    def test_metadata_refuses_post(self):
+        self.assertEqual(as_call(self.app, "POST", "/.well-known/oauth-authorization-server")[0], 405)
+
+    def test_the_tokens_iss_and_the_redirects_iss_are_the_issuer(self):
+        client = self.register()
+        answer = self.tokens(client)
+        self.assertEqual(self.auth.verify(answer["access_token"]).iss, AS_ISSUER)
+        params = self.consent(self.authorize_params(client, prompt="consent"), decision="deny")
+        self.assertEqual(params["iss"], AS_ISSUER)
+
+
+class RegistrationTests(AuthorizationServerFixture, unittest.TestCase):
+    def post(self, document, content_type="application/json"):
+        body = document if isinstance(document, bytes) else json.dumps(document).encode()
+        status, headers, data = as_call(self.app, "POST", "/register", body=body, content_type=content_type)
+        return status, headers, json.loads(data)
+
+    def test_a_public_client_is_registered(self):
+        status, headers, answer = self.post({"redirect_uris": [REDIRECT], "client_name": "Mail agent"})
+        self.assertEqual(status, 201)
+        self.assertEqual(headers["Cache-Control"], "no-store")
+        self.assertEqual(answer["token_endpoint_auth_method"], "none")
+        self.assertEqual((answer["redirect_uris"], answer["grant_types"], answer["response_types"]),
+                         ([REDIRECT], ["authorization_code"], ["code"]))
+        self.assertEqual((answer["client_name"], answer["client_id_issued_at"]), ("Mail agent", T0))
+        self.assertNotIn("client_secret", answer)
+        self.assertGreaterEqual(len(answer["client_id"]), 20)
+
+    def test_redirect_uri_rules(self):
+        good = ("https://agent.example/cb", "http://127.0.0.1/cb", "http://localhost:3000/cb", "http://[::1]/cb",
+                "com.example.agent:/callback", "https://agent.example/cb?tenant=1")
+        bad = ("http://agent.example/cb", "myapp:/cb", "javascript:alert(1)//x.y", "https://agent.example/cb#frag",
+               "https://user@agent.example/cb", "data:text/html,x", "/relative", "", 7, "https:///nohost",
+               "https://agent.example/c b", "https://" + "a" * 2000 + ".example/")
+        for uri in good:
+            with self.subTest(uri=uri):
+                self.assertEqual(self.post({"redirect_uris": [uri]})[0], 201)
+        for uri in bad:
+            with self.subTest(uri=uri):
+                status, _, answer = self.post({"redirect_uris": [uri]})
+                self.assertEqual((status, answer["error"]), (400, "invalid_redirect_uri"))
+
+    def test_rfc7591_errors(self):
+        cases = [
+            ({"client_name": "x"}, "invalid_redirect_uri"),
+            ({"redirect_uris": []}, "invalid_redirect_uri"),
+            ({"redirect_uris": REDIRECT}, "invalid_redirect_uri"),
+            ({"redirect_uris": [REDIRECT] * 11}, "invalid_redirect_uri"),
+            ({"redirect_uris": [REDIRECT], "token_endpoint_auth_method": "client_secret_basic"}, "invalid_client_metadata"),
+            ({"redirect_uris": [REDIRECT], "grant_types": ["implicit"]}, "invalid_client_metadata"),
+            ({"redirect_uris": [REDIRECT], "grant_types": ["refresh_token"]}, "invalid_client_metadata"),
+            ({"redirect_uris": [REDIRECT], "response_types": ["token"]}, "invalid_client_metadata"),
+            ({"redirect_uris": [REDIRECT], "client_name": "x" * 101}, "invalid_client_metadata"),
+            ({"redirect_uris": [REDIRECT], "client_name": "bad\x07name"}, "invalid_client_metadata"),
+            (b"not json", "invalid_client_metadata"),
+            (b"[1]", "invalid_client_metadata"),
+            (b'{"redirect_uris": [], "redirect_uris": []}', "invalid_client_metadata"),
+        ]
+        for document, error in cases:
+            with self.subTest(document=document):
+                status, _, answer = self.post(document)
+                self.assertEqual((status, answer["error"]), (400, error))
+
+    def test_size_is_bounded_and_json_required(self):
+        status, _, answer = self.post({"redirect_uris": [REDIRECT], "client_name": "x", "pad": "y" * 9000})
+        self.assertEqual((status, answer["error"]), (400, "invalid_client_metadata"))
+        status, _, answer = self.post({"redirect_uris": [REDIRECT]}, content_type="text/plain")
+        self.assertEqual((status, answer["error"]), (400, "invalid_client_metadata"))
+        status, _, data = as_call(self.app, "POST", "/register", body=b"x" * 70000, content_type="application/json")
+        self.assertEqual(status, 400)
+        self.assertEqual(as_call(self.app, "GET", "/register")[0], 405)
+
+    def test_an_unused_registration_expires_and_a_used_one_lives_on(self):
+        unused, used = self.register(), self.register()
+        self.tokens(used)
+        self.clock.advance(agentauth.DEFAULT_UNUSED_CLIENT_TTL_SECONDS + 1)
+        status, headers, body = self.authorize(self.authorize_params(unused))
+        self.assertEqual(status, 400)
+        self.assertNotIn("Location", headers)
+        self.assertIn(b"invalid_client", body)
+        self.assertEqual(self.authorize(self.authorize_params(used))[0], 303)  # granted before: a code at once
+
+
+class AuthorizationEndpointTests(AuthorizationServerFixture, unittest.TestCase):
+    def setUp(self):
+        super().setUp()
+        self.client_id = self.register()
+
+    def assertShownNotRedirected(self, answer, error):
+        status, headers, body = answer
+        self.assertEqual(status, 400)
+        self.assertNotIn("Location", headers)
+        self.assertIn(error.encode(), body)
+        self.assertEqual(headers["X-Frame-Options"], "DENY")
+
+    def assertRedirectedWith(self, answer, error, state="st-1"):
+        status, headers, _ = answer
+        self.assertEqual(status, 303)
+        location, params = redirect_params(headers)
+        self.assertTrue(location.startswith(REDIRECT + "?"))
+        self.assertEqual(params["error"], error)
+        self.assertEqual(params["iss"], AS_ISSUER)
+        if state is None:
+            self.assertNotIn("state", params)
+        else:
+            self.assertEqual(params["state"], state)
+        self.assertNotIn("code", params)
+
+    def test_errors_before_the_client_and_redirect_uri_are_validated_are_shown(self):
+        cases = [
+            (self.authorize_params(None), "invalid_request"),
+            (self.authorize_params("no-such-client"), "invalid_client"),
+            (self.authorize_params("bad\x01id"), "invalid_client"),
+            (self.authorize_params(self.client_id, redirect_uri="https://evil.example/callback"), "invalid_request"),
+            (self.authorize_params(self.client_id, redirect_uri=REDIRECT + "/more"), "invalid_request"),
+            (self.authorize_params(self.client_id, redirect_uri=REDIRECT + "?x=1"), "invalid_request"),
+        ]
+        for params, error in cases:
+            with self.subTest(params=params):
+                self.assertShownNotRedirected(self.authorize(params), error)
+
+    def test_duplicate_parameters_are_refused_on_the_page(self):
+        base = urllib.parse.urlencode(self.authorize_params(self.client_id))
+        for extra in ("&redirect_uri=https%3A%2F%2Fevil.example%2Fcb", "&scope=email%3Aread", "&state=2",
+                      "&code_challenge=" + CHALLENGE):
+            with self.subTest(extra=extra):
+                answer = as_call(self.app, "GET", "/authorize", query=base + extra, user="user_123")
+                self.assertShownNotRedirected(answer, "repeated")
+
+    def test_a_malformed_query_is_shown(self):
+        self.assertShownNotRedirected(as_call(self.app, "GET", "/authorize", query="a=%ZZ&&", user="u"),
+                                      "invalid_request")
+
+    def test_a_single_registered_redirect_uri_may_be_left_out(self):
+        params = self.consent(self.authorize_params(self.client_id, redirect_uri=None))
+        self.assertIn("code", params)
+        two = self.register(redirect_uris=(REDIRECT, "https://agent.example/other"))
+        self.assertShownNotRedirected(self.authorize(self.authorize_params(two, redirect_uri=None)), "redirect_uri")
+
+    def test_errors_after_are_redirected_with_error_state_and_iss(self):
+        cases = [
+            ({"response_type": "token"}, "unsupported_response_type"),
+            ({"response_type": None}, "invalid_request"),
+            ({"code_challenge": None}, "invalid_request"),
+            ({"code_challenge_method": None}, "invalid_request"),
+            ({"code_challenge_method": "plain", "code_challenge": VERIFIER}, "invalid_request"),
+            ({"code_challenge": "short"}, "invalid_request"),
+            ({"scope": "email:read admin"}, "invalid_scope"),
+            ({"scope": "email:*"}, "invalid_scope"),
+            ({"scope": "email:read  email:send"}, "invalid_scope"),
+            ({"resource": "https://other.example/mcp"}, "invalid_target"),
+            ({"prompt": "select_account"}, "invalid_request"),
+        ]
+        for overrides, error in cases:
+            with self.subTest(overrides=overrides):
+                self.assertRedirectedWith(self.authorize(self.authorize_params(self.client_id, **overrides)), error)
+
+    def test_a_state_too_long_is_refused_and_not_echoed(self):
+        answer = self.authorize(self.authorize_params(self.client_id, state="s" * 1025))
+        self.assertRedirectedWith(answer, "invalid_request", state=None)
+
+    def test_no_state_is_fine_and_none_is_returned(self):
+        params = self.consent(self.authorize_params(self.client_id, state=None))
+        self.assertIn("code", params)
+        self.assertNotIn("state", params)
+
+    def test_without_a_user_the_browser_goes_to_the_login_page(self):
+        params = self.authorize_params(self.client_id)
+        status, headers, _ = self.authorize(params, user=None)
+        self.assertEqual(status, 303)
+        location = urllib.parse.urlsplit(headers["Location"])
+        self.assertEqual(location.path, "/login")
+        target = urllib.parse.parse_qs(location.query)["next"][0]
+        self.assertEqual(target, "/authorize?" + urllib.parse.urlencode(params))
+        app = self.make_app(login_url=None)
+        self.assertEqual(self.authorize(params, user=None, app=app)[0], 401)
+
+    def test_prompt_none_without_a_user_or_consent_is_redirected(self):
+        self.assertRedirectedWith(self.authorize(self.authorize_params(self.client_id, prompt="none"), user=None),
+                                  "login_required")
+        self.assertRedirectedWith(self.authorize(self.authorize_params(self.client_id, prompt="none")),
+                                  "consent_required")
+
+    def test_the_consent_page_shows_the_agent_host_and_scopes(self):
+        status, headers, body = self.authorize(self.authorize_params(self.client_id))
+        self.assertEqual(status, 200)
+        html = body.decode()
+        for text in ("Mail agent", self.client_id, "agent.example", "Read your email", "Send email as you",
+                     "Allow", "Deny"):
+            self.assertIn(text, html)
+        self.assertNotIn("See your calendar", html)  # not requested
+        self.assertNotIn("localhost", html)
+        self.assertEqual(form_of(html)[1], ["email:read", "email:send"])
+        self.assertIn("frame-ancestors 'none'", headers["Content-Security-Policy"])
+        self.assertEqual((headers["X-Frame-Options"], headers["Cache-Control"]), ("DENY", "no-store"))
+
+    def test_a_loopback_redirect_is_named_with_a_warning(self):
+        client = self.register(redirect_uris=("http://localhost:33418/callback",))
+        body = self.authorize(self.authorize_params(client, redirect_uri="http://localhost:33418/callback"))[2]
+        self.assertIn(b"returns to localhost", body)
+        self.assertIn(b"<strong>localhost</strong>", body)
+
+    def test_the_agent_name_is_escaped(self):
+        client = self.register(client_name='<script>alert("x")</script>')
+        body = self.authorize(self.authorize_params(client))[2].decode()
+        self.assertNotIn("<script>", body)
+        self.assertIn("&lt;script&gt;", body)
+
+    def test_no_scope_asks_for_the_default_scopes(self):
+        body = self.authorize(self.authorize_params(self.client_id, scope=None))[2].decode()
+        self.assertEqual(form_of(body)[1], ["email:read", "email:send", "calendar:read"])
+        app = self.make_app(default_scopes=["email:read"])
+        body = self.authorize(self.authorize_params(self.client_id, scope=None), app=app)[2].decode()
+        self.assertEqual(form_of(body)[1], ["email:read"])
+
+    def test_allow_records_the_grant_as_a_union_and_redirects_with_a_code(self):
+        self.auth.grant(subject="user_123", agent=self.client_id, scopes=["calendar:read"])
+        params = self.consent(self.authorize_params(self.client_id), untick=("email:send",))
+        self.assertEqual((params["state"], params["iss"]), ("st-1", AS_ISSUER))
+        self.assertGreaterEqual(len(params["code"]), 40)
+        grant = self.auth.grants(subject="user_123")[0]
+        self.assertEqual((grant.agent, grant.agent_name), (self.client_id, "Mail agent"))
+        self.assertEqual(grant.scopes, ("calendar:read", "email:read"))
+        answer = self.exchange_code(self.client_id, params["code"])[2]
+        self.assertEqual(answer["scope"], "email:read")
+
+    def test_deny_redirects_with_access_denied_and_records_nothing(self):
+        params = self.consent(self.authorize_params(self.client_id), decision="deny")
+        self.assertEqual((params["error"], params["state"], params["iss"]), ("access_denied", "st-1", AS_ISSUER))
+        self.assertNotIn("code", params)
+        self.assertEqual(self.auth.grants(subject="user_123"), [])
+
+    def test_unticking_every_scope_is_a_denial(self):
+        params = self.consent(self.authorize_params(self.client_id), untick=("email:read", "email:send"))
+        self.assertEqual(params["error"], "access_denied")
+        self.assertEqual(self.auth.grants(subject="user_123"), [])
+
+    def test_a_scope_added_to_the_form_is_ignored(self):
+        status, headers, body = self.authorize(self.authorize_params(self.client_id, scope="email:read"))
+        hidden, _ = form_of(body.decode())
+        fields = dict(hidden, decision="allow", approved_scope=["email:read", "email:send"])
+        code = redirect_params(self.post_form("/authorize", fields, user="user_123")[1])[1]["code"]
+        self.assertEqual(self.exchange_code(self.client_id, code)[2]["scope"], "email:read")
+        self.assertEqual(self.auth.grants(subject="user_123")[0].scopes, ("email:read",))
+
+    def test_no_second_prompt_for_scopes_already_granted_unless_prompt_consent(self):
+        self.consent(self.authorize_params(self.client_id))
+        status, headers, _ = self.authorize(self.authorize_params(self.client_id, scope="email:read"))
+        self.assertEqual(status, 303)
+        self.assertIn("code", redirect_params(headers)[1])
+        self.assertEqual(self.authorize(self.authorize_params(self.client_id, prompt="consent"))[0], 200)
+        self.assertEqual(self.authorize(self.authorize_params(self.client_id, scope="calendar:read"))[0], 200)
+        self.assertEqual(self.authorize(self.authorize_params(self.client_id), user="user_other")[0], 200)
+
+    def test_a_consent_post_without_a_user_is_refused(self):
+        status, _, body = self.authorize(self.authorize_params(self.client_id))
+        hidden, _ = form_of(body.decode())
+        status, headers, _ = self.post_form("/authorize", dict(hidden, decision="allow", approved_scope="email:read"))
+        self.assertEqual(status, 403)
+        self.assertNotIn("Location", headers)
+
+    def test_loopback_redirect_uris_match_on_any_port_and_others_exactly(self):
+        loopback = self.register(redirect_uris=("http://127.0.0.1/callback", "http://localhost:8080/cb"))
+        for uri in ("http://127.0.0.1:54321/callback", "http://127.0.0.1/callback", "http://localhost:1/cb"):
+            with self.subTest(uri=uri):
+                self.assertEqual(self.authorize(self.authorize_params(loopback, redirect_uri=uri))[0], 200)
+        for uri in ("http://127.0.0.1:54321/other", "http://127.0.0.2:54321/callback", "https://127.0.0.1/callback",
+                    "http://localhost:8080/cb?x=1", "http://localhost:8080/cb#x", "http://127.0.0.1:80@evil.example/callback"):
+            with self.subTest(uri=uri):
+                self.assertShownNotRedirected(self.authorize(self.authorize_params(loopback, redirect_uri=uri)),
+                                              "invalid_request")
+        self.assertShownNotRedirected(
+            self.authorize(self.authorize_params(self.client_id, redirect_uri="https://agent.example:8443/callback")),
+            "invalid_request")
+
+    def test_other_methods_are_refused(self):
+        self.assertEqual(as_call(self.app, "PUT", "/authorize")[0], 405)
+        self.assertEqual(as_call(self.app, "GET", "/nowhere")[0], 404)
+
+
+class ConsentCsrfTests(AuthorizationServerFixture, unittest.TestCase):
+    def setUp(self):
+        super().setUp()
+        self.client_id = self.register()
+        status, _, body = self.authorize(self.authorize_params(self.client_id))
+        self.hidden, _ = form_of(body.decode())
+
+    def answer(self, fields, user="user_123"):
+        status, headers, body = self.post_form("/authorize", dict(fields, decision="allow",
+                                                                   approved_scope="email:read"), user=user)
+        return status, headers
+
+    def assertRefused(self, answer):
+        status, headers = answer
+        self.assertEqual(status, 403)
+        self.assertNotIn("Location", headers)
+        self.assertEqual(self.auth.grants(subject="user_123"), [])
+        self.assertEqual(self.auth.grants(subject="user_evil"), [])
+
+    def test_the_genuine_form_works(self):
+        self.assertEqual(self.answer(self.hidden)[0], 303)
+
+    def test_a_missing_or_wrong_token_is_refused(self):
+        fields = dict(self.hidden)
+        del fields["csrf_token"]
+        self.assertRefused(self.answer(fields))
+        self.assertRefused(self.answer(dict(self.hidden, csrf_token="1.AAAA")))
+        token = self.hidden["csrf_token"]
+        self.assertRefused(self.answer(dict(self.hidden, csrf_token=token[:-2] + ("A" if token[-2] != "A" else "B") + token[-1])))
+
+    def test_another_users_token_is_refused(self):
+        self.assertRefused(self.answer(self.hidden, user="user_evil"))
+
+    def test_a_token_for_another_request_is_refused(self):
+        for name, value in (("scope", "email:read"), ("redirect_uri", None), ("state", "other"),
+                            ("code_challenge", "A" * 43)):
+            with self.subTest(name=name):
+                fields = dict(self.hidden)
+                if value is None:
+                    del fields[name]
+                else:
+                    fields[name] = value
+                self.assertRefused(self.answer(fields))
+
+    def test_an_expired_token_is_refused(self):
+        self.clock.advance(601)
+        self.assertRefused(self.answer(self.hidden))
+
+
+class TokenEndpointTests(AuthorizationServerFixture, unittest.TestCase):
+    def setUp(self):
+        super().setUp()
+        self.client_id = self.register()
+
+    def test_a_code_becomes_an_ordinary_agentauth_token(self):
+        status, headers, answer = self.exchange_code(self.client_id, self.code_for(self.client_id))
+        self.assertEqual(status, 200)
+        self.assertEqual((headers["Cache-Control"], headers["Pragma"]), ("no-store", "no-cache"))
+        self.assertEqual((answer["token_type"], answer["expires_in"], answer["scope"]),
+                         ("Bearer", 900, "email:read email:send"))
+        claims = self.auth.verify(answer["access_token"], ["email:send"])
+        self.assertEqual((claims.sub, claims.agent, claims.aud, claims.scopes),
+                         ("user_123", self.client_id, AS_AUDIENCE, ("email:read", "email:send")))
+        self.assertGreaterEqual(len(answer["refresh_token"]), 40)
+        self.assertNotIn(".", answer["refresh_token"])  # opaque
+
+    def test_a_client_without_refresh_token_gets_none(self):
+        client = self.register(grant_types=["authorization_code"])
+        self.assertNotIn("refresh_token", self.tokens(client))
+
+    def test_refresh_tokens_and_codes_are_stored_hashed(self):
+        code = self.code_for(self.client_id)
+        answer = self.exchange_code(self.client_id, code)[2]
+        stored = repr(self.store._records)
+        self.assertNotIn(code, stored)
+        self.assertNotIn(answer["refresh_token"], stored)
+        self.assertIn(hashlib.sha256(answer["refresh_token"].encode()).hexdigest(), stored)
+
+    def test_the_code_is_bound_to_its_client_redirect_uri_verifier_and_resource(self):
+        other = self.register()
+        cases = [
+            ({"client_id": other}, 400, "invalid_grant"),
+            ({"redirect_uri": "https://agent.example/other"}, 400, "invalid_grant"),
+            ({"redirect_uri": None}, 400, "invalid_grant"),
+            ({"code_verifier": None}, 400, "invalid_grant"),
+            ({"code_verifier": "w" * 43}, 400, "invalid_grant"),
+            ({"code_verifier": "short"}, 400, "invalid_grant"),
+            ({"resource": "https://other.example/mcp"}, 400, "invalid_target"),
+            ({"client_id": "no-such-client"}, 401, "invalid_client"),
+            ({"client_id": None}, 400, "invalid_request"),
+            ({"code": None}, 400, "invalid_request"),
+            ({"code": "made-up"}, 400, "invalid_grant"),
+        ]
+        for overrides, status, error in cases:
+            with self.subTest(overrides=overrides):
+                code = self.code_for(self.client_id)
+                self.assertOAuthError(self.exchange_code(self.client_id, code, **overrides), status, error)
+                if status == 400 and "client_id" not in overrides and "code" not in overrides:
+                    # A refused attempt by its client burns the code (single use).
+                    self.assertOAuthError(self.exchange_code(self.client_id, code), 400, "invalid_grant")
+
+    def test_a_code_without_redirect_uri_may_be_exchanged_without_one(self):
+        code = self.code_for(self.client_id, redirect_uri=None)
+        self.assertEqual(self.exchange_code(self.client_id, code, redirect_uri=None)[0], 200)
+
+    def test_a_code_expires_after_code_ttl_seconds(self):
+        code = self.code_for(self.client_id)
+        self.clock.advance(agentauth.DEFAULT_CODE_TTL_SECONDS)
+        self.assertOAuthError(self.exchange_code(self.client_id, code), 400, "invalid_grant")
+        code = self.code_for(self.client_id)
+        self.clock.advance(agentauth.DEFAULT_CODE_TTL_SECONDS - 1)
+        self.assertEqual(self.exchange_code(self.client_id, code)[0], 200)
+
+    def test_a_code_after_disconnect_is_refused(self):
+        code = self.code_for(self.client_id)
+        self.auth.disconnect(subject="user_123", agent=self.client_id)
+        self.assertOAuthError(self.exchange_code(self.client_id, code), 400, "invalid_grant")
+
+    def test_request_errors(self):
+        self.assertOAuthError(self.token({"grant_type": "password", "client_id": self.client_id}), 400,
+                              "unsupported_grant_type")
+        self.assertOAuthError(self.token({"client_id": self.client_id}), 400, "invalid_request")
+        status, headers, body = as_call(self.app, "GET", "/token")
+        self.assertEqual((status, json.loads(body)["error"], headers["Allow"]), (405, "invalid_request", "POST"))
+        body = b"grant_type=authorization_code&code=a&code=b&client_id=" + self.client_id.encode()
+        status, _, data = as_call(self.app, "POST", "/token", body=body, content_type="application/x-www-form-urlencoded")
+        self.assertEqual((status, json.loads(data)["error"]), (400, "invalid_request"))
+        status, _, data = as_call(self.app, "POST", "/token", body=b"{}", content_type="application/json")
+        self.assertEqual((status, json.loads(data)["error"]), (400, "invalid_request"))
+
+    def test_refresh_rotates_and_keeps_the_resource(self):
+        first = self.tokens(self.client_id)
+        status, headers, second = self.refresh(self.client_id, first["refresh_token"], resource=AS_AUDIENCE)
+        self.assertEqual(status, 200, second)
+        self.assertEqual(headers["Cache-Control"], "no-store")
+        self.assertNotEqual(second["refresh_token"], first["refresh_token"])
+        claims = self.auth.verify(second["access_token"])
+        self.assertEqual((claims.aud, claims.scopes), (AS_AUDIENCE, ("email:read", "email:send")))
+        self.assertOAuthError(self.refresh(self.client_id, second["refresh_token"],
+                                           resource="https://other.example/mcp"), 400, "invalid_target")
+
+    def test_refresh_may_narrow_but_never_widen(self):
+        first = self.tokens(self.client_id, scope="email:read")
+        self.auth.grant(subject="user_123", agent=self.client_id, scopes=["email:send"])
+        self.assertOAuthError(self.refresh(self.client_id, first["refresh_token"], scope="email:read email:send"),
+                              400, "invalid_scope")
+        second = self.tokens(self.client_id)
+        status, _, narrowed = self.refresh(self.client_id, second["refresh_token"], scope="email:send")
+        self.assertEqual((status, narrowed["scope"]), (200, "email:send"))
+        status, _, again = self.refresh(self.client_id, narrowed["refresh_token"])
+        self.assertEqual(again["scope"], "email:read email:send")  # the family keeps its original scopes
+
+    def test_refresh_is_bound_to_its_client(self):
+        first = self.tokens(self.client_id)
+        self.assertOAuthError(self.refresh(self.register(), first["refresh_token"]), 400, "invalid_grant")
+        self.assertOAuthError(self.refresh(self.client_id, "made-up"), 400, "invalid_grant")
+        self.assertOAuthError(self.refresh(self.client_id, None), 400, "invalid_request")
+
+    def test_a_rotated_refresh_token_works_within_the_grace_period(self):
+        first = self.tokens(self.client_id)
+        self.assertEqual(self.refresh(self.client_id, first["refresh_token"])[0], 200)
+        self.clock.advance(agentauth.DEFAULT_REFRESH_REUSE_GRACE_SECONDS)
+        self.assertEqual(self.refresh(self.client_id, first["refresh_token"])[0], 200)
+
+    def test_refresh_tokens_die_with_a_disconnect_even_after_a_new_consent(self):
+        first = self.tokens(self.client_id)
+        self.auth.disconnect(subject="user_123", agent=self.client_id)
+        self.assertOAuthError(self.refresh(self.client_id, first["refresh_token"]), 400, "invalid_grant")
+        self.clock.advance(MAX_TTL + TOLERANCE + 1)  # the disconnect's revocation entry is gone by now
+        self.auth.grant(subject="user_123", agent=self.client_id, scopes=["email:read", "email:send"])
+        self.assertOAuthError(self.refresh(self.client_id, first["refresh_token"]), 400, "invalid_grant")
+
+    def test_a_narrowed_grant_refuses_a_wider_refresh(self):
+        first = self.tokens(self.client_id)
+        self.clock.advance(1)
+        self.auth.grant(subject="user_123", agent=self.client_id, scopes=["email:read"], replace=True)
+        self.assertOAuthError(self.refresh(self.client_id, first["refresh_token"]), 400, "invalid_grant")
+
+    def test_a_refresh_token_expires(self):
+        first = self.tokens(self.client_id)
+        self.clock.advance(agentauth.DEFAULT_REFRESH_TOKEN_TTL_SECONDS)
+        self.assertOAuthError(self.refresh(self.client_id, first["refresh_token"]), 400, "invalid_grant")
+
+    def test_token_exchange_runs_at_the_token_endpoint(self):
+        first = self.tokens(self.client_id)
+        status, _, answer = self.token({"grant_type": agentauth.GRANT_TYPE_TOKEN_EXCHANGE,
+                                        "subject_token": first["access_token"],
+                                        "subject_token_type": agentauth.TOKEN_TYPE_ACCESS_TOKEN,
+                                        "actor": "sub_agent", "scope": "email:read"})
+        self.assertEqual(status, 200, answer)
+        claims = self.auth.verify(answer["access_token"])
+        self.assertEqual((claims.agent, claims.chain, claims.scopes), ("sub_agent", (self.client_id, "sub_agent"),
+                                                                         ("email:read",)))
+
+    def test_a_store_that_fails_answers_503(self):
+        code = self.code_for(self.client_id)
+        with unittest.mock.patch.object(MemoryStore, "use_record", side_effect=StoreUnavailableError("down")):
+            self.assertOAuthError(self.exchange_code(self.client_id, code), 503, "temporarily_unavailable")
+
+
+class RevocationEndpointTests(AuthorizationServerFixture, unittest.TestCase):
+    def setUp(self):
+        super().setUp()
+        self.client_id = self.register()
+        self.answer = self.tokens(self.client_id)
+
+    def revoke(self, token, **extra):
+        status, headers, body = self.post_form("/revoke", {"token": token, "client_id": self.client_id, **extra})
+        return status, headers, json.loads(body)
+
+    def test_an_access_token_is_revoked(self):
+        self.assertEqual(self.revoke(self.answer["access_token"], token_type_hint="access_token")[0], 200)
+        with raises_exactly(self, RevokedError):
+            self.auth.verify(self.answer["access_token"])
+
+    def test_a_refresh_token_revokes_the_grants_tokens_for_that_client(self):
+        other_user = self.consent(self.authorize_params(self.client_id), user="user_other")["code"]
+        other_answer = self.exchange_code(self.client_id, other_user)[2]
+        self.assertEqual(self.revoke(self.answer["refresh_token"])[0], 200)
+        self.assertOAuthError(self.refresh(self.client_id, self.answer["refresh_token"]), 400, "invalid_grant")
+        with raises_exactly(self, RevokedError):
+            self.auth.verify(self.answer["access_token"])
+        self.assertEqual(self.auth.verify(other_answer["access_token"]).sub, "user_other")
+        self.assertEqual(self.refresh(self.client_id, other_answer["refresh_token"])[0], 200)
+
+    def test_unknown_and_foreign_tokens_answer_200_and_change_nothing(self):
+        for token in ("made-up", "a.b.c", self.auth.issue(subject="u", agent="x", scopes=["s"]).token):
+            with self.subTest(token=token):
+                self.assertEqual(self.revoke(token)[0], 200)
+        other = self.register()
+        self.assertEqual(self.post_form("/revoke", {"token": self.answer["access_token"], "client_id": other})[0], 200)
+        self.assertEqual(self.auth.verify(self.answer["access_token"]).sub, "user_123")
+
+    def test_request_errors(self):
+        status, _, body = self.post_form("/revoke", {"client_id": self.client_id})
+        self.assertEqual((status, json.loads(body)["error"]), (400, "invalid_request"))
+        self.assertEqual(as_call(self.app, "GET", "/revoke")[0], 405)
+
+
+class ClientDocumentServer:
+    """A client ID metadata document served on 127.0.0.1; counts its fetches."""
+
+    def __init__(self):
+        owner = self
+        self.fetches = 0
+        self.status = 200
+        self.cache_control = "max-age=600"
+        self.location = None
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                owner.fetches += 1
+                body = json.dumps(owner.document).encode() if isinstance(owner.document, dict) else owner.document
+                self.send_response(owner.status)
+                if owner.location:
+                    self.send_header("Location", owner.location)
+                self.send_header("Content-Type", "application/json")
+                if owner.cache_control:
+                    self.send_header("Cache-Control", owner.cache_control)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/client.json"
+        self.document = {"client_id": self.url, "client_name": "Doc agent", "redirect_uris": [REDIRECT],
+                         "grant_types": ["authorization_code", "refresh_token"], "token_endpoint_auth_method": "none"}
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(5)
+
+
+class ClientDocumentTests(AuthorizationServerFixture, unittest.TestCase):
+    def setUp(self):
+        super().setUp()
+        self.server = ClientDocumentServer()
+        self.addCleanup(self.server.stop)
+        self.app = self.make_app(allow_private_client_documents=True)
+
+    def assertUnknown(self, client_id, app=None):
+        status, headers, body = self.authorize(self.authorize_params(client_id), app=app)
+        self.assertEqual(status, 400)
+        self.assertNotIn("Location", headers)
+        self.assertIn(b"invalid_client", body)
+
+    def test_a_document_client_connects(self):
+        status, _, body = self.authorize(self.authorize_params(self.server.url))
+        self.assertEqual(status, 200)
+        self.assertIn(b"Doc agent", body)
+        answer = self.tokens(self.server.url)
+        self.assertEqual(self.auth.verify(answer["access_token"]).agent, self.server.url)
+        self.assertEqual(self.refresh(self.server.url, answer["refresh_token"])[0], 200)
+
+    def test_caching_headers_are_honoured(self):
+        self.authorize(self.authorize_params(self.server.url))
+        self.authorize(self.authorize_params(self.server.url))
+        self.assertEqual(self.server.fetches, 1)
+        self.clock.advance(601)
+        self.authorize(self.authorize_params(self.server.url))
+        self.assertEqual(self.server.fetches, 2)
+        self.server.cache_control = "no-store"
+        self.clock.advance(601)
+        self.authorize(self.authorize_params(self.server.url))
+        self.authorize(self.authorize_params(self.server.url))
+        self.assertEqual(self.server.fetches, 4)
+
+    def test_the_document_must_name_its_own_url_and_list_the_redirect_uri(self):
+        self.server.document["client_id"] = "https://other.example/client.json"
+        self.assertUnknown(self.server.url)
+        self.server.document["client_id"] = self.server.url
+        self.server.document["redirect_uris"] = ["https://agent.example/other"]
+        self.assertShownNotRedirectedTo(self.server.url)
+
+    def assertShownNotRedirectedTo(self, client_id):
+        status, headers, body = self.authorize(self.authorize_params(client_id))
+        self.assertEqual(status, 400)
+        self.assertNotIn("Location", headers)
+
+    def test_bad_documents_are_refused(self):
+        for document in (b"not json", b"[]", {"client_id": None}, b"x" * 9000):
+            with self.subTest(document=document):
+                self.server.document = document if not isinstance(document, dict) else dict(document, client_id=self.server.url)
+                self.assertUnknown(self.server.url)
+
+    def test_redirects_and_errors_are_not_followed(self):
+        self.server.status, self.server.location = 302, self.server.url
+        self.assertUnknown(self.server.url)
+        self.server.status, self.server.location = 404, None
+        self.assertUnknown(self.server.url)
+
+    def test_private_addresses_are_refused_unless_allowed(self):
+        with self.assertLogs("agentauth", "WARNING"):
+            https_loopback = self.server.url.replace("http:", "https:")
+            self.assertUnknown(https_loopback, app=self.make_app())
+        self.assertUnknown(self.server.url, app=self.make_app())  # plain http: refused before any fetch
+        self.assertEqual(self.server.fetches, 0)
+
+    def test_url_rules(self):
+        base = self.server.url.rsplit("/", 1)[0]
+        for url in (base + "/", base, base + "/a/../client.json", self.server.url + "#f",
+                    self.server.url.replace("://", "://user@"), "https://" + "a" * 260 + ".example/c"):
+            with self.subTest(url=url):
+                self.assertUnknown(url)
+        self.assertEqual(self.server.fetches, 0)
+
+    def test_the_address_check_covers_private_ranges(self):
+        for address in ("127.0.0.1", "10.0.0.1", "192.168.1.1", "172.16.0.1", "169.254.169.254", "::1", "fd00::1",
+                        "::ffff:127.0.0.1", "0.0.0.0", "100.64.0.1", "fe80::1%eth0"):
+            with self.subTest(address=address):
+                self.assertFalse(agentauth._is_public_address(address))
+        self.assertTrue(agentauth._is_public_address("93.184.216.34"))
+        self.assertTrue(agentauth._is_public_address("2606:4700::1111"))
+
+
+class AuthorizationServerAttackTests(AuthorizationServerFixture, unittest.TestCase):
+    """The attack list: each test is one attack the server must defeat."""
+
+    def setUp(self):
+        super().setUp()
+        self.client_id = self.register()
+
+    def test_code_replay_is_refused_and_revokes_the_tokens_minted_from_it(self):
+        code = self.code_for(self.client_id)
+        first = self.exchange_code(self.client_id, code)[2]
+        self.clock.advance(5)
+        self.assertOAuthError(self.exchange_code(self.client_id, code), 400, "invalid_grant")
+        with raises_exactly(self, RevokedError):
+            self.auth.verify(first["access_token"])
+        self.assertOAuthError(self.refresh(self.client_id, first["refresh_token"]), 400, "invalid_grant")
+
+    def test_pkce_downgrade_to_plain_or_none_is_refused(self):
+        for overrides in ({"code_challenge_method": "plain", "code_challenge": VERIFIER},
+                          {"code_challenge_method": None, "code_challenge": None}):
+            with self.subTest(overrides=overrides):
+                status, headers, _ = self.authorize(self.authorize_params(self.client_id, **overrides))
+                self.assertEqual(redirect_params(headers)[1]["error"], "invalid_request")
+
+    def test_pkce_mismatch_is_refused(self):
+        code = self.code_for(self.client_id)
+        self.assertOAuthError(self.exchange_code(self.client_id, code, code_verifier="x" * 64), 400, "invalid_grant")
+
+    def test_redirect_uri_mismatch_at_the_token_endpoint_is_refused(self):
+        code = self.code_for(self.client_id)
+        self.assertOAuthError(self.exchange_code(self.client_id, code, redirect_uri="https://evil.example/callback"),
+                              400, "invalid_grant")
+
+    def test_open_redirect_through_an_unregistered_uri_never_redirects(self):
+        for uri in ("https://evil.example/callback", "https://agent.example.evil.example/callback",
+                    "https://agent.example/callback/../../evil"):
+            with self.subTest(uri=uri):
+                status, headers, _ = self.authorize(self.authorize_params(self.client_id, redirect_uri=uri,
+                                                                          response_type="token"))
+                self.assertEqual(status, 400)
+                self.assertNotIn("Location", headers)
+
+    def test_mix_up_every_redirect_carries_the_issuer(self):
+        code_params = self.consent(self.authorize_params(self.client_id))
+        error_params = redirect_params(self.authorize(self.authorize_params(self.client_id, scope="nope"))[1])[1]
+        deny_params = self.consent(self.authorize_params(self.client_id, prompt="consent"), decision="deny")
+        for params in (code_params, error_params, deny_params):
+            self.assertEqual(params["iss"], AS_ISSUER)
+
+    def test_csrf_a_forged_consent_post_is_refused(self):
+        params = self.authorize_params(self.client_id)
+        status, headers, _ = self.post_form("/authorize", dict(params, decision="allow", approved_scope="email:read"),
+                                            user="user_123")
+        self.assertEqual(status, 403)
+        self.assertEqual(self.auth.grants(subject="user_123"), [])
+
+    def test_clickjacking_the_consent_page_cannot_be_framed(self):
+        _, headers, _ = self.authorize(self.authorize_params(self.client_id))
+        self.assertIn("frame-ancestors 'none'", headers["Content-Security-Policy"])
+        self.assertEqual(headers["X-Frame-Options"], "DENY")
+
+    def test_refresh_token_reuse_after_the_grace_period_revokes_the_grants_refresh_tokens(self):
+        first = self.tokens(self.client_id)
+        _, _, second = self.refresh(self.client_id, first["refresh_token"])
+        self.clock.advance(agentauth.DEFAULT_REFRESH_REUSE_GRACE_SECONDS + 1)
+        self.assertOAuthError(self.refresh(self.client_id, first["refresh_token"]), 400, "invalid_grant")
+        self.assertOAuthError(self.refresh(self.client_id, second["refresh_token"]), 400, "invalid_grant")
+        with raises_exactly(self, RevokedError):
+            self.auth.verify(second["access_token"])
+        self.clock.advance(1)  # a new consent afterwards works again
+        self.assertEqual(self.exchange_code(self.client_id, self.code_for(self.client_id, prompt="consent"))[0], 200)
+
+    def test_audience_confusion_tokens_are_for_this_resource_only(self):
+        self.assertEqual(redirect_params(self.authorize(self.authorize_params(
+            self.client_id, resource="https://other.example/mcp"))[1])[1]["error"], "invalid_target")
+        answer = self.tokens(self.client_id)
+        other_resource = make_auth(issuer=AS_ISSUER, audience="https://other.example/mcp", clock=self.clock)
+        with raises_exactly(self, TokenInvalidError):
+            other_resource.verify(answer["access_token"])
+
+
+class AuthorizationServerSqliteTests(AuthorizationServerFixture, unittest.TestCase):
+    """The whole flow over SqliteStore: two server objects on one file, as two processes would be."""
+
+    def make_store(self):
+        directory = tempfile.mkdtemp(prefix="agentauth-test-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        self.path = os.path.join(directory, "as.db")
+        return SqliteStore(self.path)
+
+    def test_a_client_registered_here_gets_tokens_there_and_codes_stay_single_use(self):
+        client_id = self.register()
+        code = self.code_for(client_id)
+        other_auth = make_auth(issuer=AS_ISSUER, audience=AS_AUDIENCE, clock=self.clock, store=SqliteStore(self.path))
+        other = other_auth.authorization_server_wsgi(authenticate=cookie_login, scope_descriptions=AS_SCOPES)
+        fields = {"grant_type": "authorization_code", "code": code, "client_id": client_id,
+                  "redirect_uri": REDIRECT, "code_verifier": VERIFIER}
+        status, _, body = self.post_form("/token", fields, app=other)
+        self.assertEqual(status, 200, body)
+        answer = json.loads(body)
+        self.assertEqual(self.exchange_code(client_id, code)[2]["error"], "invalid_grant")
+        with raises_exactly(self, RevokedError):
+            other_auth.verify(answer["access_token"])
+
+
+class AuthorizationServerAsgiTests(AuthorizationServerFixture, unittest.TestCase):
+    def asgi(self, app, method, path, *, query="", body=b"", content_type=None, user=None):
+        headers = []
+        if content_type:
+            headers.append((b"content-type", content_type.encode()))
+        if user:
+            headers.append((b"cookie", f"user={user}".encode()))
+        scope = {"type": "http", "path": path, "method": method, "headers": headers,
+                 "query_string": query.encode(), "root_path": ""}
+        sent = []
+        messages = [{"type": "http.request", "body": body[:10], "more_body": True},
+                    {"type": "http.request", "body": body[10:], "more_body": False}]
+
+        async def receive():
+            return messages.pop(0)
+
+        async def send(message):
+            sent.append(message)
+
+        asyncio.run(app(scope, receive, send))
+        headers = {k.decode().title(): v.decode() for k, v in sent[0]["headers"]}
+        return sent[0]["status"], headers, sent[1]["body"]
+
+    def test_the_whole_flow_with_an_async_login(self):
+        async def login(request):
+            return request.cookies.get("user")
+
+        app = self.auth.authorization_server_asgi(authenticate=login, scope_descriptions=AS_SCOPES)
+        client_id = self.register()
+        query = urllib.parse.urlencode(self.authorize_params(client_id))
+        status, _, body = self.asgi(app, "GET", "/authorize", query=query, user="user_123")
+        self.assertEqual(status, 200)
+        hidden, scopes = form_of(body.decode())
+        form = urllib.parse.urlencode(dict(hidden, decision="allow", approved_scope="email:read")).encode()
+        status, headers, _ = self.asgi(app, "POST", "/authorize", body=form,
+                                       content_type="application/x-www-form-urlencoded", user="user_123")
+        self.assertEqual(status, 303)
+        code = redirect_params(headers)[1]["code"]
+        form = urllib.parse.urlencode({"grant_type": "authorization_code", "code": code, "client_id": client_id,
+                                       "redirect_uri": REDIRECT, "code_verifier": VERIFIER}).encode()
+        status, headers, body = self.asgi(app, "POST", "/token", body=form,
+                                          content_type="application/x-www-form-urlencoded")
+        self.assertEqual(status, 200, body)
+        self.assertEqual(self.auth.verify(json.loads(body)["access_token"]).scopes, ("email:read",))
+        status, _, body = self.asgi(app, "GET", "/.well-known/oauth-authorization-server")
+        self.assertEqual(json.loads(body)["issuer"], AS_ISSUER)
 
 
 class FakeRedis:
