@@ -27,6 +27,7 @@ import threading
 import time
 import types
 import unittest
+import unittest.mock
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -282,6 +283,97 @@ class EdDSAInteropTests(unittest.TestCase):
         issuer = agentauth.AgentAuth(signing_key=ours, kid="k", issuer=ISSUER, audience="api")
         decoded = jose_jwt.decode(issuer.issue(subject="u", agent="b", scopes=["s"]).token, theirs, algorithms=["EdDSA"])
         self.assertEqual(decoded.claims["sub"], "u")
+
+
+DPOP_PEERS = ("joserfc", "cryptography")
+
+
+@unittest.skipIf([m for m in DPOP_PEERS if importlib.util.find_spec(m) is None],
+                 "needs joserfc and cryptography (pip install joserfc cryptography)")
+class DPoPInteropTests(unittest.TestCase):
+    """DPoP proofs (RFC 9449) and ES256 both ways with joserfc and cryptography, independent implementations."""
+
+    URL = "https://api.example/inbox"
+
+    def setUp(self):
+        catcher = warnings.catch_warnings()
+        catcher.__enter__()
+        self.addCleanup(catcher.__exit__, None, None, None)
+        warnings.filterwarnings("ignore", message="EdDSA is deprecated")
+        self.clock = Clock()
+        self.auth = agentauth.AgentAuth(secret=SECRET, issuer=ISSUER, audience="api", clock=self.clock)
+
+    def bound_token(self, jkt):
+        return self.auth.issue(subject="user_123", agent="bot", scopes=["email:read"], dpop_jkt=jkt).token
+
+    def proof_claims(self, token, **changes):
+        claims = {"jti": secrets.token_urlsafe(16), "htm": "GET", "htu": self.URL, "iat": int(self.clock.now),
+                  "ath": agentauth._access_token_hash(token)}
+        claims.update(changes)
+        return claims
+
+    def test_joserfc_proofs_verify_here(self):
+        from joserfc import jwk, jwt
+
+        for kind, key, alg in (("EC", jwk.ECKey.generate_key("P-256"), "ES256"),
+                               ("OKP", jwk.OKPKey.generate_key("Ed25519"), "EdDSA"),
+                               ("OKP", jwk.OKPKey.generate_key("Ed25519"), "Ed25519")):
+            with self.subTest(alg=alg):
+                public = key.as_dict(private=False)
+                public.pop("kid", None)
+                ours = (agentauth.P256Key if kind == "EC" else agentauth.Ed25519Key).from_jwk(public)
+                self.assertEqual(ours.thumbprint(), key.thumbprint())  # RFC 7638, computed by each side
+                token = self.bound_token(key.thumbprint())
+                proof = jwt.encode({"typ": "dpop+jwt", "alg": alg, "jwk": public}, self.proof_claims(token), key,
+                                   algorithms=[alg])
+                claims = self.auth.verify(token, dpop_proof=proof, method="GET", url=self.URL)
+                self.assertEqual(claims.sub, "user_123")
+                with self.assertRaises(agentauth.DPoPProofError):  # once only
+                    self.auth.verify(token, dpop_proof=proof, method="GET", url=self.URL)
+                other = jwt.encode({"typ": "dpop+jwt", "alg": alg, "jwk": public},
+                                   self.proof_claims(token, htu="https://api.example/other"), key, algorithms=[alg])
+                with self.assertRaises(agentauth.DPoPProofError):
+                    self.auth.verify(token, dpop_proof=other, method="GET", url=self.URL)
+
+    def test_our_proofs_verify_in_joserfc(self):
+        from joserfc import jwk, jwt
+
+        with unittest.mock.patch.object(agentauth, "_crypto_ec", lambda: None):
+            pure = agentauth.P256Key.generate()  # signs in pure Python
+        self.assertEqual(pure.backend, "pure")
+        for key in (agentauth.P256Key.generate(), pure, agentauth.Ed25519Key.generate()):
+            token = self.bound_token(key.thumbprint())
+            proof = agentauth.dpop_proof(key, "POST", self.URL + "?page=2", access_token=token, clock=self.clock)
+            header = json.loads(agentauth._b64decode(proof.split(".")[0]))
+            theirs = jwk.import_key(header["jwk"])
+            with self.subTest(key=type(key).__name__):
+                self.assertEqual(theirs.thumbprint(), key.thumbprint())
+                decoded = jwt.decode(proof, theirs, algorithms=[header["alg"]])
+                self.assertEqual(decoded.header["typ"], "dpop+jwt")
+                self.assertEqual((decoded.claims["htm"], decoded.claims["htu"]), ("POST", self.URL))
+                self.assertEqual(decoded.claims["ath"], agentauth._access_token_hash(token))
+                self.assertEqual(decoded.claims["iat"], int(self.clock.now))
+
+    def test_es256_signatures_interoperate_with_cryptography(self):
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.asymmetric import ec, utils
+
+        private = ec.generate_private_key(ec.SECP256R1())
+        numbers = private.public_key().public_numbers()
+        public = agentauth.P256Key.from_public_point(numbers.x, numbers.y)
+        token = self.bound_token(public.thumbprint())
+        header = {"typ": "dpop+jwt", "alg": "ES256", "jwk": {k: v for k, v in public.public_jwk().items()
+                                                             if k in ("kty", "crv", "x", "y")}}
+        segments = ".".join(agentauth._b64encode(json.dumps(part).encode()) for part in (header, self.proof_claims(token)))
+        r, s = utils.decode_dss_signature(private.sign(segments.encode("ascii"), ec.ECDSA(hashes.SHA256())))
+        proof = f"{segments}.{agentauth._b64encode(r.to_bytes(32, 'big') + s.to_bytes(32, 'big'))}"
+        self.assertEqual(self.auth.verify(token, dpop_proof=proof, method="GET", url=self.URL).agent, "bot")
+        ours = agentauth.P256Key.from_private_value(private.private_numbers().private_value)
+        message = b"signed here, verified by OpenSSL"
+        signature = ours.sign(message)
+        private.public_key().verify(
+            utils.encode_dss_signature(int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big")),
+            message, ec.ECDSA(hashes.SHA256()))
 
 
 # ---------------------------------------------------------------------------
@@ -851,6 +943,19 @@ class RedisServerTests(unittest.TestCase):
         other.revoke(token)
         with self.assertRaises(agentauth.RevokedError):
             self.auth.verify(token)
+
+    def test_dpop_replay_cache_is_one_key_per_proof_with_its_expiry(self):
+        self.assertIs(self.store.record_proof("p1", now=1000, expires_at=4_000_000_000), True)
+        self.assertIs(self.store.record_proof("p1", now=1001, expires_at=4_000_000_001), False)
+        self.assertEqual(self.client.expiretime("test:dpop:p1"), 4_000_000_000)
+        self.assertIs(self.store.record_proof("gone", now=1000, expires_at=1001), True)  # already past: Redis drops it
+        self.assertIs(self.store.record_proof("gone", now=1000, expires_at=4_000_000_000), True)
+        key = agentauth.P256Key.generate()
+        token = self.auth.issue(subject="u", agent="bot", scopes=["s"], dpop_jkt=key.thumbprint()).token
+        proof = agentauth.dpop_proof(key, "GET", "https://api.example/x", access_token=token, clock=self.clock)
+        self.assertEqual(self.auth.verify(token, dpop_proof=proof, method="GET", url="https://api.example/x").sub, "u")
+        with self.assertRaises(agentauth.DPoPProofError):
+            self.auth.verify(token, dpop_proof=proof, method="GET", url="https://api.example/x")
 
     def test_entries_and_the_revocations_command_list_a_redis_store(self):
         self.store.revoke({"agent": "bot", "subject": "user:1"}, revoked_at=1000, expires_at=4_000_000_000)
