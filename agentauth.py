@@ -218,15 +218,17 @@ class MissingScopeError(AgentAuthError):
     """The token is valid but its grant does not cover a required scope.
 
     ``missing`` lists the required scopes the grant does not satisfy, for
-    server logs. The message names no scope, so an agent cannot read off
-    what to ask for.
+    server logs; ``granted`` the token's own scopes (for a step-up
+    challenge: the union to ask for). The message names no scope, so an
+    agent cannot read off what to ask for.
     """
 
     code = "insufficient_scope"
 
-    def __init__(self, *, missing: Tuple[str, ...]) -> None:
+    def __init__(self, *, missing: Tuple[str, ...], granted: Tuple[str, ...] = ()) -> None:
         super().__init__("the token's grant does not cover the required scopes")
         self.missing = missing
+        self.granted = granted
 
 
 class InvalidGrantError(AgentAuthError):
@@ -4475,6 +4477,8 @@ class AgentAuth:
         except InvalidConfigError:  # a store without grants: nothing to record
             self._last_used = None
         self._jwks: Optional[_JwksSource] = None
+        #: The scopes require() puts on each function, by name: asgi(step_up=True) checks MCP tool calls with them.
+        self._required_by_name: Dict[str, Tuple[str, ...]] = {}
 
     def _set_keys(self, keys: Mapping[str, Union[_HmacKey, _EdDSAKey]]) -> None:
         """Hold these verification keys (by kid); accept exactly their algorithms."""
@@ -4749,7 +4753,7 @@ class AgentAuth:
             if required_scopes:
                 missing = tuple(s for s in _required_scopes(required_scopes) if not scope_satisfies(claims.scopes, s))
                 if missing:
-                    raise MissingScopeError(missing=missing)
+                    raise MissingScopeError(missing=missing, granted=claims.scopes)
         except AgentAuthError as exc:
             if self._on_event is not None:
                 self._emit_denied(claims, exc)
@@ -5094,6 +5098,7 @@ class AgentAuth:
         realm: Optional[str] = None,
         expose_errors: bool = False,
         public_url: Optional[str] = None,
+        step_up: bool = False,
     ) -> Callable[..., Iterable[bytes]]:
         """Wrap a WSGI app: every request needs a valid bearer token.
 
@@ -5118,11 +5123,18 @@ class AgentAuth:
         Raises:
             InvalidConfigError: a malformed scope, realm, URL or metadata.
 
+        ``step_up=True`` (off by default) makes a 403 ``insufficient_scope``
+        carry ``scope="..."``: the token's scopes and the ones this request
+        needs, so that an MCP client re-authorizes for the union (the MCP
+        spec's scope challenge) instead of failing.
+
         Security: ``expose_errors=True`` tells clients which check failed and
-        which scopes were missing; leave it off in production.
+        which scopes were missing; leave it off in production. ``step_up``
+        tells a token's holder which scopes a request needs, and nothing else:
+        turn it on when your clients can ask the user for more (MCP clients do).
         """
         protection = _Protection(
-            self, required_scopes, resource_metadata_url, resource_metadata, realm, expose_errors, public_url
+            self, required_scopes, resource_metadata_url, resource_metadata, realm, expose_errors, public_url, step_up
         )
         return _WsgiMiddleware(protection, app)
 
@@ -5136,6 +5148,7 @@ class AgentAuth:
         realm: Optional[str] = None,
         expose_errors: bool = False,
         public_url: Optional[str] = None,
+        step_up: bool = False,
     ) -> Callable[..., Any]:
         """Wrap an ASGI 3 app (HTTP and WebSocket); the same rules as ``wsgi``, DPoP included.
 
@@ -5149,9 +5162,15 @@ class AgentAuth:
         In front of an MCP server that uses ``auth.mcp()``, this middleware
         is what checks DPoP: the app behind sees a Bearer header for the
         verified token, which ``auth.mcp()`` accepts for that request only.
+
+        With ``step_up=True``, an MCP ``tools/call`` for a tool whose function
+        is decorated with ``require(...)`` is checked here, before the MCP
+        server runs it: a token without the tool's scopes gets the HTTP 403
+        ``insufficient_scope`` with ``scope="..."`` that MCP clients answer by
+        re-authorizing (the tool's name must be its function's name).
         """
         protection = _Protection(
-            self, required_scopes, resource_metadata_url, resource_metadata, realm, expose_errors, public_url
+            self, required_scopes, resource_metadata_url, resource_metadata, realm, expose_errors, public_url, step_up
         )
         return _AsgiMiddleware(protection, app)
 
@@ -5246,6 +5265,8 @@ class AgentAuth:
 
         def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
             import inspect
+
+            self._required_by_name[getattr(func, "__name__", "")] = required
 
             # Inside an MCP tool the request's bearer token is verified again
             # (signature, expiry, revocation), so a token revoked during a
@@ -5684,7 +5705,7 @@ def _check_grant(auth: "AgentAuth", claims: Optional[AgentClaims], required: Tup
         raise TokenExpiredError("token has expired", expired_at=claims.exp)
     missing = tuple(s for s in required if not scope_satisfies(claims.scopes, s))
     if missing:
-        raise MissingScopeError(missing=missing)
+        raise MissingScopeError(missing=missing, granted=claims.scopes)
 
 
 def _bearer_token(values: List[str]) -> str:
@@ -5773,6 +5794,7 @@ def _refusal(
     resource_metadata_url: Optional[str],
     expose_errors: bool,
     dpop_algs: Optional[str] = None,
+    step_up: bool = False,
 ) -> _Refusal:
     """Map a refusal to its HTTP status, headers and JSON body: the one place that does.
 
@@ -5785,6 +5807,10 @@ def _refusal(
     the challenge is RFC 9449 §7.1's ``DPoP`` one with ``algs``; a bad proof
     is 401 ``invalid_dpop_proof``, and a missing nonce 401
     ``use_dpop_nonce`` with the nonce in ``DPoP-Nonce`` (§9).
+
+    With ``step_up`` (the MCP spec's scope challenge, RFC 6750 §3), a 403
+    ``insufficient_scope`` names in ``scope`` what to ask for: the token's
+    scopes and the missing ones, so that re-authorizing loses nothing.
     """
     challenge = True
     if isinstance(exc, DPoPProofError):
@@ -5810,8 +5836,10 @@ def _refusal(
             params.append(f"error={_quote(error)}")
             if expose_errors:
                 params.append(f"error_description={_quote(description)}")
-                if isinstance(exc, MissingScopeError):
+                if isinstance(exc, MissingScopeError) and not step_up:
                     params.append(f"scope={_quote(' '.join(exc.missing))}")
+            if isinstance(exc, MissingScopeError) and step_up:
+                params.append(f"scope={_quote(' '.join(dict.fromkeys(exc.granted + exc.missing)))}")
         if resource_metadata_url is not None:
             params.append(f"resource_metadata={_quote(resource_metadata_url)}")  # RFC 9728 §5.1
         if dpop_algs is None:
@@ -5839,7 +5867,11 @@ class _Protection:
         realm: Optional[str],
         expose_errors: bool,
         public_url: Optional[str] = None,
+        step_up: bool = False,
     ) -> None:
+        if type(step_up) is not bool:
+            raise InvalidConfigError("step_up must be True or False")
+        self.step_up = step_up
         self.auth = auth
         self.public_url = _public_url(public_url)
         self.required_scopes = _configured_scopes(required_scopes, "required_scopes")
@@ -5873,6 +5905,7 @@ class _Protection:
             resource_metadata_url=self.resource_metadata_url,
             expose_errors=self.expose_errors,
             dpop_algs=policy.algs_param if dpop or policy.require else None,
+            step_up=self.step_up,
         )
 
     def credentials(self, authorization: List[str], dpop: List[str]) -> Tuple[bool, str, Optional[str]]:
@@ -6050,6 +6083,11 @@ class _AsgiMiddleware:
             else:
                 await self._respond(protection.refuse(exc, dpop), send)
             return
+        if protection.step_up and kind == "http" and scope.get("method") == "POST":
+            receive, refused = await _step_up_check(protection, claims, receive)
+            if refused is not None:
+                await self._respond(protection.refuse(refused, dpop), send)
+                return
         scope.setdefault("state", {})["agentauth.claims"] = claims  # Starlette's request.state
         if dpop:
             # The app behind (the MCP SDK's own bearer check with auth.mcp())
@@ -6072,6 +6110,43 @@ class _AsgiMiddleware:
         raw.append((b"content-length", str(len(body)).encode("ascii")))
         await send({"type": "http.response.start", "status": status, "headers": raw})
         await send({"type": "http.response.body", "body": body})
+
+
+_MAX_STEP_UP_BODY_BYTES = 1 << 20  # a JSON-RPC request read to find the tool it calls; larger ones pass unread
+
+
+async def _step_up_check(
+    protection: _Protection, claims: AgentClaims, receive: Callable[..., Any]
+) -> Tuple[Callable[..., Any], Optional[MissingScopeError]]:
+    """Read an MCP ``tools/call`` ahead of the app; refuse it when the tool's ``require`` scopes are not granted.
+
+    Returns a ``receive`` that hands the app the same body, and the refusal
+    (or None). Anything that is not a JSON-RPC ``tools/call`` of a known tool
+    passes untouched: the tool's own ``require`` still judges it.
+    """
+    messages: List[Dict[str, Any]] = []
+    size = 0
+    while True:
+        message = await receive()
+        messages.append(message)
+        size += len(message.get("body", b""))
+        if message.get("type") != "http.request" or not message.get("more_body") or size > _MAX_STEP_UP_BODY_BYTES:
+            break
+
+    async def replay() -> Dict[str, Any]:
+        return messages.pop(0) if messages else await receive()
+
+    if size > _MAX_STEP_UP_BODY_BYTES or messages[-1].get("more_body"):
+        return replay, None
+    try:
+        request = json.loads(b"".join(m.get("body", b"") for m in messages))
+    except ValueError:
+        return replay, None
+    if type(request) is not dict or request.get("method") != "tools/call" or type(request.get("params")) is not dict:
+        return replay, None
+    required = protection.auth._required_by_name.get(request["params"].get("name"))  # type: ignore[arg-type]
+    missing = tuple(s for s in required or () if not scope_satisfies(claims.scopes, s))
+    return replay, MissingScopeError(missing=missing, granted=claims.scopes) if missing else None
 
 
 #: What a view's refusal can be: the classes protect() and django() answer for.

@@ -6869,6 +6869,98 @@ class QuietHandler(wsgiref.simple_server.WSGIRequestHandler):
         pass
 
 
+class StepUpTests(unittest.TestCase):
+    """step_up=True: a 403 insufficient_scope names the scopes to ask for (the MCP scope challenge)."""
+
+    def setUp(self):
+        self.auth = make_auth(audience="my-api")
+        self.token = self.auth.issue(subject="user_123", agent="bot", scopes=["email:read"]).token
+        self.bearer = [(b"authorization", f"Bearer {self.token}".encode())]
+
+        @self.auth.require("email:send")
+        def send_email(to):
+            return to
+
+        @self.auth.require("email:read")
+        def read_inbox():
+            return "inbox"
+
+    def challenge(self, app):
+        status, headers, _ = wsgi_call(app, headers={"HTTP_AUTHORIZATION": f"Bearer {self.token}"})
+        return status, headers["WWW-Authenticate"]
+
+    def test_off_by_default_no_scope_is_named(self):
+        status, challenge = self.challenge(self.auth.wsgi(echo_app, required_scopes=["calendar:read"]))
+        self.assertEqual(status, "403 Forbidden")
+        self.assertEqual(challenge, 'Bearer realm="my-api", error="insufficient_scope"')
+
+    def test_on_the_challenge_names_the_union_to_ask_for(self):
+        app = self.auth.wsgi(echo_app, required_scopes=["calendar:read"], step_up=True)
+        self.assertEqual(self.challenge(app)[1],
+                         'Bearer realm="my-api", error="insufficient_scope", scope="email:read calendar:read"')
+        app = self.auth.wsgi(echo_app, required_scopes=["calendar:read"], step_up=True, expose_errors=True)
+        self.assertIn('scope="email:read calendar:read"', self.challenge(app)[1])
+        self.assertEqual(self.challenge(app)[1].count("scope="), 1)
+
+    def test_other_refusals_name_no_scope(self):
+        app = self.auth.wsgi(echo_app, required_scopes=["calendar:read"], step_up=True)
+        status, headers, _ = wsgi_call(app, headers={"HTTP_AUTHORIZATION": "Bearer x.y.z"})
+        self.assertEqual(headers["WWW-Authenticate"], 'Bearer realm="my-api", error="invalid_token"')
+
+    def test_step_up_must_be_a_bool(self):
+        with raises_exactly(self, InvalidConfigError):
+            self.auth.asgi(asgi_echo, step_up="yes")
+
+    def call(self, app, body, chunks=1):
+        scope = {"type": "http", "path": "/mcp", "method": "POST", "headers": self.bearer, "query_string": b""}
+        size = max(1, len(body) // chunks)
+        parts = [body[i:i + size] for i in range(0, len(body), size)] or [b""]
+        messages = [{"type": "http.request", "body": p, "more_body": i < len(parts) - 1} for i, p in enumerate(parts)]
+        sent = []
+
+        async def receive():
+            return messages.pop(0)
+
+        async def send(message):
+            sent.append(message)
+
+        asyncio.run(app(scope, receive, send))
+        return sent
+
+    async def body_echo(self, scope, receive, send):
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": body})
+
+    def tool_call(self, name):
+        return json.dumps({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+                           "params": {"name": name, "arguments": {"to": "x" * 100}}}).encode()
+
+    def test_an_mcp_tool_call_outside_the_grant_is_refused_before_the_server(self):
+        app = self.auth.asgi(self.body_echo, step_up=True)
+        sent = self.call(app, self.tool_call("send_email"), chunks=3)
+        self.assertEqual(sent[0]["status"], 403)
+        self.assertEqual(dict(sent[0]["headers"])[b"www-authenticate"],
+                         b'Bearer realm="my-api", error="insufficient_scope", scope="email:read email:send"')
+
+    def test_granted_tools_unknown_tools_and_other_messages_reach_the_server_unchanged(self):
+        app = self.auth.asgi(self.body_echo, step_up=True)
+        for body in (self.tool_call("read_inbox"), self.tool_call("not_decorated"), b'{"jsonrpc":"2.0","method":"ping"}',
+                     b"not json", b"[1, 2]"):
+            with self.subTest(body=body):
+                sent = self.call(app, body, chunks=2)
+                self.assertEqual((sent[0]["status"], sent[1]["body"]), (200, body))
+
+    def test_without_step_up_the_tool_call_reaches_the_server(self):
+        sent = self.call(self.auth.asgi(self.body_echo), self.tool_call("send_email"))
+        self.assertEqual(sent[0]["status"], 200)
+
+
 class AsgiMiddlewareTests(unittest.TestCase):
     def setUp(self):
         self.auth = make_auth(audience="my-api")
