@@ -15,6 +15,7 @@ import multiprocessing
 import os
 import random
 import re
+import secrets
 import shutil
 import socket
 import sqlite3
@@ -9758,6 +9759,154 @@ class CommandLineTests(unittest.TestCase):
         self.assertEqual(run_cli("verify", "x", env={})[0], 2)
         self.assertEqual(run_cli("verify", "x", "--db", self.db + ".missing")[0], 3)
 
+
+
+# ---------------------------------------------------------------------------
+# Docs: every code block of README.md and docs/*.md runs as written
+# ---------------------------------------------------------------------------
+
+#: How the doc-block tests read README.md and docs/*.md:
+#:
+#: - Every ```python block is a standalone script: it runs in a fresh namespace
+#:   (``__name__ == "__main__"``), with a new temporary directory as its working
+#:   directory and AGENTAUTH_SECRET set to a fresh random secret (as after the
+#:   README's ``export AGENTAUTH_SECRET=$(python -m agentauth keygen)``).
+#: - A ```text block that follows it with only blank lines between is its
+#:   expected output, compared line by line. ``<...>`` in an expected line
+#:   matches any text within that line: write it where a value varies from run
+#:   to run (a jti, a token, a time).
+#: - A marker, alone on the line just before the block, changes where it runs:
+#:     <!-- test: integration -->       it needs third-party packages (Flask, FastAPI,
+#:                                      Django, mcp, PyJWT, redis): test_integration's
+#:                                      DocBlockIntegrationTests runs it instead, in a
+#:                                      subprocess, and exercises the app it defines.
+#:     <!-- test: elsewhere NAME -->    a named test in test_integration.py runs it
+#:                                      (it needs servers, e.g. PostgreSQL).
+#:   Unmarked blocks run here, with the standard library and agentauth only.
+#: - Shell examples go in ```console or ```bash blocks; they are not run.
+DOC_MARKER = re.compile(r"<!-- test: (integration|elsewhere [A-Za-z_][\w.]*) -->")
+DOC_MASK = "<...>"
+
+
+class DocBlock(types.SimpleNamespace):
+    """One ```python block: ``path``, ``line`` (1-based), ``code``, ``expected`` (or None), ``marker`` (or None)."""
+
+
+def doc_blocks(path):
+    """The ```python blocks of a Markdown file, with their expected output and marker."""
+    with open(path, encoding="utf-8") as file:
+        lines = file.read().split("\n")
+    fences = []  # (info string, first line index of the body, index of the closing fence)
+    index = 0
+    while index < len(lines):
+        if lines[index].startswith("```"):
+            info = lines[index][3:].strip()
+            end = index + 1
+            while end < len(lines) and lines[end].strip() != "```":
+                end += 1
+            if end == len(lines):
+                raise AssertionError(f"{path}:{index + 1}: a code block is never closed")
+            fences.append((info, index + 1, end))
+            index = end + 1
+        else:
+            index += 1
+    blocks = []
+    for number, (info, start, end) in enumerate(fences):
+        if info != "python":
+            continue
+        before = start - 2
+        while before >= 0 and not lines[before].strip():
+            before -= 1
+        marker = lines[before].strip() if before >= 0 and lines[before].strip().startswith("<!-- test:") else None
+        if marker is not None and DOC_MARKER.fullmatch(marker) is None:
+            raise AssertionError(f"{path}:{before + 1}: unknown marker {marker!r}")
+        expected = None
+        if number + 1 < len(fences):
+            next_info, next_start, next_end = fences[number + 1]
+            if next_info == "text" and all(not line.strip() for line in lines[end + 1 : next_start - 1]):
+                expected = "\n".join(lines[next_start:next_end]) + "\n"
+        blocks.append(DocBlock(path=path, line=start, code="\n".join(lines[start:end]) + "\n",
+                               expected=expected, marker=marker and DOC_MARKER.fullmatch(marker).group(1)))
+    return blocks
+
+
+def assert_output_matches(test, output, expected, where):
+    """Compare printed output with a ```text block, ``<...>`` matching any text in its line."""
+    got, want = output.split("\n"), expected.split("\n")
+    test.assertEqual(len(got), len(want), f"{where}: printed\n{output}\nexpected\n{expected}")
+    for number, (line, pattern) in enumerate(zip(got, want), 1):
+        regex = ".*?".join(re.escape(part) for part in pattern.split(DOC_MASK))
+        test.assertRegex(line, f"^{regex}$", f"{where}: output line {number} differs")
+
+
+class DocBlockTests(unittest.TestCase):
+    """Every unmarked ```python block of README.md and docs/*.md runs and prints its ```text block."""
+
+    def run_block(self, block):
+        out = io.StringIO()
+        with tempfile.TemporaryDirectory() as folder:
+            cwd = os.getcwd()
+            os.chdir(folder)
+            try:
+                with unittest.mock.patch.dict(os.environ, {"AGENTAUTH_SECRET": secrets.token_urlsafe(32)}), \
+                        contextlib.redirect_stdout(out):
+                    exec(compile(block.code, f"{block.path}:{block.line}", "exec"), {"__name__": "__main__"})
+            finally:
+                os.chdir(cwd)
+        return out.getvalue()
+
+    def test_every_python_block_runs_and_prints_its_expected_output(self):
+        ran = 0
+        for path in doc_files():
+            for block in doc_blocks(path):
+                if block.marker is not None:
+                    continue
+                where = f"{os.path.relpath(block.path, HERE)}:{block.line}"
+                with self.subTest(block=where):
+                    output = self.run_block(block)
+                    if block.expected is not None:
+                        assert_output_matches(self, output, block.expected, where)
+                    ran += 1
+        self.assertGreaterEqual(ran, 10)
+
+    def test_blocks_tested_elsewhere_name_a_test_that_exists(self):
+        with open(os.path.join(HERE, "test_integration.py"), encoding="utf-8") as file:
+            integration = file.read()
+        for path in doc_files():
+            for block in doc_blocks(path):
+                if block.marker is not None and block.marker.startswith("elsewhere "):
+                    name = block.marker.split()[1]
+                    with self.subTest(block=f"{path}:{block.line}"):
+                        self.assertTrue(name.startswith("test_integration."), name)
+                        self.assertRegex(integration, rf"\nclass {re.escape(name.split('.')[1])}\(")
+
+    def test_the_readme_shows_what_the_demo_prints(self):
+        with open(os.path.join(HERE, "README.md"), encoding="utf-8") as file:
+            readme = file.read()
+        match = re.search(r"`python -m agentauth demo` prints:\n\n```text\n(.*?)```", readme, re.S)
+        self.assertIsNotNone(match)
+        code, out, _ = run_main("demo", env={})
+        self.assertEqual(code, 0)
+        assert_output_matches(self, out, match.group(1), "README.md demo")
+
+    def test_the_readme_stays_short(self):
+        with open(os.path.join(HERE, "README.md"), encoding="utf-8") as file:
+            self.assertLess(len(file.read().split("\n")), 400)
+
+    def test_the_parser_and_the_mask(self):
+        with tempfile.TemporaryDirectory() as folder:
+            path = os.path.join(folder, "doc.md")
+            with open(path, "w", encoding="utf-8") as file:
+                file.write("```python\nprint(1)\n```\n\n```text\njti=<...> ok\n```\n\n<!-- test: integration -->\n"
+                           "```python\nimport flask\n```\nprose\n```text\nnot its output\n```\n")
+            first, second = doc_blocks(path)
+        self.assertEqual((first.code, first.expected, first.marker), ("print(1)\n", "jti=<...> ok\n", None))
+        self.assertEqual((second.marker, second.expected), ("integration", None))
+        assert_output_matches(self, "jti=Qk44L-IX ok\n", "jti=<...> ok\n", "mask")
+        with self.assertRaises(AssertionError):
+            assert_output_matches(self, "jti=x\nmore\n", "jti=<...> ok\n", "mask")
+        with self.assertRaises(AssertionError):
+            assert_output_matches(self, "other=x ok\n", "jti=<...> ok\n", "mask")
 
 if __name__ == "__main__":
     unittest.main()

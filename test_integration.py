@@ -35,7 +35,8 @@ import warnings
 import wsgiref.simple_server
 
 import agentauth
-from test_agentauth import GrantStoreContract, ProofReplayContract, StoreContract, agent_claims, new_grant
+from test_agentauth import (GrantStoreContract, ProofReplayContract, StoreContract, agent_claims, assert_output_matches,
+                            doc_blocks, doc_files, new_grant)
 
 SECRET = "Hn4Wq8Zt1Lc6Vb3Xk9Pm2Rd7Fs0Gy5Ju-Ea"  # fixed, not guessable
 ISSUER = "integration-issuer"
@@ -660,6 +661,95 @@ class McpBehindAsgiMiddlewareTests(unittest.TestCase):
         _, _, answer = mcp_rpc(url, token, call, session)
         self.assertEqual(answer["result"]["content"][0]["text"], "inbox of user_123")
         self.assertEqual(http("POST", url, {"Content-Type": "application/json"}, b"{}")[0], 401)
+
+
+# ---------------------------------------------------------------------------
+# Docs: the blocks marked <!-- test: integration --> (see DocBlockTests in test_agentauth.py)
+# ---------------------------------------------------------------------------
+
+#: Run in a subprocess, in the block's temporary directory: import the block as
+#: the module "doc_block" (so an `if __name__ == "__main__":` server does not
+#: start), print what it printed, then exercise the app it defines, if any:
+#: every GET route refuses a request without a token (401) and serves one with
+#: a token granting "*" (200); an MCP server refuses an unauthenticated call.
+DOC_BLOCK_DRIVER = r"""
+import contextlib, importlib, io, sys
+sys.path[:0] = [".", sys.argv[1]]
+printed = io.StringIO()
+with contextlib.redirect_stdout(printed):
+    module = importlib.import_module("doc_block")
+sys.stdout.write(printed.getvalue())
+auth, app = getattr(module, "auth", None), getattr(module, "app", None)
+checked = []
+
+
+def check(get, path, token):
+    status = get(path, None)
+    assert status == 401, (path, status)
+    status = get(path, token)
+    assert status == 200, (path, status)
+    checked.append(path)
+
+
+if auth is not None:
+    token = auth.issue(subject="user_123", agent="agent_research_bot", scopes=["*"]).token
+    bearer = lambda t: {} if t is None else {"Authorization": f"Bearer {t}"}
+    if app is not None and hasattr(app, "test_client"):  # Flask
+        client = app.test_client()
+        for rule in app.url_map.iter_rules():
+            if "GET" in rule.methods and not rule.arguments and rule.endpoint != "static":
+                check(lambda p, t: client.get(p, headers=bearer(t)).status_code, rule.rule, token)
+    elif app is not None and hasattr(app, "routes"):  # FastAPI, Starlette
+        from starlette.testclient import TestClient
+        client = TestClient(app)
+        for route in app.routes:
+            path = getattr(route, "path", "")
+            if "GET" in (getattr(route, "methods", None) or ()) and "{" not in path and not path.startswith(("/docs", "/redoc", "/openapi")):
+                check(lambda p, t: client.get(p, headers=bearer(t)).status_code, path, token)
+    elif hasattr(module, "urlpatterns"):  # Django
+        import django
+        from django.test import Client
+        django.setup()
+        client = Client()
+        for pattern in module.urlpatterns:
+            path = "/" + str(pattern.pattern)
+            get = lambda p, t: client.get(p, HTTP_HOST="127.0.0.1", **({} if t is None else {"HTTP_AUTHORIZATION": f"Bearer {t}"})).status_code
+            check(get, path, token)
+    elif hasattr(module, "server"):  # an MCP server
+        from starlette.testclient import TestClient
+        from urllib.parse import urlsplit
+        resource = urlsplit(auth.audience)
+        mcp_app = module.server.streamable_http_app(host=resource.hostname)
+        body = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+            "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "doc", "version": "0"}}}
+        headers = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
+        with TestClient(mcp_app, base_url=f"{resource.scheme}://{resource.netloc}") as client:
+            get = lambda p, t: client.post(p, json=body, headers={**headers, **bearer(t)}).status_code
+            check(get, resource.path, token)
+    if any(hasattr(module, name) for name in ("app", "urlpatterns", "server")):
+        assert checked, "the block defines an app, but no route this driver could call"
+"""
+
+
+@installed("flask", "fastapi", "httpx", "starlette", "django", "mcp", "uvicorn", "jwt", "redis")
+class DocBlockIntegrationTests(unittest.TestCase):
+    """Every ```python block marked <!-- test: integration --> runs, prints its ```text block, and its app is protected."""
+
+    def test_every_integration_block(self):
+        here = os.path.dirname(os.path.abspath(agentauth.__file__))
+        blocks = [block for path in doc_files() for block in doc_blocks(path) if block.marker == "integration"]
+        self.assertGreaterEqual(len(blocks), 5)
+        for block in blocks:
+            where = f"{os.path.relpath(block.path, here)}:{block.line}"
+            with self.subTest(block=where), tempfile.TemporaryDirectory() as cwd:
+                with open(os.path.join(cwd, "doc_block.py"), "w", encoding="utf-8") as file:
+                    file.write(block.code)
+                env = dict(os.environ, AGENTAUTH_SECRET=secrets.token_urlsafe(32))
+                result = subprocess.run([sys.executable, "-c", DOC_BLOCK_DRIVER, here], cwd=cwd, env=env,
+                                        capture_output=True, text=True, timeout=120)
+                self.assertEqual(result.returncode, 0, f"{where}:\n{result.stderr}")
+                if block.expected is not None:
+                    assert_output_matches(self, result.stdout, block.expected, where)
 
 
 # ---------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """An MCP server whose two tools need different scopes, protected by agentauth.
 
-Run (needs `pip install mcp uvicorn`; the secret is shared with the client):
+Run (needs the mcp 2.x SDK: `pip install "mcp>=2,<3" uvicorn`; the secret is shared with the client):
 
     export AGENTAUTH_SECRET=$(python -m agentauth keygen)
     python examples/mcp_server.py
