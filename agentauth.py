@@ -3245,7 +3245,8 @@ class _LastUsed:
 # PostgreSQL store
 # ---------------------------------------------------------------------------
 
-_POSTGRES_SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,47}\Z")  # unquoted-safe; leaves room in a channel name
+# Safe unquoted, leaves room in a channel name; "pg_" names are reserved to PostgreSQL.
+_POSTGRES_SCHEMA_NAME = re.compile(r"(?!pg_)[a-z_][a-z0-9_]{0,47}\Z")
 _POSTGRES_DRIVERS = ("psycopg", "psycopg2")
 _POSTGRES_PURGE_ROWS = 1000  # expired rows deleted per write at most, so no call does unbounded work
 _POSTGRES_LOCK_CLASS = 0x61676175  # first key of the advisory lock that serialises migrations
@@ -3256,8 +3257,8 @@ def _postgres_migrations(schema: str) -> List[Tuple[str, ...]]:
     """Return the statements that bring a schema from version n to n + 1, by n.
 
     Version 1 holds revocations; version 2 adds grants; version 3 the DPoP
-    replay cache. A schema at an
-    older version is migrated in place: only the missing steps run.
+    replay cache. A schema at an older version is migrated in place: only
+    the missing steps run, in one transaction.
 
     ``seq`` orders the revocations by commit: every writer locks the table
     before taking a number and keeps the lock until it commits, so a reader
@@ -3385,7 +3386,9 @@ class PostgresStore:
         if not callable(connect):
             raise InvalidConfigError("connect must be a function that returns a new database connection")
         if type(schema) is not str or not _POSTGRES_SCHEMA_NAME.match(schema):
-            raise InvalidConfigError("schema must be 1-48 lower-case letters, digits or underscores, not starting with a digit")
+            raise InvalidConfigError(
+                "schema must be 1-48 lower-case letters, digits or underscores, not starting with a digit or pg_"
+            )
         for name, value in (("max_staleness_seconds", max_staleness_seconds), ("timeout_seconds", timeout_seconds)):
             if type(value) not in (int, float) or not 0 < value < math.inf:
                 raise InvalidConfigError(f"{name} must be a positive number")

@@ -3115,6 +3115,7 @@ class PostgresStoreConfigTests(unittest.TestCase):
             ((connect,), {"schema": ""}),
             ((connect,), {"schema": "Agentauth"}),
             ((connect,), {"schema": "9lives"}),
+            ((connect,), {"schema": "pg_catalog"}),
             ((connect,), {"schema": 'x"; DROP TABLE users; --'}),
             ((connect,), {"schema": "a" * 49}),
             ((connect,), {"schema": None}),

@@ -1222,6 +1222,12 @@ class PostgresProofReplayTests(PostgresFixture, ProofReplayContract, unittest.Te
 
 
 @needs_postgres
+@installed("psycopg2")
+class PostgresProofReplayPsycopg2Tests(PostgresProofReplayTests):
+    connect = staticmethod(psycopg2_connect)
+
+
+@needs_postgres
 class PostgresGrantTests(PostgresFixture, unittest.TestCase):
     def test_a_version_1_schema_is_migrated_in_place_without_losing_a_revocation(self):
         schema = self.new_schema()
