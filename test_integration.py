@@ -907,6 +907,236 @@ class McpSdkTests(unittest.TestCase):
                 self.assertIn('error="invalid_token"', challenge)
                 self.assertIn("resource_metadata=", challenge)
 
+# ---------------------------------------------------------------------------
+# The authorization server and the official MCP SDK client
+# ---------------------------------------------------------------------------
+
+
+def load_example(name):
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "examples", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"example_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class HeadlessUser:
+    """The user's browser, headless: signed in with the toy login's cookie, it answers the consent page.
+
+    ``untick`` scopes are unticked before Allow; ``decision`` is "allow" or "deny".
+    Each authorization URL it was sent to, and each consent page it saw, is kept.
+    """
+
+    def __init__(self, base, cookie):
+        self.base = base
+        self.cookie = cookie
+        self.untick = ()
+        self.decision = "allow"
+        self.urls = []
+        self.pages = 0
+        self.result = None
+
+    async def redirect_handler(self, url):
+        import html as html_module
+        import re
+        import urllib.parse
+
+        import httpx2
+
+        self.urls.append(url)
+        headers = {"Cookie": self.cookie}
+        async with httpx2.AsyncClient(follow_redirects=False, timeout=20) as browser:
+            page = await browser.get(url, headers=headers)
+            if page.status_code == 200:  # the consent page: untick, then answer
+                self.pages += 1
+                text = page.text
+                fields = {k: html_module.unescape(v) for k, v in
+                          re.findall(r'<input type="hidden" name="([^"]+)" value="([^"]*)">', text)}
+                scopes = re.findall(r'name="approved_scope" value="([^"]+)" checked', text)
+                body = urllib.parse.urlencode(
+                    dict(fields, decision=self.decision, approved_scope=[s for s in scopes if s not in self.untick]),
+                    doseq=True)
+                page = await browser.post(self.base + "/authorize", content=body, headers={
+                    **headers, "Content-Type": "application/x-www-form-urlencoded"})
+            assert page.status_code == 303, (page.status_code, page.text)
+            query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(page.headers["location"]).query))
+        self.result = query
+
+    async def callback_handler(self):
+        from mcp.shared.auth import AuthorizationCodeResult
+
+        query, self.result = self.result, None
+        if "code" not in query:
+            raise RuntimeError(f"authorization refused: {query.get('error')}")
+        return AuthorizationCodeResult(code=query["code"], state=query.get("state"), iss=query.get("iss"))
+
+
+class MemoryTokenStorage:
+    def __init__(self):
+        self.tokens = None
+        self.client_info = None
+
+    async def get_tokens(self):
+        return self.tokens
+
+    async def set_tokens(self, tokens):
+        self.tokens = tokens
+
+    async def get_client_info(self):
+        return self.client_info
+
+    async def set_client_info(self, client_info):
+        self.client_info = client_info
+
+
+@installed("mcp", "uvicorn", "httpx2")
+class McpOAuthTests(unittest.TestCase):
+    """examples/mcp_oauth_server.py with the official SDK's OAuthClientProvider, driven headlessly."""
+
+    REDIRECT = "http://127.0.0.1:53682/callback"  # the SDK never listens: the headless user hands over the code
+
+    def start(self, **options):
+        example = load_example("mcp_oauth_server")
+        built = {}
+
+        def make_app(base):
+            built["app"], built["auth"], built["login"] = example.build(base, secret=SECRET, **options)
+            return built["app"]
+
+        server = UvicornThread(make_app)
+        self.addCleanup(server.stop)
+        self.base, self.auth, self.login = server.base, built["auth"], built["login"]
+        self.url = self.base + "/mcp"
+        self.user = HeadlessUser(self.base, self.login.cookie("alice").split(";")[0])
+        self.storage = MemoryTokenStorage()
+
+    def provider(self, client_metadata_url=None):
+        from mcp.client.auth import OAuthClientProvider
+        from mcp.shared.auth import OAuthClientMetadata
+
+        metadata = OAuthClientMetadata(client_name="Test agent", redirect_uris=[self.REDIRECT],
+                                       grant_types=["authorization_code", "refresh_token"],
+                                       response_types=["code"], token_endpoint_auth_method="none")
+        return OAuthClientProvider(server_url=self.url, client_metadata=metadata, storage=self.storage,
+                                   redirect_handler=self.user.redirect_handler,
+                                   callback_handler=self.user.callback_handler,
+                                   client_metadata_url=client_metadata_url)
+
+    def call(self, provider, *calls):
+        """Open a session with the SDK's client and call tools; return the results."""
+        import httpx2
+        from mcp import ClientSession
+        from mcp.client.streamable_http import streamable_http_client
+
+        async def run():
+            async with httpx2.AsyncClient(auth=provider, timeout=httpx2.Timeout(20, read=30)) as client:
+                async with streamable_http_client(self.url, http_client=client) as (read, write):
+                    async with ClientSession(read, write) as session:
+                        await session.initialize()
+                        return [await session.call_tool(name, arguments) for name, arguments in calls]
+
+        return asyncio.run(asyncio.wait_for(run(), 60))
+
+    def connect_and_step_up(self, client_metadata_url=None):
+        provider = self.provider(client_metadata_url)
+        # 401, discovery, registration (or the metadata document), consent with email:send unticked, code, token.
+        self.user.untick = ("email:send",)
+        (result,) = self.call(provider, ("read_inbox", {"limit": 1}))
+        self.assertFalse(result.is_error, result)
+        client_id = self.storage.client_info.client_id
+        self.assertEqual(result.content[0].text, f"1 newest messages of alice, read by {client_id}")
+        self.assertEqual(self.storage.tokens.scope, "email:read")
+        self.assertEqual(self.user.pages, 1)
+        authorize = urllib.parse.parse_qs(urllib.parse.urlsplit(self.user.urls[0]).query)
+        self.assertEqual((authorize["code_challenge_method"], authorize["resource"]), (["S256"], [self.url]))
+        claims = self.auth.verify(self.storage.tokens.access_token)
+        self.assertEqual((claims.sub, claims.agent, claims.scopes), ("alice", client_id, ("email:read",)))
+
+        # A tool outside the grant: refused with the scope challenge (403, scope="email:read email:send").
+        status, headers, _ = mcp_rpc(self.url, self.storage.tokens.access_token, {
+            "jsonrpc": "2.0", "id": 9, "method": "tools/call", "params": {"name": "send_email", "arguments": {"to": "b"}}})
+        self.assertEqual(status, 403)
+        self.assertIn('scope="email:read email:send"', headers["WWW-Authenticate"])
+
+        # Step-up: the SDK client re-authorizes for the union; this time the user allows it all.
+        self.user.untick = ()
+        (result,) = self.call(provider, ("send_email", {"to": "bob@example.com"}))
+        self.assertFalse(result.is_error, result)
+        self.assertEqual(result.content[0].text, "sent to bob@example.com")
+        self.assertEqual(self.user.pages, 2)
+        self.assertEqual(set(self.storage.tokens.scope.split()), {"email:read", "email:send"})
+        grant = self.auth.grants(subject="alice")[0]
+        self.assertEqual((grant.agent, grant.scopes), (client_id, ("email:read", "email:send")))
+
+        # After disconnect: the next call is refused and refreshing fails.
+        self.assertTrue(self.auth.disconnect(subject="alice", agent=client_id))
+        status, _, _ = mcp_rpc(self.url, self.storage.tokens.access_token, {
+            "jsonrpc": "2.0", "id": 10, "method": "tools/call", "params": {"name": "read_inbox", "arguments": {}}})
+        self.assertEqual(status, 401)
+        form = urllib.parse.urlencode({"grant_type": "refresh_token", "client_id": client_id,
+                                       "refresh_token": self.storage.tokens.refresh_token}).encode()
+        status, _, body = http("POST", self.base + "/token", {"Content-Type": "application/x-www-form-urlencoded"}, form)
+        self.assertEqual((status, json.loads(body)["error"]), (400, "invalid_grant"))
+        return client_id
+
+    def test_dynamic_registration(self):
+        self.start()
+        client_id = self.connect_and_step_up()
+        self.assertFalse(client_id.startswith("http"))
+
+    def test_client_id_metadata_document(self):
+        self.start(allow_private_client_documents=True)
+        document_url = self.serve_client_document()
+        client_id = self.connect_and_step_up(client_metadata_url=document_url)
+        self.assertEqual(client_id, document_url)
+
+    def serve_client_document(self):
+        """Serve this client's metadata document over https on loopback (a throwaway certificate)."""
+        import http.server
+        import ssl
+
+        directory = tempfile.mkdtemp(prefix="agentauth-cimd-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        cert, key = os.path.join(directory, "cert.pem"), os.path.join(directory, "key.pem")
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                        "-keyout", key, "-out", cert, "-days", "1", "-subj", "/CN=127.0.0.1",
+                        "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+        owner = {}
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                body = json.dumps(owner["document"]).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Cache-Control", "max-age=300")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(cert, key)
+        httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
+        url = f"https://127.0.0.1:{httpd.server_address[1]}/oauth/client.json"
+        owner["document"] = {"client_id": url, "client_name": "Test agent", "redirect_uris": [self.REDIRECT],
+                             "grant_types": ["authorization_code", "refresh_token"], "response_types": ["code"],
+                             "token_endpoint_auth_method": "none"}
+        thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+        thread.start()
+        self.addCleanup(thread.join, 5)
+        self.addCleanup(httpd.server_close)
+        self.addCleanup(httpd.shutdown)
+        # The authorization server's fetch trusts this certificate (and only it) during the test.
+        previous = os.environ.get("SSL_CERT_FILE")
+        os.environ["SSL_CERT_FILE"] = cert
+        self.addCleanup(lambda: os.environ.pop("SSL_CERT_FILE") if previous is None
+                        else os.environ.__setitem__("SSL_CERT_FILE", previous))
+        return url
+
+
 
 @installed("fastmcp", "uvicorn")
 class FastMcpTests(unittest.TestCase):
