@@ -1219,9 +1219,11 @@ def _crypto_ed25519() -> Any:
     path does the work, rather than every EdDSA operation crashing.
     """
     try:
+        from cryptography import exceptions
         from cryptography.hazmat.primitives.asymmetric import ed25519
-        from cryptography.exceptions import InvalidSignature  # noqa: F401  # used by the verifier
     except ImportError:
+        return None
+    if not isinstance(getattr(exceptions, "InvalidSignature", None), type):  # the verifier catches it
         return None
     needed = (
         (ed25519.Ed25519PrivateKey, "from_private_bytes"),
@@ -4846,9 +4848,9 @@ class AgentAuth:
         if type(token) is str:
             hit = verified.get(token)
             if hit is not None:
-                claims, nbf = hit
-                self._check_times(claims.exp, claims.iat, nbf, now)
-                return claims
+                remembered, remembered_nbf = hit
+                self._check_times(remembered.exp, remembered.iat, remembered_nbf, now)
+                return remembered
         head, body, sig = _split(token, self.max_token_bytes)
         cache = self._header_cache  # this key set's cache, even if a refresh swaps them
         key = cache.get(head)
@@ -6228,7 +6230,7 @@ class _DjangoMiddleware:
 
     @staticmethod
     def _response(refusal: _Refusal) -> Any:
-        from django.http import HttpResponse
+        from django.http import HttpResponse  # type: ignore[import-not-found, import-untyped, unused-ignore]
 
         status, headers, body = refusal
         response = HttpResponse(body, status=status)
