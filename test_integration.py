@@ -1626,6 +1626,17 @@ class PostgresStoreTests(PostgresFixture, unittest.TestCase):
         store.revoke({"jti": "new-2"}, revoked_at=100, expires_at=1000)
         self.assertEqual(self.sql(count), [(2,)])
 
+    def test_bench_measures_postgres_and_drops_its_schema(self):
+        here = os.path.dirname(os.path.abspath(agentauth.__file__))
+        result = subprocess.run([sys.executable, "-m", "agentauth", "bench", "--seconds", "1", "--revocations", "500"],
+                                cwd=here, env=dict(os.environ, AGENTAUTH_POSTGRES_URL=POSTGRES_URL),
+                                capture_output=True, text=True, timeout=120)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn("verify + PostgresStore, first", result.stdout)
+        self.assertIn("verify + PostgresStore, repeat", result.stdout)
+        self.assertRegex(result.stdout, r"revoke-to-refused, PostgresStore, two processes, 50 revocations: median [0-9.]+ ms")
+        self.assertEqual(self.sql("SELECT nspname FROM pg_namespace WHERE nspname LIKE 'agentauth_bench_%%'"), [])
+
     @unittest.skipUnless(hasattr(os, "fork"), "needs os.fork")
     def test_a_forked_child_opens_connections_of_its_own_and_leaves_the_parents(self):
         store = self.open_store(self.new_schema())
