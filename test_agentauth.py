@@ -4054,24 +4054,6 @@ class DPoPIssueTests(DPoPFixture, unittest.TestCase):
             self.auth.delegate(unbound, agent="b", scopes=["s"], dpop_jkt="bad")
 
 
-class DPoPDocsTests(unittest.TestCase):
-    """docs/dpop.md: every python block runs as written (a script of its own) and prints its text block."""
-
-    def test_every_python_block_runs_and_prints_what_the_page_shows(self):
-        with open(os.path.join(HERE, "docs", "dpop.md"), encoding="utf-8") as file:
-            text = file.read()
-        blocks = re.findall(r"```python\n(.*?)```\n\s*```text\n(.*?)```", text, re.S)
-        self.assertEqual(len(blocks), text.count("```python"))  # every block has its expected output
-        self.assertGreaterEqual(len(blocks), 5)
-        env = dict(os.environ, PYTHONPATH=HERE)
-        for index, (code, expected) in enumerate(blocks):
-            with self.subTest(block=index), tempfile.TemporaryDirectory() as cwd:
-                done = subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True,
-                                      timeout=60)
-                self.assertEqual(done.returncode, 0, done.stderr)
-                self.assertEqual(done.stdout, expected)
-
-
 class DPoPProofBuilderTests(unittest.TestCase):
     def test_proof_contents(self):
         key = P256Key.from_private_value(P256_D)
