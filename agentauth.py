@@ -6808,7 +6808,7 @@ _PROMPTS = frozenset(("none", "consent", "login"))  # OpenID Connect Core §3.1.
 _CONSENT_TEMPLATE = """<section class="grant">
 <h2>{agent_name}</h2>
 <p class="agent">{client_id}</p>
-<p class="meta">After you answer, you return to <strong>{redirect_host}</strong>.</p>
+<p class="meta">After you answer, this page sends you to <strong>{redirect_host}</strong>.</p>
 {warning}<p>It asks to act for you with these permissions. Untick any you do not want to give.</p>
 <form method="post" action="{action}">
 <ul class="scopes">

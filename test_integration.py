@@ -1941,9 +1941,8 @@ class ToySite:
         self.thread.join(timeout=20)
 
 
-@unittest.skipIf(chromium_missing(), chromium_missing() or "")
-class AgentsPageBrowserTests(unittest.TestCase):
-    """The connected-agents page in a real browser: headless Chromium driven by selenium."""
+class ChromiumFixture:
+    """Headless Chromium driven by selenium, one browser per test class; screenshots kept."""
 
     @classmethod
     def setUpClass(cls):
@@ -1968,6 +1967,24 @@ class AgentsPageBrowserTests(unittest.TestCase):
     def tearDownClass(cls):
         cls.driver.quit()
         shutil.rmtree(cls.profile, ignore_errors=True)
+
+    def screenshot(self, name, *, scale=1, mobile=False):
+        """Save the whole page, at its current width, as a PNG under the screenshot folder."""
+        width, height = self.driver.execute_script(
+            "return [window.innerWidth, document.documentElement.scrollHeight]")
+        self.driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                                    {"width": width, "height": height, "deviceScaleFactor": scale, "mobile": mobile})
+        path = os.path.join(self.shots, name)
+        self.assertTrue(self.driver.save_screenshot(path))
+        with open(path, "rb") as f:
+            self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n")
+        print(f"\nscreenshot: {path}", flush=True)
+        return path
+
+
+@unittest.skipIf(chromium_missing(), chromium_missing() or "")
+class AgentsPageBrowserTests(ChromiumFixture, unittest.TestCase):
+    """The connected-agents page in a real browser: headless Chromium driven by selenium."""
 
     def setUp(self):
         self.clock = Clock()
@@ -1996,19 +2013,6 @@ class AgentsPageBrowserTests(unittest.TestCase):
         from selenium.webdriver.common.by import By
 
         return [row.get_attribute("data-agent") for row in self.driver.find_elements(By.CSS_SELECTOR, "li.grant")]
-
-    def screenshot(self, name, *, scale=1, mobile=False):
-        """Save the whole page, at its current width, as a PNG under the screenshot folder."""
-        width, height = self.driver.execute_script(
-            "return [window.innerWidth, document.documentElement.scrollHeight]")
-        self.driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
-                                    {"width": width, "height": height, "deviceScaleFactor": scale, "mobile": mobile})
-        path = os.path.join(self.shots, name)
-        self.assertTrue(self.driver.save_screenshot(path))
-        with open(path, "rb") as f:
-            self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n")
-        print(f"\nscreenshot: {path}", flush=True)
-        return path
 
     def sign_in_and_open(self):
         self.driver.get(self.site.base + "/account/agents")  # 303 to the toy login, which sets the cookie and comes back
@@ -2065,6 +2069,121 @@ class AgentsPageBrowserTests(unittest.TestCase):
             self.driver.execute_script("return getComputedStyle(document.body).color"), "rgb(230, 230, 230)"
         )
         self.screenshot("agents-page-375-dark.png", scale=2, mobile=True)
+
+
+class ConsentSite:
+    """The authorization server on a loopback port, with the test's login and the agent's redirect URI."""
+
+    SCOPES = {"email:read": "Read your email", "email:send": "Send email as you", "calendar:read": "See your calendar"}
+
+    def __init__(self, subject):
+        self.sessions = {}
+        self.subject = subject
+        self.server = wsgiref.simple_server.make_server("127.0.0.1", 0, self.app, handler_class=QuietWsgiHandler)
+        self.base = f"http://127.0.0.1:{self.server.server_port}"
+        self.auth = agentauth.AgentAuth(secret=SECRET, issuer=self.base, audience=self.base + "/mcp")
+        self.oauth = self.auth.authorization_server_wsgi(
+            authenticate=lambda request: self.sessions.get(request.cookies.get("session")),
+            scope_descriptions=self.SCOPES,
+            login_url="/login",
+        )
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def app(self, environ, start_response):
+        path = environ.get("PATH_INFO", "")
+        if path == "/login":  # signs everyone in as self.subject: the test's own login
+            session = secrets.token_urlsafe(16)
+            self.sessions[session] = self.subject
+            target = urllib.parse.parse_qs(environ.get("QUERY_STRING", "")).get("next", ["/"])[0]
+            if not target.startswith("/") or target.startswith("//"):
+                target = "/"
+            start_response("303 See Other", [
+                ("Location", target), ("Set-Cookie", f"session={session}; Path=/; HttpOnly; SameSite=Lax"),
+            ])
+            return [b""]
+        if path == "/callback":  # the agent's redirect URI
+            start_response("200 OK", [("Content-Type", "text/plain")])
+            return [b"back at the agent"]
+        return self.oauth(environ, start_response)
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=20)
+
+
+@unittest.skipIf(chromium_missing(), chromium_missing() or "")
+class ConsentPageBrowserTests(ChromiumFixture, unittest.TestCase):
+    """The authorization server's consent page in a real browser."""
+
+    def setUp(self):
+        self.site = ConsentSite("user_123")
+        self.addCleanup(self.site.stop)
+        self.driver.delete_all_cookies()
+        self.driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                                    {"width": 800, "height": 600, "deviceScaleFactor": 1, "mobile": False})
+        self.driver.execute_cdp_cmd("Emulation.setEmulatedMedia", {"features": [
+            {"name": "prefers-color-scheme", "value": "light"}]})
+
+    def test_sign_in_untick_a_scope_allow_and_the_token_holds_only_the_ticked_ones(self):
+        import base64
+        import hashlib
+
+        from selenium.webdriver.common.by import By
+
+        base = self.site.base
+        registration = json.dumps({"redirect_uris": [base + "/callback"], "client_name": "Research bot"}).encode()
+        status, _, body = http("POST", base + "/register", {"Content-Type": "application/json"}, registration)
+        self.assertEqual(status, 201)
+        client_id = json.loads(body)["client_id"]
+        verifier = secrets.token_urlsafe(48)
+        challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
+        query = urllib.parse.urlencode({
+            "response_type": "code", "client_id": client_id, "redirect_uri": base + "/callback", "state": "xyz",
+            "scope": "email:read email:send calendar:read", "code_challenge": challenge,
+            "code_challenge_method": "S256", "resource": base + "/mcp",
+        })
+        self.driver.get(f"{base}/authorize?{query}")  # 303 to the login, which signs in and comes back
+        self.assertEqual(self.driver.title, "Allow this agent?")
+        page = self.driver.find_element(By.TAG_NAME, "body").text
+        for text in ("Research bot", client_id, "127.0.0.1", "Read your email", "Send email as you",
+                     "See your calendar", "returns to localhost"):
+            self.assertIn(text, page)
+        boxes = self.driver.find_elements(By.CSS_SELECTOR, 'input[name="approved_scope"]')
+        self.assertEqual([(b.get_attribute("value"), b.is_selected()) for b in boxes],
+                         [("email:read", True), ("email:send", True), ("calendar:read", True)])
+        boxes[1].click()  # untick "Send email as you"
+        self.assertFalse(boxes[1].is_selected())
+        self.screenshot("consent-page.png")
+        self.driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                                    {"width": 800, "height": 600, "deviceScaleFactor": 1, "mobile": False})
+        self.driver.find_element(By.CSS_SELECTOR, 'button[value="allow"]').click()
+        landed = urllib.parse.urlsplit(self.driver.current_url)
+        self.assertEqual(f"{landed.scheme}://{landed.netloc}{landed.path}", base + "/callback")
+        params = dict(urllib.parse.parse_qsl(landed.query))
+        self.assertEqual((params["state"], params["iss"]), ("xyz", base))
+        form = urllib.parse.urlencode({"grant_type": "authorization_code", "code": params["code"],
+                                       "client_id": client_id, "redirect_uri": base + "/callback",
+                                       "code_verifier": verifier}).encode()
+        status, _, body = http("POST", base + "/token", {"Content-Type": "application/x-www-form-urlencoded"}, form)
+        self.assertEqual(status, 200, body)
+        claims = self.site.auth.verify(json.loads(body)["access_token"])
+        self.assertEqual((claims.sub, claims.agent, claims.scopes), ("user_123", client_id, ("email:read", "calendar:read")))
+        self.assertEqual(self.site.auth.grants(subject="user_123")[0].scopes, ("email:read", "calendar:read"))
+
+    def test_the_consent_page_cannot_be_framed(self):
+        from selenium.webdriver.common.by import By
+
+        base = self.site.base
+        self.driver.get(base + "/login?next=/callback")  # signed in
+        frame_page = ("data:text/html,<iframe id=f src='" + base
+                      + "/authorize?client_id=x' width=400 height=300></iframe>")
+        self.driver.get(frame_page)
+        self.driver.switch_to.frame(self.driver.find_element(By.ID, "f"))
+        # A page refused by frame-ancestors / X-Frame-Options never renders its content in the frame.
+        self.assertNotIn("This authorization request", self.driver.find_element(By.TAG_NAME, "body").text)
+        self.driver.switch_to.default_content()
 
 
 if __name__ == "__main__":
