@@ -2388,7 +2388,7 @@ class AuthorizationStore(typing.Protocol):
     exist; a store may drop it then (``put_record`` purges). ``use_record``
     is the one atomic operation the server relies on: two processes
     presenting the same code at once must not both see a first use.
-    MemoryStore and SqliteStore implement it; a store that cannot answer, or
+    MemoryStore, SqliteStore and PostgresStore implement it; a store that cannot answer, or
     did not write, raises ``StoreUnavailableError``.
     """
 
@@ -3259,8 +3259,9 @@ def _postgres_migrations(schema: str) -> List[Tuple[str, ...]]:
     """Return the statements that bring a schema from version n to n + 1, by n.
 
     Version 1 holds revocations; version 2 adds grants; version 3 the DPoP
-    replay cache. A schema at an older version is migrated in place: only
-    the missing steps run, in one transaction.
+    replay cache; version 4 the authorization server's records. A schema at
+    an older version is migrated in place: only the missing steps run, in
+    one transaction.
 
     ``seq`` orders the revocations by commit: every writer locks the table
     before taking a number and keeps the lock until it commits, so a reader
@@ -3300,6 +3301,17 @@ def _postgres_migrations(schema: str) -> List[Tuple[str, ...]]:
             f"CREATE TABLE {s}.agentauth_dpop_proofs (key text PRIMARY KEY, expires_at bigint NOT NULL)",
             f"CREATE INDEX agentauth_dpop_proofs_expires ON {s}.agentauth_dpop_proofs (expires_at)",
         ),
+        (  # 3 -> 4: the authorization server's clients, codes and refresh tokens (AuthorizationStore)
+            f"""CREATE TABLE {s}.agentauth_records (
+                kind text NOT NULL,
+                key text NOT NULL,
+                value text NOT NULL,
+                expires_at bigint NOT NULL,
+                used_at bigint,
+                PRIMARY KEY (kind, key)
+            )""",
+            f"CREATE INDEX agentauth_records_expires ON {s}.agentauth_records (expires_at)",
+        ),
     ]
 
 
@@ -3337,7 +3349,7 @@ def _postgres_close(conn: Any) -> None:
 
 
 class PostgresStore:
-    """Revocations, grants and DPoP proofs in PostgreSQL: the store for several hosts that share a database.
+    """Revocations, grants, DPoP proofs and authorization records in PostgreSQL: the store for several hosts.
 
     ``connect`` is a function that returns a new connection of psycopg 3 or
     psycopg2 (``lambda: psycopg.connect(url)``); agentauth imports neither.
@@ -3355,7 +3367,9 @@ class PostgresStore:
     as soon as the notification arrives (milliseconds). Grants are read
     from the database on every call; a write that narrows or removes one
     records its revocation in the same transaction (``GrantStore``). The
-    DPoP replay cache (``ProofReplayStore``) is one statement per proof.
+    DPoP replay cache (``ProofReplayStore``) is one statement per proof;
+    the authorization server's records (``AuthorizationStore``) are read
+    and used in the database, a code or refresh token under a row lock.
 
     Security: fail closed. When the listening connection has not caught up
     with the database for ``max_staleness_seconds`` (measured with
@@ -3738,6 +3752,69 @@ class PostgresStore:
             return cursor.fetchone() is not None
 
         return typing.cast(bool, self._transaction(work, "the DPoP replay cache did not answer"))
+
+    # -- the authorization server's records (AuthorizationStore): clients, codes, refresh tokens
+
+    def put_record(self, kind: str, key: str, value: str, *, expires_at: int, now: int) -> None:
+        """Store (or replace, forgetting any use) a record in one transaction; purge a batch of expired ones.
+
+        Raises:
+            StoreUnavailableError: nothing was written.
+        """
+        records = f'"{self.schema}".agentauth_records'
+
+        def work(cursor: Any) -> None:
+            cursor.execute(
+                f"DELETE FROM {records} WHERE (kind, key) IN (SELECT kind, key FROM {records}"
+                f" WHERE expires_at <= %s ORDER BY expires_at LIMIT {_POSTGRES_PURGE_ROWS})",
+                (now,),
+            )
+            cursor.execute(
+                f"INSERT INTO {records} (kind, key, value, expires_at, used_at) VALUES (%s, %s, %s, %s, NULL)"
+                " ON CONFLICT (kind, key) DO UPDATE SET value = EXCLUDED.value, expires_at = EXCLUDED.expires_at,"
+                " used_at = NULL",
+                (kind, key, value, expires_at),
+            )
+
+        self._transaction(work, "the record was not stored")
+
+    def get_record(self, kind: str, key: str, *, now: int) -> Optional[str]:
+        """Return a live record's value, or None.
+
+        Raises:
+            StoreUnavailableError: the database did not answer.
+        """
+        rows = self._read(
+            f'SELECT value FROM "{self.schema}".agentauth_records WHERE kind = %s AND key = %s AND expires_at > %s',
+            (kind, key, now),
+        )
+        return typing.cast(str, rows[0][0]) if rows else None
+
+    def use_record(self, kind: str, key: str, *, now: int) -> Optional[Tuple[str, Optional[int]]]:
+        """Mark a live record used, atomically across hosts; return (its value, its earlier first use).
+
+        The row is locked (``FOR UPDATE``): of two hosts redeeming one code,
+        the second waits for the first to commit and then sees its use.
+
+        Raises:
+            StoreUnavailableError: the database did not answer; nothing was marked.
+        """
+        records = f'"{self.schema}".agentauth_records'
+
+        def work(cursor: Any) -> Optional[Tuple[str, Optional[int]]]:
+            cursor.execute(
+                f"SELECT value, used_at FROM {records} WHERE kind = %s AND key = %s AND expires_at > %s FOR UPDATE",
+                (kind, key, now),
+            )
+            row = cursor.fetchone()
+            if row is None:
+                return None
+            value, used_at = _postgres_row(row)
+            if used_at is None:
+                cursor.execute(f"UPDATE {records} SET used_at = %s WHERE kind = %s AND key = %s", (now, kind, key))
+            return value, used_at
+
+        return typing.cast(Optional[Tuple[str, Optional[int]]], self._transaction(work, "the record was not used"))
 
     # -- the grant store: read from the database on every call, so every host sees the same grants
 
@@ -7215,8 +7292,8 @@ class _AuthorizationServer:
         _grant_store(auth.store)
         if not all(callable(getattr(auth.store, method, None)) for method in _RECORD_METHODS):
             raise InvalidConfigError(
-                f"{type(auth.store).__name__} cannot hold an authorization server's records: use MemoryStore or"
-                " SqliteStore (or your own store with the AuthorizationStore methods)"
+                f"{type(auth.store).__name__} cannot hold an authorization server's records: use MemoryStore,"
+                " SqliteStore or PostgresStore (or your own store with the AuthorizationStore methods)"
             )
         parts = urlsplit(auth.issuer)
         # RFC 8414 §2: the issuer is an https URL with no query or fragment; the

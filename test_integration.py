@@ -35,8 +35,8 @@ import warnings
 import wsgiref.simple_server
 
 import agentauth
-from test_agentauth import (GrantStoreContract, ProofReplayContract, StoreContract, agent_claims, assert_output_matches,
-                            doc_blocks, doc_files, new_grant)
+from test_agentauth import (GrantStoreContract, ProofReplayContract, RecordStoreContract, StoreContract, agent_claims,
+                            assert_output_matches, doc_blocks, doc_files, new_grant)
 
 SECRET = "Hn4Wq8Zt1Lc6Vb3Xk9Pm2Rd7Fs0Gy5Ju-Ea"  # fixed, not guessable
 ISSUER = "integration-issuer"
@@ -1458,6 +1458,62 @@ class PostgresProofReplayPsycopg2Tests(PostgresProofReplayTests):
 
 
 @needs_postgres
+class PostgresRecordStoreTests(PostgresFixture, RecordStoreContract, unittest.TestCase):
+    def setUp(self):
+        self.schema = self.new_schema()
+        self.store = self.open_store(self.schema)
+
+    def test_put_purges_expired_records_a_bounded_batch_per_call(self):
+        table = f'"{self.schema}".agentauth_records'
+        self.sql(f"INSERT INTO {table} (kind, key, value, expires_at) SELECT 'code', 'old' || g, 'v', 10"
+                 " FROM generate_series(1, 1500) g")
+        self.store.put_record("code", "new-1", "v", expires_at=700, now=100)
+        self.assertEqual(self.sql(f"SELECT count(*) FROM {table}"), [(1 + 1500 - 1000,)])
+        self.store.put_record("code", "new-2", "v", expires_at=700, now=100)
+        self.assertEqual(self.sql(f"SELECT count(*) FROM {table}"), [(2,)])
+
+    def test_a_code_redeemed_from_two_processes_at_once_is_used_once(self):
+        here = os.path.dirname(os.path.abspath(agentauth.__file__))
+        for round_ in range(3):
+            key = f"code-{round_}"
+            self.store.put_record("code", key, "v", expires_at=1_800_000_600, now=1_800_000_000)
+            children = [subprocess.Popen([sys.executable, "-c", REDEEMER, here, POSTGRES_URL, self.schema, key],
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for _ in range(2)]
+            for child in children:
+                self.addCleanup(child.stdout.close)
+                self.assertEqual(child.stdout.readline().strip(), "ready")
+            for child in children:  # both are connected and waiting: release them together
+                child.stdin.write("go\n")
+                child.stdin.flush()
+            answers = []
+            for child in children:
+                answers.append(child.stdout.readline().strip())
+                child.stdin.close()
+                self.assertEqual(child.wait(30), 0)
+            self.assertEqual(sorted(answers), ["first use", "used at 1800000001"])
+
+
+@needs_postgres
+@installed("psycopg2")
+class PostgresRecordStorePsycopg2Tests(PostgresRecordStoreTests):
+    connect = staticmethod(psycopg2_connect)
+
+
+REDEEMER = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import psycopg, agentauth
+store = agentauth.PostgresStore(lambda: psycopg.connect(sys.argv[2]), schema=sys.argv[3])
+store.get_record("code", sys.argv[4], now=1_800_000_001)  # the write connection is open before the race
+print("ready", flush=True)
+sys.stdin.readline()
+value, used_at = store.use_record("code", sys.argv[4], now=1_800_000_001)
+print("first use" if used_at is None else f"used at {used_at}", flush=True)
+store.close()
+"""
+
+
+@needs_postgres
 class PostgresGrantTests(PostgresFixture, unittest.TestCase):
     def test_a_version_1_schema_is_migrated_in_place_without_losing_a_revocation(self):
         schema = self.new_schema()
@@ -1470,7 +1526,7 @@ class PostgresGrantTests(PostgresFixture, unittest.TestCase):
             f" VALUES ('agent:agent_a', nextval('\"{schema}\".agentauth_revocations_seq'), 'agent_a', 1800000000, 1800001000)"
         )
         store = self.open_store(schema)
-        self.assertEqual(self.sql(f'SELECT version FROM "{schema}".agentauth_schema'), [(3,)])
+        self.assertEqual(self.sql(f'SELECT version FROM "{schema}".agentauth_schema'), [(4,)])
         self.assertIs(store.is_revoked(claims_of("agent_a", 1_800_000_000)), True)
         grant = store.save_grant(new_grant(), replace=False, revoked_at=1_800_000_000, expires_at=1_800_001_000)
         self.assertEqual(self.open_store(schema).get_grant("user_a", "agent_a"), grant)
@@ -1545,9 +1601,9 @@ class PostgresStoreTests(PostgresFixture, unittest.TestCase):
         schema = self.new_schema()
         self.open_store(schema)
         tables = self.sql("SELECT table_name FROM information_schema.tables WHERE table_schema = %s ORDER BY 1", (schema,))
-        self.assertEqual([t for (t,) in tables],
-                         ["agentauth_dpop_proofs", "agentauth_grants", "agentauth_revocations", "agentauth_schema"])
-        self.assertEqual(self.sql(f'SELECT version FROM "{schema}".agentauth_schema'), [(3,)])
+        self.assertEqual([t for (t,) in tables], ["agentauth_dpop_proofs", "agentauth_grants", "agentauth_records",
+                                                  "agentauth_revocations", "agentauth_schema"])
+        self.assertEqual(self.sql(f'SELECT version FROM "{schema}".agentauth_schema'), [(4,)])
 
     def test_a_newer_schema_version_is_refused(self):
         schema = self.new_schema()
