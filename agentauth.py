@@ -1721,21 +1721,69 @@ class _EdDSAKey:
         return f"<_EdDSAKey kid={self.kid!r}>"
 
 
-def _parse_jwks(document: Any) -> Dict[str, _EdDSAKey]:
-    """Return the EdDSA verification keys of a JWK set, by kid (RFC 7517 §5).
+class _ES256Key:
+    """A P-256 key bound to the ES256 algorithm (RFC 7518 §3.4) and a kid."""
+
+    __slots__ = ("kid", "alg", "key")
+    algs = frozenset((ALGORITHM_ES256,))
+
+    def __init__(self, key: P256Key, kid: Optional[str]) -> None:
+        self.kid = kid
+        self.alg = ALGORITHM_ES256  # the key is bound to its algorithm
+        self.key = key
+
+    def sign(self, signing_input: bytes) -> str:
+        return _b64encode(self.key.sign(signing_input))
+
+    def derive(self, label: bytes) -> bytes:
+        """HMAC-SHA256 of the private value over ``_DERIVE_PREFIX + label`` (ECDSA never MACs it)."""
+        d = typing.cast(int, self.key._d).to_bytes(32, "big")
+        return hmac.new(d, _DERIVE_PREFIX + label, hashlib.sha256).digest()
+
+    def verify(self, signing_input: bytes, signature: str) -> bool:
+        if len(signature) != 86:  # 64 bytes r || s, unpadded base64url (never DER)
+            return False
+        try:
+            raw = _b64decode(signature)
+        except ValueError:
+            return False
+        return self.key.verify(signing_input, raw)
+
+    def __repr__(self) -> str:
+        return f"<_ES256Key kid={self.kid!r}>"
+
+
+_PublicKey = Union[_EdDSAKey, _ES256Key]  # what a JWK set can hold
+_TokenKey = Union[_HmacKey, _EdDSAKey, _ES256Key]  # what signs or verifies tokens
+
+
+def _jwk_usable(jwk: Mapping[str, Any], kty: str, crv: str, algs: typing.AbstractSet[str], default_alg: str) -> bool:
+    """Whether a JWK is a signature key of this type that a verifier may use (RFC 7517 §4.2-4.3)."""
+    return (
+        jwk.get("kty") == kty
+        and jwk.get("crv") == crv
+        and jwk.get("use", "sig") == "sig"
+        and jwk.get("alg", default_alg) in algs
+        and ("key_ops" not in jwk or (type(jwk["key_ops"]) is list and "verify" in jwk["key_ops"]))
+    )
+
+
+def _parse_jwks(document: Any) -> Dict[str, _PublicKey]:
+    """Return the EdDSA and ES256 verification keys of a JWK set, by kid (RFC 7517 §5).
 
     Keys of another type, curve, ``use``, ``alg`` or ``key_ops`` are ignored:
     never a symmetric key, which would let a published "public" key mint.
-    A kid used twice makes the whole set ambiguous, and an Ed25519 key with
-    its private part shows a broken publisher: either refuses the whole set.
+    A kid used twice makes the whole set ambiguous, and a usable key with
+    its private part, or off its curve, shows a broken publisher: either
+    refuses the whole set.
 
     Raises:
         ValueError: not a key set, a duplicate kid, private key material, or
-            an unusable Ed25519 key.
+            an unusable Ed25519 or P-256 key.
     """
     if not isinstance(document, Mapping) or type(document.get("keys")) is not list:
         raise ValueError('a JWK set is an object with a "keys" array')
-    keys: Dict[str, _EdDSAKey] = {}
+    keys: Dict[str, _PublicKey] = {}
     kids = set()
     for jwk in document["keys"]:
         if not isinstance(jwk, Mapping):
@@ -1745,24 +1793,23 @@ def _parse_jwks(document: Any) -> Dict[str, _EdDSAKey]:
             if kid in kids:
                 raise ValueError("a kid appears twice in the key set")
             kids.add(kid)
-        usable = (
-            jwk.get("kty") == "OKP"
-            and jwk.get("crv") == "Ed25519"
-            and jwk.get("use", "sig") == "sig"
-            and jwk.get("alg", ALGORITHM_EDDSA) in _EDDSA_NAMES
-            and ("key_ops" not in jwk or (type(jwk["key_ops"]) is list and "verify" in jwk["key_ops"]))
-        )
-        if not usable:
+        eddsa = _jwk_usable(jwk, "OKP", "Ed25519", _EDDSA_NAMES, ALGORITHM_EDDSA)
+        es256 = _jwk_usable(jwk, "EC", "P-256", _ES256Key.algs, ALGORITHM_ES256)
+        if not (eddsa or es256):
             continue
         if type(kid) is not str or not kid:
-            raise ValueError("an Ed25519 key in the set has no kid")
+            raise ValueError("a signature key in the set has no kid")
         if "d" in jwk:  # a published set with a private key is an issuer's mistake: use none of it
             raise ValueError(f"key {kid!r} carries private key material")
         try:
-            public = Ed25519Key.from_jwk({"kty": "OKP", "crv": "Ed25519", "x": jwk.get("x")})
+            if eddsa:
+                public = Ed25519Key.from_jwk({"kty": "OKP", "crv": "Ed25519", "x": jwk.get("x")})
+                keys[kid] = _EdDSAKey(public, kid, jwk.get("alg", ALGORITHM_EDDSA))
+            else:
+                point = P256Key.from_jwk({"kty": "EC", "crv": "P-256", "x": jwk.get("x"), "y": jwk.get("y")})
+                keys[kid] = _ES256Key(point, kid)
         except InvalidConfigError as exc:
             raise ValueError(f"key {kid!r}: {exc}") from exc
-        keys[kid] = _EdDSAKey(public, kid, jwk.get("alg", ALGORITHM_EDDSA))
     return keys
 
 
@@ -1801,7 +1848,7 @@ class _JwksSource:
             raise InvalidConfigError("jwks_timeout_seconds must be a positive number")
         self.timeout_seconds = float(timeout_seconds)
         self.max_bytes = _positive_int(max_bytes, "jwks_max_bytes")
-        self.keys: Dict[str, _EdDSAKey] = {}
+        self.keys: Dict[str, _PublicKey] = {}
         self.fresh_until = -math.inf  # when the set must be fetched again
         self._last_attempt = -math.inf
         self._fetched = False
@@ -1828,7 +1875,7 @@ class _JwksSource:
             try:
                 keys = _parse_jwks(self._fetch())
                 if not keys:  # as verifier(jwks=...) refuses one at startup
-                    raise ValueError("the key set holds no usable EdDSA key")
+                    raise ValueError("the key set holds no usable EdDSA or ES256 key")
             except Exception as exc:  # network, HTTP, size, JSON or key errors alike
                 import logging
 
@@ -4300,8 +4347,8 @@ def _criterion(value: Any, kind: str) -> str:
 class AgentAuth:
     """Issue, verify, delegate and revoke scoped agent tokens (RFC 9068 claims).
 
-    Sign with an HS256 ``secret`` or an Ed25519 ``signing_key`` (EdDSA; its
-    kid defaults to the key's RFC 7638 thumbprint). ``AgentAuth.verifier()``
+    Sign with an HS256 ``secret``, or an Ed25519 (EdDSA) or P-256 (ES256)
+    ``signing_key`` (its kid defaults to the key's RFC 7638 thumbprint). ``AgentAuth.verifier()``
     builds an instance that holds public keys only. Every argument is
     keyword-only and checked here, so a misconfiguration fails at startup,
     never per request.
@@ -4327,14 +4374,14 @@ class AgentAuth:
         self,
         *,
         secret: Union[str, bytes, None] = None,
-        signing_key: Optional[Ed25519Key] = None,
+        signing_key: Union[Ed25519Key, P256Key, None] = None,
         issuer: str,
         audience: str,
         default_ttl_seconds: int = DEFAULT_TTL_SECONDS,
         max_ttl_seconds: int = DEFAULT_MAX_TTL_SECONDS,
         kid: Optional[str] = None,
         previous_secrets: Optional[Mapping[str, Union[str, bytes]]] = None,
-        previous_keys: Optional[Mapping[str, Ed25519Key]] = None,
+        previous_keys: Optional[Mapping[str, Union[Ed25519Key, P256Key]]] = None,
         clock_tolerance_seconds: int = DEFAULT_CLOCK_TOLERANCE_SECONDS,
         max_token_bytes: int = DEFAULT_MAX_TOKEN_BYTES,
         max_chain_length: int = DEFAULT_MAX_CHAIN_LENGTH,
@@ -4370,24 +4417,31 @@ class AgentAuth:
             _grant_store(self.store)  # a store that cannot hold grants could never allow an issue
         self.require_grant = require_grant
         if (secret is None) == (signing_key is None):
-            raise InvalidConfigError("give exactly one of secret (HS256) or signing_key (EdDSA)")
+            raise InvalidConfigError("give exactly one of secret (HS256) or signing_key (EdDSA or ES256)")
         if kid is not None and (type(kid) is not str or not kid):
             raise InvalidConfigError("kid must be a non-empty string")
-        signing: Union[_HmacKey, _EdDSAKey]
-        if secret is not None:
+        signing: _TokenKey
+        if isinstance(signing_key, P256Key):
+            if not signing_key.is_private:
+                raise InvalidConfigError("signing_key must be a private key")
+            if alg not in (None, ALGORITHM_ES256):
+                raise InvalidConfigError('alg of a P256Key signing_key can only be "ES256"')
+            kid = signing_key.thumbprint() if kid is None else kid  # RFC 7638: a stable default kid
+            signing = _ES256Key(signing_key, kid)
+        elif secret is not None:
             if alg not in (None, ALGORITHM):
                 raise InvalidConfigError('alg of a secret can only be "HS256"')
             signing = _HmacKey(_as_key(secret, "secret"), kid)
         else:
             if not isinstance(signing_key, Ed25519Key) or not signing_key.is_private:
-                raise InvalidConfigError("signing_key must be a private Ed25519Key")
+                raise InvalidConfigError("signing_key must be a private Ed25519Key or P256Key")
             kid = signing_key.thumbprint() if kid is None else kid  # RFC 7638: a stable default kid
             # "EdDSA" by default: PyJWT and other readers do not know RFC 9864's "Ed25519" yet.
             if alg is not None and alg not in _EDDSA_NAMES:
                 raise InvalidConfigError('alg of an Ed25519 signing_key must be "EdDSA" or "Ed25519"')
             signing = _EdDSAKey(signing_key, kid, ALGORITHM_EDDSA if alg is None else alg)
         self.kid = kid
-        keys: Dict[str, Union[_HmacKey, _EdDSAKey]] = {} if kid is None else {kid: signing}
+        keys: Dict[str, _TokenKey] = {} if kid is None else {kid: signing}
         for label, previous in (("previous_secrets", previous_secrets), ("previous_keys", previous_keys)):
             if previous is not None and not isinstance(previous, Mapping):
                 raise InvalidConfigError(f"{label} must be a mapping of kid to key")
@@ -4401,9 +4455,11 @@ class AgentAuth:
                     keys[old_kid] = _HmacKey(_as_key(secret_value, f"previous secret {old_kid!r}"), old_kid)
                 elif isinstance(old, Ed25519Key):
                     keys[old_kid] = _EdDSAKey(old.public_key(), old_kid)  # verify only
+                elif isinstance(old, P256Key):
+                    keys[old_kid] = _ES256Key(old.public_key(), old_kid)  # verify only
                 else:
-                    raise InvalidConfigError("previous_keys values must be Ed25519Key objects")
-        self._signing_key: Optional[Union[_HmacKey, _EdDSAKey]] = signing
+                    raise InvalidConfigError("previous_keys values must be Ed25519Key or P256Key objects")
+        self._signing_key: Optional[_TokenKey] = signing
         self._set_keys(keys)
         self._configure_dpop(require_dpop, dpop_algorithms, dpop_window_seconds, dpop_nonce)
         header = {"alg": signing.alg, "typ": TOKEN_TYPE}
@@ -4469,7 +4525,7 @@ class AgentAuth:
             except ValueError as exc:
                 raise InvalidConfigError(f"jwks: {exc}") from exc
             if not keys:
-                raise InvalidConfigError("jwks holds no usable EdDSA key: this verifier could accept nothing")
+                raise InvalidConfigError("jwks holds no usable EdDSA or ES256 key: this verifier could accept nothing")
             self._set_keys(keys)
         else:
             self._jwks = _JwksSource(
@@ -4562,31 +4618,36 @@ class AgentAuth:
         #: The scopes require() puts on each function, by name: asgi(step_up=True) checks MCP tool calls with them.
         self._required_by_name: Dict[str, Tuple[str, ...]] = {}
 
-    def _set_keys(self, keys: Mapping[str, Union[_HmacKey, _EdDSAKey]]) -> None:
+    def _set_keys(self, keys: Mapping[str, _TokenKey]) -> None:
         """Hold these verification keys (by kid); accept exactly their algorithms."""
         self._keys = dict(keys)
         algorithms = {alg for key in self._keys.values() for alg in key.algs}
         if self._signing_key is not None:
             algorithms.update(self._signing_key.algs)
-        if self._jwks is not None:  # a fetched key set brings EdDSA keys only
+        if self._jwks is not None:  # a fetched key set brings EdDSA and ES256 keys only
             algorithms.update(_EDDSA_NAMES)
+            algorithms.add(ALGORITHM_ES256)
         self._algorithms = frozenset(algorithms)
-        self._header_cache: Dict[str, Union[_HmacKey, _EdDSAKey]] = {}
+        self._header_cache: Dict[str, _TokenKey] = {}
         # New keys, new caches: a token verified with a key that is gone
         # (rotated out, dropped from a refreshed JWKS) must be checked again.
         self._verify_cache: Dict[str, Tuple[AgentClaims, Optional[float]]] = {}
 
     def jwks(self) -> Dict[str, Any]:
-        """Return the public JWK set to publish: the EdDSA keys held, the signing key first.
+        """Return the public JWK set to publish: the EdDSA and ES256 keys held, the signing key first.
 
         Holds public keys only; HS256 secrets are never published.
 
         Raises:
-            InvalidConfigError: this instance holds no EdDSA key.
+            InvalidConfigError: this instance holds no EdDSA or ES256 key.
         """
-        public = [key.key.public_jwk(kid, alg=key.alg) for kid, key in self._keys.items() if isinstance(key, _EdDSAKey)]
+        public = [
+            key.key.public_jwk(kid, alg=key.alg) if isinstance(key, _EdDSAKey) else key.key.public_jwk(kid)
+            for kid, key in self._keys.items()
+            if isinstance(key, (_EdDSAKey, _ES256Key))
+        ]
         if not public:
-            raise InvalidConfigError("this instance holds no EdDSA key to publish")
+            raise InvalidConfigError("this instance holds no EdDSA or ES256 key to publish")
         return {"keys": public}
 
     def _may_block(self) -> bool:
@@ -4684,13 +4745,13 @@ class AgentAuth:
         if jkt is not None:
             claims["cnf"] = {"jkt": jkt}  # RFC 9449 §6.1: bound to the key with this thumbprint
         signing_input = f"{self._header_segment}.{_b64encode(_JSON_ENCODER.encode(claims).encode('ascii'))}"
-        key = typing.cast(Union[_HmacKey, _EdDSAKey], self._signing_key)
+        key = typing.cast(_TokenKey, self._signing_key)
         token = f"{signing_input}.{key.sign(signing_input.encode('ascii'))}"
         if len(token) > self.max_token_bytes:
             raise InvalidGrantError("the token would be longer than max_token_bytes")
         return IssuedToken(token, jti, exp)
 
-    def _require_signing_key(self) -> Union[_HmacKey, _EdDSAKey]:
+    def _require_signing_key(self) -> _TokenKey:
         if self._signing_key is None:
             raise InvalidConfigError("this instance only verifies: it holds no signing key")
         return self._signing_key
@@ -4882,7 +4943,7 @@ class AgentAuth:
                 raise DPoPProofError("the DPoP proof was used before")
             raise StoreUnavailableError("the DPoP replay cache did not answer True or False")
 
-    def _key_for(self, head: str, now: float) -> Union[_HmacKey, _EdDSAKey]:
+    def _key_for(self, head: str, now: float) -> _TokenKey:
         """Check a header segment and choose its key."""
         header = _parse_header(head, self._algorithms)
         typ = header.get("typ")

@@ -1386,6 +1386,99 @@ class P256KeyTests(unittest.TestCase):
             self.assertNotIn(secret.lower(), text.lower())
 
 
+class ES256TokenTests(unittest.TestCase):
+    """AgentAuth with a P-256 signing key: ES256 tokens, JWKS, rotation, confusion."""
+
+    def setUp(self):
+        self.key = P256Key.from_private_value(P256_D)
+        self.auth = make_auth(secret=None, signing_key=self.key, kid=None)
+        self.issued = self.auth.issue(subject="user_123", agent="bot", scopes=["email:read"])
+
+    def test_tokens_are_es256_with_the_thumbprint_as_kid(self):
+        header = json_segment(self.issued.token.split(".")[0])
+        self.assertEqual(header, {"alg": "ES256", "typ": "at+jwt", "kid": self.key.thumbprint()})
+        self.assertEqual(len(unb64url(self.issued.token.split(".")[2])), 64)  # r || s, never DER
+        self.assertEqual(self.auth.verify(self.issued.token).sub, "user_123")
+        for part in ("header", "payload", "signature"):
+            with self.subTest(part=part):
+                with raises_exactly(self, TokenInvalidError):
+                    self.auth.verify(tamper(self.issued.token, part))
+
+    def test_the_jwks_verifies_with_public_keys_only(self):
+        jwks = self.auth.jwks()
+        self.assertEqual(jwks["keys"][0], self.key.public_jwk(self.key.thumbprint()))
+        self.assertNotIn("d", jwks["keys"][0])
+        verifier = make_verifier(jwks)
+        self.assertEqual(verifier.verify(self.issued.token).sub, "user_123")
+        with raises_exactly(self, InvalidConfigError):
+            verifier.issue(subject="u", agent="a", scopes=["s"])
+        with raises_exactly(self, InvalidConfigError):  # a published set with the private value
+            make_verifier({"keys": [dict(jwks["keys"][0], d=self.key.private_jwk()["d"])]})
+
+    def test_rotation_and_mixed_key_sets(self):
+        old = P256Key.generate()
+        old_token = make_auth(secret=None, signing_key=old, kid="old").issue(subject="u", agent="a", scopes=["s"]).token
+        ed = Ed25519Key.from_seed(ED_SEED)
+        auth = make_auth(secret=None, signing_key=self.key, kid="new", previous_keys={"old": old, "ed": ed})
+        self.assertEqual(auth.verify(old_token).sub, "u")
+        self.assertEqual([k["kid"] for k in auth.jwks()["keys"]], ["new", "old", "ed"])
+        ed_token = make_auth(secret=None, signing_key=ed, kid="ed").issue(subject="u", agent="a", scopes=["s"]).token
+        self.assertEqual(make_verifier(auth.jwks()).verify(ed_token).sub, "u")
+
+    def test_algorithm_confusion_is_refused(self):
+        ed = Ed25519Key.from_seed(ED_SEED)
+        auth = make_auth(secret=None, signing_key=self.key, kid="es", previous_keys={"ed": ed})
+        cases = {
+            "EdDSA header, ES256 kid": forge_eddsa(dict(ED_HEADER, kid="es"), claims_for(), ed),
+            "ES256 header, EdDSA kid": forge_es256(dict(HEADER, alg="ES256", kid="ed"), claims_for(), self.key),
+            "HS256 header keyed with the public x": forge(dict(HEADER, kid="es"), claims_for(), self.key.public_pem().encode()),
+            "ES256 header, DER signature": der_signed(dict(HEADER, alg="ES256", kid="es"), claims_for(), self.key),
+        }
+        for name, token in cases.items():
+            with self.subTest(case=name):
+                with raises_exactly(self, TokenInvalidError):
+                    auth.verify(token)
+        self.assertEqual(auth.verify(forge_es256(dict(HEADER, alg="ES256", kid="es"), claims_for(), self.key)).sub,
+                         "user_123")
+
+    def test_configuration_errors(self):
+        for options in (dict(signing_key=self.key.public_key()), dict(signing_key=self.key, alg="EdDSA"),
+                        dict(signing_key=self.key, previous_keys={"x": "not a key"})):
+            with self.subTest(options=options):
+                with raises_exactly(self, InvalidConfigError):
+                    make_auth(secret=None, **options)
+
+    def test_delegation_and_derived_keys(self):
+        child = self.auth.delegate(self.issued.token, agent="helper", scopes=["email:read"])
+        self.assertEqual(self.auth.verify(child.token).chain, ("bot", "helper"))
+        hs256 = make_auth().issue(subject="u", agent="a", scopes=["s"]).token
+        mixed = make_auth(secret=None, signing_key=self.key, kid="es", previous_secrets={"k1": SECRET})
+        with raises_exactly(self, InvalidGrantError):  # an HS256 parent never becomes an ES256 token
+            mixed.delegate(hs256, agent="b", scopes=["s"])
+        self.assertEqual(len(self.auth._derived_key(b"x")), 32)
+        self.assertNotEqual(self.auth._derived_key(b"x"), make_auth(secret=None, signing_key=P256Key.generate())._derived_key(b"x"))
+
+
+def forge_es256(header: dict, claims: dict, key: "P256Key") -> str:
+    """Sign arbitrary header and claims with ES256 (raw r || s), without agentauth's token code."""
+    return sign_proof(header, claims, key)
+
+
+def der_signed(header: dict, claims: dict, key: "P256Key") -> str:
+    """The same, but with the signature DER-encoded as OpenSSL returns it: JOSE refuses that."""
+    token = sign_proof(header, claims, key)
+    head, body, sig = token.split(".")
+    raw = unb64url(sig)
+
+    def integer(value: bytes) -> bytes:
+        value = value.lstrip(b"\x00")
+        value = b"\x00" + value if value[0] & 0x80 else value
+        return b"\x02" + bytes([len(value)]) + value
+
+    der = integer(raw[:32]) + integer(raw[32:])
+    return f"{head}.{body}.{b64url(b'0' + bytes([len(der)]) + der)}"
+
+
 class Rfc9864Tests(unittest.TestCase):
     """RFC 9864 §2.2: "Ed25519" names EdDSA over Ed25519; accepted wherever EdDSA is, emitted on request."""
 
@@ -1878,7 +1971,8 @@ class JwksRulesTests(unittest.TestCase):
         ignored = {
             "oct": {"kty": "oct", "k": b64url(SECRET), "alg": "HS256", "use": "sig"},
             "RSA": {"kty": "RSA", "n": b64url(b"\x01" * 256), "e": "AQAB", "alg": "RS256"},
-            "EC": {"kty": "EC", "crv": "P-256", "x": b64url(b"\x01" * 32), "y": b64url(b"\x02" * 32)},
+            "EC P-384": {"kty": "EC", "crv": "P-384", "x": b64url(b"\x01" * 48), "y": b64url(b"\x02" * 48)},
+            "EC P-256 alg ES384": dict(P256Key.from_private_value(P256_D).public_jwk(), alg="ES384"),
             "X25519": dict(ed, crv="X25519"),
             "Ed448": dict(ed, crv="Ed448"),
             "use enc": dict(ed, use="enc"),
@@ -1940,11 +2034,18 @@ class JwksRulesTests(unittest.TestCase):
                         with self.assertRaises(InvalidConfigError):
                             make_verifier(keys)
                         continue
-                    # jws_keyset, jws_mixedSymmetryKeyset and HS256: the sets hold only
-                    # oct (and EC) keys, so a verifier gets no usable key from them
-                    # and refuses to start.
-                    with self.assertRaises(InvalidConfigError):
-                        make_verifier(keys)
+                    if group["comment"] == "jws_mixedSymmetryKeyset":
+                        # The EC key is an ES256 key a verifier may use; the oct key
+                        # never is, so the HS256 token naming it is refused.
+                        verifier = make_verifier(keys)
+                        self.assertEqual([k["kid"] for k in verifier.jwks()["keys"]], ["kid-ec-sign"])
+                        with raises_exactly(self, TokenInvalidError):
+                            verifier.verify(case["jws"])
+                    else:
+                        # jws_keyset and HS256: the sets hold only oct keys, so a
+                        # verifier gets no usable key from them and refuses to start.
+                        with self.assertRaises(InvalidConfigError):
+                            make_verifier(keys)
                     if group["comment"] == "HS256":
                         key = unb64url(keys["keys"][0]["k"])
                         if case["comment"] in ("key_too_short", "empty_key"):
@@ -2168,7 +2269,7 @@ class JwksUrlTests(unittest.TestCase):
         with self.assertLogs("agentauth", "WARNING") as logs:
             with self.assertRaises(StoreUnavailableError):
                 verifier.verify(self.token1)
-        self.assertIn("no usable EdDSA key", logs.output[0])
+        self.assertIn("no usable EdDSA or ES256 key", logs.output[0])
         self.assertEqual(self.server.count, 1)
         self.server.serve(self.issuer1.jwks())
         self.clock.advance(30)
@@ -2182,7 +2283,7 @@ class JwksUrlTests(unittest.TestCase):
         self.clock.advance(300)
         with self.assertLogs("agentauth", "WARNING") as logs:
             self.assertEqual(verifier.verify(self.token1).sub, "user_123")
-        self.assertIn("no usable EdDSA key", logs.output[0])
+        self.assertIn("no usable EdDSA or ES256 key", logs.output[0])
         self.assertEqual(self.server.count, 2)
 
     def test_a_verify_never_waits_for_another_threads_fetch(self):

@@ -355,6 +355,30 @@ class DPoPInteropTests(unittest.TestCase):
                 self.assertEqual(decoded.claims["ath"], agentauth._access_token_hash(token))
                 self.assertEqual(decoded.claims["iat"], int(self.clock.now))
 
+    def test_es256_tokens_interoperate_with_pyjwt_and_joserfc(self):
+        import jwt as pyjwt
+        from joserfc import jwk, jwt
+
+        issuer = agentauth.AgentAuth(signing_key=agentauth.P256Key.generate(), kid="es1", issuer=ISSUER, audience="api")
+        issued = issuer.issue(subject="user_123", agent="bot", scopes=["email:read"])
+        public_jwk = issuer.jwks()["keys"][0]
+        claims = pyjwt.decode(issued.token, pyjwt.PyJWK(public_jwk).key, algorithms=["ES256"], audience="api",
+                              issuer=ISSUER)
+        self.assertEqual(claims["jti"], issued.jti)
+        decoded = jwt.decode(issued.token, jwk.KeySet.import_key_set(issuer.jwks()), algorithms=["ES256"])
+        self.assertEqual(decoded.claims["jti"], issued.jti)
+        theirs = jwk.ECKey.generate_key("P-256", parameters={"kid": "joserfc-es"})
+        now = int(time.time())
+        token = jwt.encode({"alg": "ES256", "typ": "at+jwt", "kid": "joserfc-es"},
+                           {"iss": ISSUER, "aud": "api", "sub": "u", "client_id": "b", "scope": "s", "jti": "j1",
+                            "iat": now, "exp": now + 300}, theirs, algorithms=["ES256"])
+        verifier = agentauth.AgentAuth.verifier(jwks=jwk.KeySet([theirs]).as_dict(private=False), issuer=ISSUER,
+                                                audience="api")
+        self.assertEqual(verifier.verify(token).jti, "j1")
+        ours = agentauth.P256Key.from_jwk(theirs.as_dict(private=True))
+        self.assertIs(ours.is_private, True)
+        self.assertEqual(ours.thumbprint(), theirs.thumbprint())
+
     def test_es256_signatures_interoperate_with_cryptography(self):
         from cryptography.hazmat.primitives import hashes
         from cryptography.hazmat.primitives.asymmetric import ec, utils
