@@ -286,11 +286,11 @@ class EdDSAInteropTests(unittest.TestCase):
         self.assertEqual(decoded.claims["sub"], "u")
 
 
-DPOP_PEERS = ("joserfc", "cryptography")
+DPOP_PEERS = ("jwt", "joserfc", "cryptography")
 
 
 @unittest.skipIf([m for m in DPOP_PEERS if importlib.util.find_spec(m) is None],
-                 "needs joserfc and cryptography (pip install joserfc cryptography)")
+                 "needs PyJWT, joserfc and cryptography (pip install PyJWT joserfc cryptography)")
 class DPoPInteropTests(unittest.TestCase):
     """DPoP proofs (RFC 9449) and ES256 both ways with joserfc and cryptography, independent implementations."""
 
