@@ -20,6 +20,7 @@ Copy this one file; standard library only; Python >= 3.9.
 """
 
 import binascii
+import collections
 import contextvars
 import functools
 import hashlib
@@ -3260,13 +3261,18 @@ def _store_call(call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
 class _LastUsed:
     """Record that a grant was used, at most once a minute per grant, never failing the caller.
 
-    Remembers when it last wrote each (subject, agent) in this process; a
-    bounded dict, cleared when full (the worst case is one extra write).
+    Remembers when it last wrote each (subject, agent) in this process, in
+    write order, for at most ``_LAST_USED_TRACKED`` grants. When full, it
+    forgets the entries older than the interval (they throttle nothing any
+    more); if every entry is recent, the new grant's use is not written now
+    but once room frees up, within about a minute. So memory and writes stay
+    bounded however many grants are in use: last use is a display value.
     """
 
     def __init__(self, store: "GrantStore") -> None:
         self._store = store
-        self._written: Dict[Tuple[str, str], float] = {}
+        self._written: "collections.OrderedDict[Tuple[str, str], float]" = collections.OrderedDict()
+        self._lock = threading.Lock()
 
     def record(self, claims: AgentClaims, now: float) -> None:
         # The grant is the user's consent to the root agent; a delegated
@@ -3275,9 +3281,16 @@ class _LastUsed:
         last = self._written.get(key)
         if last is not None and now - last < LAST_USED_INTERVAL_SECONDS:
             return
-        if len(self._written) >= _LAST_USED_TRACKED:
-            self._written.clear()
-        self._written[key] = now
+        with self._lock:
+            written = self._written
+            written.pop(key, None)
+            if len(written) >= _LAST_USED_TRACKED:
+                stale = now - LAST_USED_INTERVAL_SECONDS
+                while written and next(iter(written.values())) <= stale:
+                    written.popitem(last=False)
+                if len(written) >= _LAST_USED_TRACKED:  # every entry is recent: write this one later
+                    return
+            written[key] = now
         try:
             self._store.touch_grant(key[0], key[1], math.floor(now))
         except Exception as exc:  # a display-only timestamp never fails a verify
@@ -3287,7 +3300,8 @@ class _LastUsed:
 
     def forget(self, subject: str, agent: str) -> None:
         """Let the next use of a new or removed grant be written at once."""
-        self._written.pop((subject, agent), None)
+        with self._lock:
+            self._written.pop((subject, agent), None)
 
 
 # ---------------------------------------------------------------------------
@@ -4691,16 +4705,18 @@ class AgentAuth:
         _name(agent, "agent")
         granted = _grant_scopes(scopes)
         jkt = None if dpop_jkt is None else _check_jkt(dpop_jkt)
-        if self.require_grant:
-            self._check_recorded_grant(subject, agent, granted)
         if ttl_seconds is None:
             ttl_seconds = self.default_ttl_seconds
         if type(ttl_seconds) is not int:
             raise InvalidGrantError("ttl_seconds must be a whole number of seconds")
         if not 0 < ttl_seconds <= self.max_ttl_seconds:
             raise InvalidGrantError(f"ttl_seconds must be between 1 and max_ttl_seconds ({self.max_ttl_seconds})")
+        # The time is read before the grant: a narrowing committed after that
+        # read has a revoked_at at or after this iat, so it refuses this token.
         clock_now = self._clock()
         now = math.floor(clock_now)
+        if self.require_grant:
+            self._check_recorded_grant(subject, agent, granted)
         issued = self._mint(subject, agent, granted, now, now + ttl_seconds, None, jkt)
         if self._on_event is not None:
             self._emit(AgentEvent("issued", clock_now, issued.jti, subject, agent, granted))
@@ -6781,10 +6797,15 @@ class _PageState(NamedTuple):
 
 
 def _page_path(request: _PageRequest) -> str:
-    """The page's own URL path, percent-encoded: a safe Location and form action."""
+    """The page's own URL path, percent-encoded: a safe Location and form action.
+
+    One leading "/" only: a path such as ``//evil.example/x`` would otherwise
+    be a network-path reference (RFC 3986 §4.2), sending the form, and its
+    CSRF token, to another host.
+    """
     from urllib.parse import quote
 
-    return quote(request.path)
+    return "/" + quote(request.path).lstrip("/")
 
 
 def _wants_json(request: _PageRequest) -> bool:

@@ -5476,6 +5476,43 @@ class GrantsContract:
         self.assertNotIn(token, "".join(logs.output))
 
 
+class LastUsedTests(unittest.TestCase):
+    def test_memory_and_writes_stay_bounded_however_many_grants_are_in_use(self):
+        store = MemoryStore()
+        writes = []
+        store.touch_grant = lambda subject, agent, used_at: writes.append((agent, used_at))
+        last_used = agentauth._LastUsed(store)
+        with unittest.mock.patch.object(agentauth, "_LAST_USED_TRACKED", 4):
+            for second in range(60):  # eight grants used round robin for a minute: twice what it tracks
+                for n in range(8):
+                    last_used.record(agent_claims(agent=f"bot-{n}"), T0 + second)
+            self.assertEqual(writes, [(f"bot-{n}", T0) for n in range(4)])
+            self.assertEqual(len(last_used._written), 4)
+            writes.clear()
+            for n in (5, 6, 7, 4, 0):  # a minute on, the entries are stale: room for the others
+                last_used.record(agent_claims(agent=f"bot-{n}"), T0 + 60)
+        self.assertEqual(writes, [("bot-5", T0 + 60), ("bot-6", T0 + 60), ("bot-7", T0 + 60), ("bot-4", T0 + 60)])
+
+    def test_issue_reads_the_time_before_the_grant_so_a_racing_narrowing_refuses_it(self):
+        clock = FixedClock(T0 + 0.9)
+
+        class Racing(MemoryStore):
+            def get_grant(self, subject, agent):
+                found = super().get_grant(subject, agent)  # read before the narrowing commits
+                racing.append(auth.grant(subject=subject, agent=agent, scopes=["email:read"], replace=True))
+                clock.advance(0.1)  # the second ticks over before issue() mints
+                return found
+
+        racing = []
+        auth = make_auth(store=Racing(), clock=clock, require_grant=True)
+        MemoryStore.save_grant(auth.store, agentauth.Grant("g", "u", "bot", None, ("email:*",), T0, T0),
+                               replace=False, revoked_at=T0, expires_at=T0 + 1000)
+        token = auth.issue(subject="u", agent="bot", scopes=["email:send"]).token
+        self.assertEqual(len(racing), 1)
+        with raises_exactly(self, RevokedError):
+            auth.verify(token)
+
+
 class MemoryGrantsTests(GrantsContract, unittest.TestCase):
     def make_store(self):
         return MemoryStore()
@@ -8211,6 +8248,30 @@ class AgentsPageWsgiTests(AgentsPageContract, unittest.TestCase):
         names = [name.lower() for name, _value in seen["headers"]]
         self.assertEqual(len(names), len(set(names)))
         return int(code), {name.lower(): value for name, value in seen["headers"]}, raw
+
+    def test_a_path_with_two_leading_slashes_stays_on_this_host(self):
+        # Mounted as the whole app, the page answers any path: "//evil.example/x"
+        # must not become a form action or Location on another host.
+        for path in ("//evil.example/steal", "///evil.example"):
+            for user, check in (("user_123", "form"), (None, "login")):
+                with self.subTest(path=path, user=user):
+                    environ = {}
+                    wsgiref.util.setup_testing_defaults(environ)
+                    environ.update({"SCRIPT_NAME": "", "PATH_INFO": path})
+                    if user is not None:
+                        environ["HTTP_COOKIE"] = f"user={user}"
+                    seen = {}
+                    app = self.page(login_url="/login")
+                    body = b"".join(app(environ, lambda status, headers, exc=None: seen.update(headers=dict(headers))))
+                    if check == "form":
+                        actions = re.findall(r'<form method="post" action="([^"]*)"', body.decode())
+                        self.assertTrue(actions)
+                        for action in actions:
+                            self.assertRegex(action, r"^/[^/]")
+                    else:
+                        location = seen["headers"]["Location"]
+                        query = urllib.parse.parse_qs(urllib.parse.urlsplit(location).query)
+                        self.assertRegex(query["next"][0], r"^/[^/]")
 
     def test_coroutine_authenticate_is_refused_under_wsgi(self):
         async def login(request):
