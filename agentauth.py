@@ -970,29 +970,56 @@ def _p256_normalize(points: List[Tuple[int, int, int]]) -> List[Optional[Tuple[i
 
 def _p256_table(x: int, y: int) -> _P256Table:
     # Window i, index t holds (t - 128) * 256**i * (x, y), affine; None at t == 128.
+    #
+    # Built in affine coordinates, batch by batch, with one inversion per
+    # batch (Montgomery's trick): first the 33 window bases 256**i * P (by
+    # Jacobian doublings), then in every window at once the multiples
+    # m + 1 .. 2m from 1 .. m, for m = 1, 2, 4, ... 64. Each new point is
+    # j*Q + m*Q (a doubling when j == m); as the group order is a prime far
+    # above 256, no sum meets the identity or an unplanned doubling.
     p = _P256_P
+    bases = [(x, y, 1)]
+    for _ in range(32):
+        X, Y, Z = bases[-1]
+        for _ in range(8):
+            X, Y, Z = _p256_double(X, Y, Z)
+        bases.append((X, Y, Z))
+    windows = [[point] for point in typing.cast(List[Tuple[int, int]], _p256_normalize(bases))]
+    m = 1
+    while m < 128:
+        pairs = [(multiples[j], multiples[m - 1]) for multiples in windows for j in range(m)]
+        # lambda = (y2 - y1) / (x2 - x1), or (3x**2 - 3) / 2y for a doubling (a = -3).
+        numerators, denominators = [], []
+        for (x1, y1), (x2, y2) in pairs:
+            if x1 == x2:
+                numerators.append(3 * (x1 * x1 - 1))
+                denominators.append(2 * y1)
+            else:
+                numerators.append(y2 - y1)
+                denominators.append(x2 - x1)
+        prefix, acc = [], 1
+        for d in denominators:
+            prefix.append(acc)
+            acc = acc * d % p
+        inv = pow(acc, -1, p)
+        sums: List[Tuple[int, int]] = [(0, 0)] * len(pairs)
+        for k in range(len(pairs) - 1, -1, -1):
+            lam = numerators[k] * (inv * prefix[k] % p) % p
+            inv = inv * denominators[k] % p
+            (x1, y1), (x2, _y2) = pairs[k]
+            x3 = (lam * lam - x1 - x2) % p
+            sums[k] = (x3, (lam * (x1 - x3) - y1) % p)
+        for i, multiples in enumerate(windows):
+            multiples.extend(sums[i * m : (i + 1) * m])
+        m *= 2
     table: _P256Table = []
-    for _ in range(33):
-        multiples = [(x, y, 1), _p256_double(x, y, 1)]
-        X, Y, Z = multiples[1]
-        for _ in range(126):  # 3Q .. 128Q
-            X, Y, Z = _p256_add(X, Y, Z, x, y)
-            multiples.append((X, Y, Z))
-        multiples.append(_p256_double(X, Y, Z))  # 256Q: the next window's Q
-        affine = _p256_normalize(multiples)
+    for multiples in windows:  # multiples[j] is (j + 1) * 256**i * P
         window: List[Optional[Tuple[int, int]]] = [None] * 256
-        for j in range(128):
-            point = affine[j]
-            if point is not None:
-                ax, ay = point
-                if j < 127:  # +128 is not a digit
-                    window[129 + j] = (ax, ay)
-                window[127 - j] = (ax, (p - ay) % p)
+        for j, (ax, ay) in enumerate(multiples):
+            if j < 127:  # +128 is not a digit
+                window[129 + j] = (ax, ay)
+            window[127 - j] = (ax, (p - ay) % p)
         table.append(window)
-        nxt = affine[128]
-        if nxt is None:  # only for a point of small order, which P-256 has not
-            break
-        x, y = nxt
     return table
 
 
