@@ -4399,7 +4399,7 @@ class AgentAuth:
             secret shorter than 32 bytes or easy to guess (a published
             example, a repeated pattern, a run like "1234..."), an empty issuer or audience, a
             non-positive or inconsistent duration, a rotation key without a kid,
-            an ``alg`` that does not fit the key.
+            an ``alg`` that does not fit the key, a negative ``verify_cache_size``.
 
     ``alg`` names the algorithm in the tokens' header: "HS256" for a secret;
     "EdDSA" (the default) or "Ed25519" (RFC 9864 §2.2) for an Ed25519 key.
@@ -4901,7 +4901,10 @@ class AgentAuth:
         Checks, in order: size, structure, header (alg, crit, typ, kid), the
         signature, then the claims (types, iss, aud, exp, iat, nbf, lifetime,
         scope syntax), then the DPoP proof, then the revocation store, then
-        the proof's replay, then ``required_scopes``.
+        the proof's replay, then ``required_scopes``. A token verified before
+        (up to ``verify_cache_size`` of them, by the whole token) skips the
+        signature and the parsing; its time claims and every later check run
+        again, and a key-bound (``cnf``) token is never remembered.
 
         DPoP (RFC 9449): a token bound to a key (``cnf.jkt``, from
         ``issue(dpop_jkt=...)``) needs ``dpop_proof``, the request's ``DPoP``

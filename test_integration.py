@@ -415,12 +415,11 @@ class NoTracebacks(logging.Handler):
     def __init__(self, test):
         super().__init__(logging.DEBUG)
         self.records = []
-        root = logging.getLogger()
-        root.addHandler(self)
-        old_level = root.level
-        root.setLevel(logging.DEBUG)
-        test.addCleanup(root.setLevel, old_level)
-        test.addCleanup(root.removeHandler, self)
+        # The root logger, and uvicorn's, which does not propagate; levels are
+        # left alone (a traceback is logged at ERROR).
+        for logger in (logging.getLogger(), logging.getLogger("uvicorn")):
+            logger.addHandler(self)
+            test.addCleanup(logger.removeHandler, self)
         test.addCleanup(lambda: test.assertEqual([r.getMessage() for r in self.records], []))
 
     def emit(self, record):
