@@ -1159,6 +1159,100 @@ class McpOAuthTests(unittest.TestCase):
                         else os.environ.__setitem__("SSL_CERT_FILE", previous))
         return url
 
+def conformance_missing():
+    """Why the MCP conformance suite cannot run here, or None (.ci/run installs it with Node 22)."""
+    directory = os.environ.get("AGENTAUTH_CONFORMANCE_DIR")
+    if not directory or not os.path.exists(os.path.join(directory, "node_modules", ".bin", "node")):
+        return ("needs the MCP conformance suite: npm install node@22 @modelcontextprotocol/conformance"
+                " in a folder named by AGENTAUTH_CONFORMANCE_DIR")
+    if importlib.util.find_spec("mcp") is None or importlib.util.find_spec("uvicorn") is None:
+        return "needs mcp and uvicorn (pip install mcp uvicorn)"
+    return None
+
+
+@unittest.skipIf(conformance_missing(), conformance_missing() or "")
+class McpConformanceTests(unittest.TestCase):
+    """The MCP project's conformance suite, its authorization command, against examples/mcp_oauth_server.py."""
+
+    def test_the_authorization_scenarios_pass(self):
+        directory = os.environ["AGENTAUTH_CONFORMANCE_DIR"]
+        example = load_example("mcp_oauth_server")
+        built = {}
+
+        def make_app(base):
+            built["app"], built["auth"], built["login"] = example.build(base, secret=SECRET)
+            return built["app"]
+
+        server = UvicornThread(make_app)
+        self.addCleanup(server.stop)
+        base = server.base
+        with socket.socket() as probe:  # a free port for the suite's callback server
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        callback = f"http://127.0.0.1:{port}/callback"
+        registration = json.dumps({"redirect_uris": [callback], "client_name": "MCP conformance"}).encode()
+        status, _, body = http("POST", base + "/register", {"Content-Type": "application/json"}, registration)
+        self.assertEqual(status, 201)
+        client_id = json.loads(body)["client_id"]
+        output = tempfile.mkdtemp(prefix="agentauth-conformance-")
+        self.addCleanup(shutil.rmtree, output, True)
+        command = [os.path.join(directory, "node_modules", ".bin", "node"),
+                   os.path.join(directory, "node_modules", "@modelcontextprotocol", "conformance", "dist", "index.js"),
+                   "authorization", "--url", base, "--client-id", client_id, "--resource", base + "/mcp",
+                   "--port", str(port), "--output-dir", output]
+        suite = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.addCleanup(suite.stdout.close)
+        self.addCleanup(lambda: suite.poll() is None and suite.kill())
+        lines = []
+        # The suite prints the authorization URL for a person to open: the
+        # signed-in user (the toy login's cookie) answers the consent page.
+        for line in suite.stdout:
+            lines.append(line)
+            if line.startswith(base + "/authorize?"):
+                self.consent(line.strip(), built["login"].cookie("alice").split(";")[0])
+                break
+        lines.extend(suite.stdout)
+        self.assertEqual(suite.wait(timeout=120), 0, "".join(lines))
+        report = "".join(lines)
+        print("\n" + report, flush=True)
+        for scenario in ("authorization-server-metadata-endpoint", "authorization-code-grant"):
+            self.assertIn(f"=== Running scenario: {scenario} ===", report)
+        self.assertNotIn("FAILURE", report)
+
+    def consent(self, url, cookie):
+        import html as html_module
+
+        class NoRedirect(urllib.request.HTTPRedirectHandler):
+            def redirect_request(self, *args, **kwargs):
+                return None
+
+        opener = urllib.request.build_opener(NoRedirect)
+        with opener.open(urllib.request.Request(url, headers={"Cookie": cookie}), timeout=20) as page:
+            text = page.read().decode()
+        fields = {k: html_module.unescape(v) for k, v in
+                  re.findall(r'<input type="hidden" name="([^"]+)" value="([^"]*)">', text)}
+        scopes = re.findall(r'name="approved_scope" value="([^"]+)" checked', text)
+        self.assertEqual(scopes, ["email:read"])  # no scope in the request: the example's default scopes
+        form = urllib.parse.urlencode(dict(fields, decision="allow", approved_scope=scopes), doseq=True).encode()
+        answer = urllib.request.Request(url.split("?")[0], data=form, headers={
+            "Cookie": cookie, "Content-Type": "application/x-www-form-urlencoded"})
+        try:
+            opener.open(answer, timeout=20)
+            self.fail("the consent answer did not redirect")
+        except urllib.error.HTTPError as exc:
+            self.assertEqual(exc.code, 303)
+            location = exc.headers["Location"]
+            exc.close()
+        for attempt in range(50):  # the suite's callback server may still be starting to listen
+            try:
+                with urllib.request.urlopen(location, timeout=20) as back:
+                    self.assertEqual(back.status, 200)
+                return
+            except urllib.error.URLError:
+                if attempt == 49:
+                    raise
+                time.sleep(0.1)
+
 
 
 @installed("fastmcp", "uvicorn")
