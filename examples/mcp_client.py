@@ -18,7 +18,7 @@ from mcp.client.streamable_http import streamable_http_client
 
 RESOURCE = f"http://127.0.0.1:{os.environ.get('PORT', '8765')}/mcp"
 
-auth = agentauth.AgentAuth(secret=os.environ["AGENTAUTH_SECRET"], issuer="agentauth-example", audience=RESOURCE)
+auth = agentauth.AgentAuth(secret=os.environ["AGENTAUTH_SECRET"], issuer="my-app", audience=RESOURCE)
 # The user grants the agent read access only.
 token = auth.issue(subject="user_123", agent="agent_mail_bot", scopes=["email:read"], ttl_seconds=300).token
 

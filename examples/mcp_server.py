@@ -18,7 +18,7 @@ from mcp.server.mcpserver import MCPServer
 HOST, PORT = "127.0.0.1", int(os.environ.get("PORT", "8765"))
 RESOURCE = f"http://{HOST}:{PORT}/mcp"  # the token's audience is this server's URL
 
-auth = agentauth.AgentAuth(secret=os.environ["AGENTAUTH_SECRET"], issuer="agentauth-example", audience=RESOURCE)
+auth = agentauth.AgentAuth(secret=os.environ["AGENTAUTH_SECRET"], issuer="my-app", audience=RESOURCE)
 
 server = MCPServer(
     name="mail",
