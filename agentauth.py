@@ -4098,9 +4098,16 @@ def _htu(url: Any) -> Optional[str]:
     dropped, scheme and host lower-cased, the default port removed, an empty
     path made "/", percent-encoding normalised, dot segments removed.
     """
+    return _normalized_url(url) if type(url) is str else None
+
+
+@functools.lru_cache(maxsize=256)
+def _normalized_url(url: str) -> Optional[str]:
+    # Memoised: a server sees the same few URLs in every proof and request,
+    # and urlsplit costs more than the rest of the comparison.
     from urllib.parse import urlsplit
 
-    if type(url) is not str or _CONTROL_CHARS.search(url) or " " in url:
+    if _CONTROL_CHARS.search(url) or " " in url:
         return None
     try:
         parts = urlsplit(url)

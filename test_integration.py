@@ -806,6 +806,100 @@ def mcp_rpc(url, token, body, session_id=None):
     return status, response_headers, json.loads(data[-1] if data else text) if text.strip() else None
 
 
+def mcp_dpop_rpc(url, token, key, body, session_id=None, *, proof=None, scheme="DPoP"):
+    """One JSON-RPC message with ``Authorization: DPoP`` and a fresh proof (or ``proof``); (status, headers, answer)."""
+    headers = {"Authorization": f"{scheme} {token}", "MCP-Protocol-Version": "2025-06-18",
+               "Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
+    if key is not None or proof is not None:
+        headers["DPoP"] = proof or agentauth.dpop_proof(key, "POST", url, access_token=token)
+    if session_id:
+        headers["Mcp-Session-Id"] = session_id
+    status, response_headers, raw = http("POST", url, headers, json.dumps(body).encode())
+    text = raw.decode()
+    data = [line[5:].strip() for line in text.splitlines() if line.startswith("data:")]
+    return status, response_headers, json.loads(data[-1] if data else text) if text.strip() else None
+
+
+@installed("mcp", "uvicorn")
+class McpDPoPTests(unittest.TestCase):
+    """An MCP server (the official SDK, token_verifier=auth.mcp()) behind auth.asgi(): DPoP-bound agent tokens."""
+
+    @classmethod
+    def setUpClass(cls):
+        from mcp.server.auth.settings import AuthSettings
+
+        def make_app(base):
+            cls.url = f"{base}/mcp"
+            auth = cls.auth = agentauth.AgentAuth(secret=SECRET, issuer=ISSUER, audience=cls.url)
+            settings = AuthSettings(issuer_url="https://auth.example.com", resource_server_url=cls.url,
+                                    validate_token_resource=True)
+            if mcp_major() >= 2:
+                from mcp.server.mcpserver import MCPServer
+
+                server = MCPServer(name="mail", log_level="WARNING", token_verifier=auth.mcp(), auth=settings)
+            else:
+                from mcp.server.fastmcp import FastMCP
+
+                server = FastMCP("mail", log_level="WARNING", token_verifier=auth.mcp(), auth=settings,
+                                 host="127.0.0.1")
+
+            @server.tool()
+            @auth.require("email:read")
+            def read_inbox(limit: int = 2) -> str:
+                claims = agentauth.current_claims()
+                return f"{limit} messages of {claims.sub} for {claims.agent}, key {claims.raw['cnf']['jkt'][:8]}"
+
+            inner = server.streamable_http_app(host="127.0.0.1") if mcp_major() >= 2 else server.streamable_http_app()
+            return auth.asgi(inner)  # checks DPoP, then hands the SDK a Bearer header for the verified token
+
+        cls.server = UvicornThread(make_app)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.server.stop()
+
+    def setUp(self):
+        self.key = agentauth.P256Key.generate()
+        self.token = self.auth.issue(subject="user_123", agent="bot", scopes=["email:read"],
+                                     dpop_jkt=self.key.thumbprint()).token
+
+    def initialize(self):
+        initialize = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+            "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "raw", "version": "0"}}}
+        status, headers, _ = mcp_dpop_rpc(self.url, self.token, self.key, initialize)
+        self.assertEqual(status, 200)
+        session = headers["Mcp-Session-Id"]
+        status, _, _ = mcp_dpop_rpc(self.url, self.token, self.key, {"jsonrpc": "2.0", "method": "notifications/initialized"},
+                                    session)
+        self.assertLess(status, 300)
+        return session
+
+    def test_a_bound_token_with_fresh_proofs_calls_the_tool(self):
+        session = self.initialize()
+        call = {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "read_inbox", "arguments": {"limit": 3}}}
+        for request_id in (2, 3):  # every request its own proof
+            status, _, answer = mcp_dpop_rpc(self.url, self.token, self.key, dict(call, id=request_id), session)
+            self.assertEqual(status, 200)
+            self.assertFalse(answer["result"]["isError"])
+            self.assertEqual(answer["result"]["content"][0]["text"],
+                             f"3 messages of user_123 for bot, key {self.key.thumbprint()[:8]}")
+
+    def test_the_stolen_token_is_refused_every_way(self):
+        session = self.initialize()
+        call = {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "read_inbox", "arguments": {}}}
+        replayed = agentauth.dpop_proof(self.key, "POST", self.url, access_token=self.token)
+        status, _, _ = mcp_dpop_rpc(self.url, self.token, None, call, session, proof=replayed)
+        self.assertEqual(status, 200)
+        thief = agentauth.P256Key.generate()
+        for label, kwargs in (("bearer", dict(key=None, scheme="Bearer")), ("no proof", dict(key=None)),
+                              ("thief's key", dict(key=thief)), ("replayed proof", dict(key=None, proof=replayed))):
+            with self.subTest(attempt=label):
+                status, headers, _ = mcp_dpop_rpc(self.url, self.token, body=call, session_id=session, **kwargs)
+                self.assertEqual(status, 401)
+                self.assertTrue(headers["WWW-Authenticate"].startswith("DPoP "), headers["WWW-Authenticate"])
+                self.assertIn('error="invalid_dpop_proof"', headers["WWW-Authenticate"])
+
+
 @installed("mcp", "uvicorn")
 class McpSdkTests(unittest.TestCase):
     """The official SDK: MCPServer in mcp 2.x, FastMCP in mcp 1.x (CI runs both)."""
