@@ -135,8 +135,8 @@ _KNOWN_EXAMPLE_SECRETS = frozenset((
 ))
 #: Words that mark a placeholder when a secret is made of plain words and numbers only.
 _PLACEHOLDER_WORDS = frozenset((
-    "secret", "example", "sample", "test", "testing", "demo", "dummy", "changeme", "change",
-    "password", "passwd", "placeholder", "insecure", "default", "your", "mysecret", "key",
+    "secret", "example", "sample", "test", "testing", "demo", "dummy", "changeme",
+    "password", "passwd", "placeholder", "insecure", "mysecret",
 ))
 _SECRET_WORD_SEPARATORS = re.compile(rb"[-_. :/+]+")
 _Refusal = Tuple[int, List[Tuple[str, str]], bytes]  # an HTTP refusal: status, headers, body

@@ -4230,7 +4230,7 @@ class ConfigTests(unittest.TestCase):
             "abcdefghijklmnopqrstuvwxyz0123456789",
             "zyxwvutsrqponmlkjihgfedcba9876543210",
             "my super secret key that is long enough",
-            "change_me_change_me_please_1234567890",
+            "changeme_changeme_please_1234567890",
             "this-is-my-test-key-for-the-api-2024",
         ]
         for secret in weak:
@@ -4250,6 +4250,7 @@ class ConfigTests(unittest.TestCase):
             make_auth(secret=secrets_module.token_bytes(32))
         make_auth(secret="prod-secret-Kx8vQ2mL9pR4tW7yB3nF6hJ")  # a word beside real randomness is fine
         make_auth(secret="correct horse battery staple galaxy umbrella")
+        make_auth(secret="purple monkey dishwasher key lantern default")  # words are fine, placeholders are not
 
     def test_no_secret_the_docs_show_is_accepted(self):
         # Any literal secret in README.md or docs/*.md will be copied: it must be refused.
