@@ -1139,8 +1139,7 @@ class _P256Verifier:
         u1 = int.from_bytes(digest, "big") * w % n
         u2 = r * w % n
         self.uses += 1
-        # A key seen again earns its table; a flood of one-off keys builds none.
-        table = _p256_key_table(self.x, self.y) if self.uses >= 2 else None
+        table = _P256_TABLES.get(self)
         if table is None:
             X, Y, Z = _p256_mul_window(u2, self.x, self.y)
             X, Y, Z = _p256_mul_table(u1, _p256_base_table(), X, Y, Z)
@@ -1163,10 +1162,50 @@ def _p256_verifier(x: int, y: int) -> _P256Verifier:
     return _P256Verifier(x, y)
 
 
-@functools.lru_cache(maxsize=_P256_KEY_TABLES)
-def _p256_key_table(x: int, y: int) -> _P256Table:
-    """One table per public point (about 15 ms and 0.7 MB to build), shared by every key object of it."""
-    return _p256_table(x, y)
+class _P256TableCache:
+    """The tables of the public keys verified most, at most ``size`` (about 15 ms and 0.7 MB each).
+
+    A key earns a table on its second verify, so a flood of one-off keys
+    builds none. When the cache is full, the least recently used table gives
+    way only to a key used more often than its own; otherwise the newcomer
+    is verified without a table, and the old key's count is halved, so a key
+    gone quiet ages out. More busy keys than tables therefore cost the
+    table-less path for some, never a rebuild per verify. Thread-safe; a
+    table is built outside the lock.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._tables: Dict[Tuple[int, int], Tuple[_P256Verifier, _P256Table]] = {}  # in LRU order
+        self._lock = threading.Lock()
+
+    def get(self, verifier: _P256Verifier) -> Optional[_P256Table]:
+        point = (verifier.x, verifier.y)
+        with self._lock:
+            entry = self._tables.pop(point, None)
+            if entry is not None:
+                self._tables[point] = entry  # now the most recently used
+                return entry[1]
+            if verifier.uses < 2 or self.size < 1:
+                return None
+            if len(self._tables) >= self.size:
+                oldest = next(iter(self._tables.values()))[0]
+                if oldest.uses >= verifier.uses:
+                    oldest.uses //= 2
+                    return None
+        table = _p256_table(verifier.x, verifier.y)
+        with self._lock:
+            while len(self._tables) >= self.size:
+                del self._tables[next(iter(self._tables))]
+            self._tables[point] = (verifier, table)
+        return table
+
+    def clear(self) -> None:
+        with self._lock:
+            self._tables.clear()
+
+
+_P256_TABLES = _P256TableCache(_P256_KEY_TABLES)
 
 
 class _P256Signer:
@@ -4264,15 +4303,18 @@ class _DPoPPolicy:
         self.require = require
         self.nonces = nonces
 
-    def check(self, proof: Any, method: str, url: str, token: Optional[str], now: float) -> Tuple[str, str, int]:
+    def check(
+        self, proof: Any, method: str, url: str, token: Optional[str], now: float, jkt: Optional[str] = None
+    ) -> Tuple[str, str, int]:
         """Check one proof against the request and the token (RFC 9449 §4.3 steps 1-12).
 
         ``token`` is the access token the proof comes with; None at a token
-        endpoint, where ``ath`` is not checked (§4.3 step 12).
+        endpoint, where ``ath`` is not checked (§4.3 step 12). ``jkt`` is the
+        thumbprint the token is bound to: a proof of another key is refused
+        before its signature costs anything.
 
         Returns (the proof key's thumbprint, the replay-cache key, when that
-        entry may be forgotten). The caller compares the thumbprint with the
-        token's ``cnf.jkt`` and records the replay key.
+        entry may be forgotten); the caller records the replay key.
 
         Raises:
             DPoPProofError: any rule broken.
@@ -4299,9 +4341,11 @@ class _DPoPPolicy:
         if jwk.get("kty") != kty or jwk.get("crv") != crv:
             raise DPoPProofError("the DPoP proof key does not fit its algorithm")
         try:
-            key, jkt = _proof_key(kty, crv, jwk.get("x"), jwk.get("y") if kty == "EC" else None)
+            key, proof_jkt = _proof_key(kty, crv, jwk.get("x"), jwk.get("y") if kty == "EC" else None)
         except (InvalidConfigError, TypeError) as exc:  # TypeError: an unhashable member
             raise DPoPProofError("the DPoP proof key is not a valid public key") from exc
+        if jkt is not None and not hmac.compare_digest(jkt, proof_jkt):  # §4.3 step 12 / §6.1
+            raise DPoPProofError("the DPoP proof is signed by another key than the token is bound to")
         # Step 6: the signature, with that key.
         try:
             raw = _b64decode(sig)
@@ -4339,8 +4383,8 @@ class _DPoPPolicy:
             raise DPoPNonceError("the DPoP proof lacks a fresh server nonce", nonce=self.nonces.issue(now))
         # The replay key: the proof key and jti, never the signature, which an
         # ECDSA holder (or anyone, as (r, n - s)) can change without a new jti.
-        replay_key = _b64encode(hashlib.sha256(f"{jkt}.{jti}".encode("utf-8")).digest())
-        return jkt, replay_key, math.ceil(iat) + self.window_seconds + 1
+        replay_key = _b64encode(hashlib.sha256(f"{proof_jkt}.{jti}".encode("utf-8")).digest())
+        return proof_jkt, replay_key, math.ceil(iat) + self.window_seconds + 1
 
 
 def _token_jkt(claims: AgentClaims) -> Optional[str]:
@@ -4975,9 +5019,7 @@ class AgentAuth:
             raise TypeError("verify() with a dpop_proof needs the request's method and url")
         if jkt is None:
             raise TokenInvalidError("a DPoP proof came with a token that is not DPoP-bound")
-        proof_jkt, replay_key, expires_at = self._dpop.check(proof, method, url, token, now)
-        if not hmac.compare_digest(proof_jkt, jkt):  # §4.3 step 12 / §6.1
-            raise DPoPProofError("the DPoP proof is signed by another key than the token is bound to")
+        _proof_jkt, replay_key, expires_at = self._dpop.check(proof, method, url, token, now, jkt)
         return replay_key, expires_at
 
     def _record_proof(self, key: str, expires_at: int, now: float) -> None:
@@ -8064,9 +8106,7 @@ def _exchange_proof(auth: "AgentAuth", proofs: Tuple[str, ...], url: str, subjec
         if parent_jkt is not None:
             raise DPoPProofError("a DPoP-bound subject token is exchanged only with a proof of its key")
         return None
-    jkt, replay_key, expires_at = auth._dpop.check(_dpop_header(list(proofs)), "POST", url, None, now)
-    if parent_jkt is not None and not hmac.compare_digest(jkt, parent_jkt):
-        raise DPoPProofError("the DPoP proof is not signed by the subject token's key")
+    jkt, replay_key, expires_at = auth._dpop.check(_dpop_header(list(proofs)), "POST", url, None, now, parent_jkt)
     auth._record_proof(replay_key, expires_at, now)
     return jkt
 
@@ -8868,6 +8908,8 @@ class _BenchES256:
         self.proofs = [dpop_proof(self.key, "GET", self.URL, access_token=self.token) for _ in range(1000)]
         self.next = 0
         self.pure = _p256_verifier(self.key.x, self.key.y)
+        self.others = [(key, key.sign(self.message)) for key in (P256Key.generate() for _ in range(20))]
+        self.next_other = 0
         for _ in range(2):  # G's table and this key's table, outside the measurement
             self.pure.verify(self.message, self.signature)
 
@@ -8879,7 +8921,10 @@ class _BenchES256:
                                 url=self.URL)
 
     def first_seen(self) -> bool:
-        return _P256Verifier(self.key.x, self.key.y).verify(self.message, self.signature)
+        # A verifier of its own, used once: no table is built or found for it.
+        key, signature = self.others[self.next_other]
+        self.next_other = (self.next_other + 1) % len(self.others)
+        return _P256Verifier(key.x, key.y).verify(self.message, signature)
 
     def rows(self) -> List[Tuple[str, Callable[[], Any]]]:
         rows: List[Tuple[str, Callable[[], Any]]] = [

@@ -10,6 +10,7 @@ import http.server
 import importlib.util
 import inspect
 import io
+import itertools
 import json
 import multiprocessing
 import os
@@ -1218,6 +1219,7 @@ class P256Contract:
     def test_wycheproof_p1363_every_case(self):
         data = load_wycheproof_p256()
         self.assertEqual(data["numberOfTests"], 262)
+        tables, busier = agentauth._P256TableCache(1), itertools.count(10)
         counted = 0
         for group in data["testGroups"]:
             x = int(group["publicKey"]["wx"], 16)
@@ -1235,8 +1237,11 @@ class P256Contract:
                         first_seen = agentauth._P256Verifier(x, y)
                         self.assertIs(first_seen.verify(message, signature), expected)
                         known = agentauth._P256Verifier(x, y)
-                        known.uses = 1
-                        self.assertIs(known.verify(message, signature), expected)
+                        known.uses = next(busier)  # busier than the key before: its table is built or found
+                        with unittest.mock.patch.object(agentauth, "_P256_TABLES", tables):
+                            self.assertIs(known.verify(message, signature), expected)
+                        if agentauth._p256_split(signature) is not None:  # reached the multiplication
+                            self.assertTrue((x, y) in tables._tables)
                     self.assertIs(key.verify(message, signature), expected)
         self.assertEqual(counted, 262)
 
@@ -1245,7 +1250,7 @@ class PureP256Tests(P256Contract, unittest.TestCase):
     backend = "pure"
 
     def test_known_key_tables_are_bounded_and_shared(self):
-        self.assertLessEqual(agentauth._p256_key_table.cache_info().maxsize, 16)
+        self.assertLessEqual(agentauth._P256_TABLES.size, 16)
         self.assertLessEqual(agentauth._p256_verifier.cache_info().maxsize, 4096)
         first = P256Key.from_public_point(P256_X, P256_Y)
         second = P256Key.from_public_point(P256_X, P256_Y)
@@ -1255,11 +1260,33 @@ class PureP256Tests(P256Contract, unittest.TestCase):
     def test_a_key_earns_its_table_on_its_second_verify(self):
         key = P256Key.generate().public_key()
         signature = P256Key.from_private_value(P256_D).sign(self.message)
-        agentauth._p256_key_table.cache_clear()
-        key.verify(self.message, signature)
-        self.assertEqual(agentauth._p256_key_table.cache_info().currsize, 0)
-        key.verify(self.message, signature)
-        self.assertEqual(agentauth._p256_key_table.cache_info().currsize, 1)
+        tables = agentauth._P256TableCache(4)
+        with unittest.mock.patch.object(agentauth, "_P256_TABLES", tables):
+            key.verify(self.message, signature)
+            self.assertEqual(len(tables._tables), 0)
+            key.verify(self.message, signature)
+            self.assertEqual(len(tables._tables), 1)
+
+    def test_busy_keys_keep_their_tables_and_quiet_ones_age_out(self):
+        tables = agentauth._P256TableCache(2)
+        keys = [P256Key.generate() for _ in range(3)]
+        signatures = [key.sign(self.message) for key in keys]
+        publics = [key.public_key() for key in keys]
+
+        def use(index, times):
+            for _ in range(times):
+                self.assertIs(publics[index].verify(self.message, signatures[index]), True)
+
+        with unittest.mock.patch.object(agentauth, "_P256_TABLES", tables):
+            use(0, 6)
+            use(1, 6)
+            self.assertEqual(len(tables._tables), 2)
+            use(2, 3)  # a newcomer used less than the oldest table's key: no table, still verified
+            self.assertNotIn((keys[2].x, keys[2].y), tables._tables)
+            use(2, 4)  # key 0 went quiet: its count halves at each refusal until key 2 takes its place
+            self.assertIn((keys[2].x, keys[2].y), tables._tables)
+            self.assertNotIn((keys[0].x, keys[0].y), tables._tables)
+            self.assertEqual(len(tables._tables), 2)
 
 
 @unittest.skipUnless(HAVE_CRYPTOGRAPHY, NEEDS_CRYPTOGRAPHY)
@@ -3833,6 +3860,12 @@ class DPoPVerifyTests(DPoPFixture, unittest.TestCase):
     def test_a_stolen_token_with_a_proof_from_another_key_is_refused(self):
         thief = P256Key.generate()
         self.assertProofRefused(self.proof(thief))
+
+    def test_a_proof_of_another_key_costs_no_signature_check(self):
+        # The thumbprint is compared first: random keys cannot make the server verify (or build tables).
+        thief = self.proof(P256Key.generate())
+        with unittest.mock.patch.object(P256Key, "verify", side_effect=AssertionError("signature checked")):
+            self.assertProofRefused(thief)
 
     def test_a_proof_with_an_unbound_token_is_refused(self):
         unbound = self.auth.issue(subject="u", agent="a", scopes=["s"]).token
