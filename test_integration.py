@@ -2398,6 +2398,7 @@ class ConsentPageBrowserTests(ChromiumFixture, unittest.TestCase):
         import hashlib
 
         from selenium.webdriver.common.by import By
+        from selenium.webdriver.support.ui import WebDriverWait
 
         base = self.site.base
         registration = json.dumps({"redirect_uris": [base + "/callback"], "client_name": "Research bot"}).encode()
@@ -2426,6 +2427,7 @@ class ConsentPageBrowserTests(ChromiumFixture, unittest.TestCase):
         self.driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
                                     {"width": 800, "height": 600, "deviceScaleFactor": 1, "mobile": False})
         self.driver.find_element(By.CSS_SELECTOR, 'button[value="allow"]').click()
+        WebDriverWait(self.driver, 20).until(lambda driver: "/callback?" in driver.current_url)
         landed = urllib.parse.urlsplit(self.driver.current_url)
         self.assertEqual(f"{landed.scheme}://{landed.netloc}{landed.path}", base + "/callback")
         params = dict(urllib.parse.parse_qsl(landed.query))
