@@ -3743,11 +3743,15 @@ class PostgresStore:
                 # LISTEN before the catch-up query: a commit after it is
                 # notified, one before it is in the query's answer.
                 cursor.execute(f'LISTEN "{self._channel}"')
+                # Every (re)connect reloads every live row: a restore or a
+                # failover reuses sequence numbers this process has seen.
+                full = True
                 while not stop.is_set():
                     notified[0] = False
                     if psycopg2:
                         del conn.notifies[:]
-                    self._catch_up(cursor)
+                    self._catch_up(cursor, full=full)
+                    full = False
                     caught_up.set()
                     delay, failing = 0.05, False
                     if notified[0] or (psycopg2 and conn.notifies):
@@ -3769,15 +3773,26 @@ class PostgresStore:
         for end in wake:
             end.close()
 
-    def _catch_up(self, cursor: Any) -> None:
-        """Load the rows committed since the last one seen; mark the index fresh as of the query's start."""
+    def _catch_up(self, cursor: Any, *, full: bool = False) -> None:
+        """Load the rows committed since the last one seen (``full``: every row); mark the index fresh.
+
+        The sequence is read first: when it is behind the last row seen, the
+        database went back in time (a restore, a recreated schema) and new
+        rows may carry numbers already seen, so every row is loaded again.
+        Entries already held are kept either way (fail closed).
+        """
         started = self._monotonic()
+        cursor.execute(f'SELECT last_value, is_called FROM "{self.schema}".agentauth_revocations_seq')
+        last_value, is_called = cursor.fetchone()
+        since = 0 if full or (last_value if is_called else 0) < self._last_seq else self._last_seq
         cursor.execute(
             f"SELECT seq, jti, agent, subject, revoked_at, expires_at FROM {self._table} WHERE seq > %s ORDER BY seq",
-            (self._last_seq,),
+            (since,),
         )
         rows = [_postgres_row(row) for row in cursor.fetchall()]
         with self._lock:
+            if since == 0:
+                self._last_seq = 0
             if rows:
                 for row in rows:
                     self._index.put(RevocationEntry(*row[1:]))

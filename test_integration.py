@@ -35,7 +35,7 @@ import warnings
 import wsgiref.simple_server
 
 import agentauth
-from test_agentauth import (GrantStoreContract, ProofReplayContract, RecordStoreContract, StoreContract, agent_claims,
+from test_agentauth import (T0, GrantStoreContract, ProofReplayContract, RecordStoreContract, StoreContract, agent_claims,
                             assert_output_matches, doc_blocks, doc_files, new_grant)
 
 SECRET = "Hn4Wq8Zt1Lc6Vb3Xk9Pm2Rd7Fs0Gy5Ju-Ea"  # fixed, not guessable
@@ -1845,6 +1845,34 @@ class PostgresStoreTests(PostgresFixture, unittest.TestCase):
             self.addCleanup(store.close)
         self.assertEqual(errors, [])
         self.assertEqual(len(stores), 4)
+
+    def test_a_database_gone_back_in_time_is_reloaded_not_trusted(self):
+        # A restore or a failover to a lagging replica reuses sequence numbers
+        # a running host has seen: it must notice and load every row again.
+        schema = self.new_schema()
+        host_a, host_b = self.open_store(schema), self.open_store(schema)
+        for n in range(5):
+            host_b.revoke({"agent": f"old-{n}"}, revoked_at=T0, expires_at=T0 + 10**9)
+        self.assertIsNotNone(wait_until(lambda: host_a._last_seq == 5, 5))
+        self.sql(f'DELETE FROM "{schema}".agentauth_revocations')
+        self.sql(f"SELECT setval('\"{schema}\".agentauth_revocations_seq', 1, false)")
+        host_b.revoke({"agent": "evil-bot"}, revoked_at=T0, expires_at=T0 + 10**9)  # seq 1 again
+        claims = agent_claims(agent="evil-bot", sub="alice", iat=T0)
+        self.assertIsNotNone(wait_until(lambda: host_a.is_revoked(claims), 5))
+        self.assertIs(host_a.is_revoked(agent_claims(agent="old-1", sub="alice", iat=T0)), True)  # kept: fail closed
+
+    def test_a_reconnect_reloads_every_row(self):
+        schema = self.new_schema()
+        host = self.open_store(schema)
+        host.revoke({"agent": "first"}, revoked_at=T0, expires_at=T0 + 10**9)
+        self.assertIsNotNone(wait_until(lambda: host._last_seq == 1, 5))
+        # A row whose number this host has seen already, as after a failover,
+        # written without a notification; then the listening connection drops.
+        self.sql(f'UPDATE "{schema}".agentauth_revocations SET agent = %s, key = %s', ("second", "agent:second"))
+        self.sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                 " WHERE pid <> pg_backend_pid() AND datname = current_database() AND backend_type = 'client backend'")
+        claims = agent_claims(agent="second", sub="alice", iat=T0)
+        self.assertIsNotNone(wait_until(lambda: host.is_revoked(claims), 10))
 
     def test_a_revocation_on_one_host_is_refused_on_another_within_a_second(self):
         schema = self.new_schema()
