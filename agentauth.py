@@ -5437,6 +5437,7 @@ class AgentAuth:
         realm: Optional[str] = None,
         expose_errors: bool = False,
         public_url: Optional[str] = None,
+        step_up: bool = False,
     ) -> Any:
         """Protect a Flask, Starlette or FastAPI app in one call, and return it.
 
@@ -5450,9 +5451,12 @@ class AgentAuth:
         Raises:
             InvalidConfigError: an app of another kind (wrap it with ``wsgi``
                 or ``asgi``; for Django use ``django()``), or what ``wsgi`` refuses.
+
+        With ``step_up=True`` (as for ``wsgi``), a ``require`` refusal raised in
+        a view carries ``scope="..."`` too.
         """
         protection = _Protection(
-            self, required_scopes, resource_metadata_url, resource_metadata, realm, expose_errors, public_url
+            self, required_scopes, resource_metadata_url, resource_metadata, realm, expose_errors, public_url, step_up
         )
         return _protect_app(protection, app)
 
@@ -5465,6 +5469,7 @@ class AgentAuth:
         realm: Optional[str] = None,
         expose_errors: bool = False,
         public_url: Optional[str] = None,
+        step_up: bool = False,
     ) -> Callable[[Callable[..., Any]], Any]:
         """Return a Django middleware: name it in ``settings.MIDDLEWARE``.
 
@@ -5479,7 +5484,7 @@ class AgentAuth:
             InvalidConfigError: what ``wsgi`` refuses.
         """
         protection = _Protection(
-            self, required_scopes, resource_metadata_url, resource_metadata, realm, expose_errors, public_url
+            self, required_scopes, resource_metadata_url, resource_metadata, realm, expose_errors, public_url, step_up
         )
 
         def middleware(get_response: Callable[..., Any]) -> Any:
@@ -5565,19 +5570,27 @@ class AgentAuth:
         resource_metadata_url: Optional[str] = None,
         realm: Optional[str] = None,
         expose_errors: bool = False,
+        step_up: bool = False,
     ) -> _Refusal:
         """Return ``(status, headers, body)`` for a refusal, as the middleware sends it.
 
         For a framework's error handler, so that ``require`` refusals raised
         inside a view get the same RFC 6750 answer: 401 with
         ``WWW-Authenticate: Bearer realm=..., error="invalid_token"``, 403
-        ``insufficient_scope``, 503 when the store is down.
+        ``insufficient_scope``, 503 when the store is down. ``step_up=True``:
+        a 403 names the scopes to ask for (see ``wsgi``).
+
+        Raises:
+            TypeError: ``step_up`` is not True or False.
         """
+        if type(step_up) is not bool:
+            raise TypeError("step_up must be True or False")
         return _refusal(
             exc,
             realm=_header_safe(self.audience if realm is None else realm, "realm"),
             resource_metadata_url=resource_metadata_url,
             expose_errors=expose_errors,
+            step_up=step_up,
         )
 
     def protected_resource_metadata(
@@ -8011,6 +8024,12 @@ def _serve_authorization(request: _PageRequest, state: _AuthorizationServer, sub
     return 404, [("Content-Type", "application/json")], b'{"error":"not_found"}'
 
 
+def _serve_signed_in(request: _PageRequest, state: _AuthorizationServer) -> _Refusal:
+    """Ask ``authenticate`` who is signed in (the authorization endpoint only), then serve the request."""
+    subject = _signed_in(state.authenticate(request)) if state.endpoint(request) == "authorize" else None
+    return _serve_authorization(request, state, subject)
+
+
 def _signed_in(value: Any) -> Optional[str]:
     """What ``authenticate`` returned, as a subject: a valid name, or None (not signed in)."""
     return value if type(value) is str and _valid_name(value) else None
@@ -8026,9 +8045,7 @@ class _AuthorizationServerWsgi:
             body = _wsgi_body(environ)
         except _MalformedRequest as exc:
             return _WsgiMiddleware._respond(_OAuthError("invalid_request", str(exc)).json(), start_response)
-        request = _wsgi_request(environ, body)
-        subject = _signed_in(state.authenticate(request)) if state.endpoint(request) == "authorize" else None
-        return _WsgiMiddleware._respond(_serve_authorization(request, state, subject), start_response)
+        return _WsgiMiddleware._respond(_serve_signed_in(_wsgi_request(environ, body), state), start_response)
 
 
 class _AuthorizationServerAsgi:
@@ -8037,7 +8054,6 @@ class _AuthorizationServerAsgi:
 
     async def __call__(self, scope: Dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> None:
         import asyncio
-        import inspect
 
         if scope["type"] != "http":
             return
@@ -8048,12 +8064,13 @@ class _AuthorizationServerAsgi:
             await _AsgiMiddleware._respond(_OAuthError("invalid_request", str(exc)).json(), send)
             return
         request = _asgi_request(scope, body)
-        subject = None
-        if state.endpoint(request) == "authorize":
-            found = state.authenticate(request)
-            subject = _signed_in(await found if inspect.isawaitable(found) else found)
-        # The store and a client document's fetch may block: off the event loop.
-        answer = await asyncio.get_running_loop().run_in_executor(None, _serve_authorization, request, state, subject)
+        loop = asyncio.get_running_loop()
+        if state.endpoint(request) == "authorize" and _is_coroutine_function(state.authenticate):
+            subject = _signed_in(await state.authenticate(request))
+            # The store and a client document's fetch may block: off the event loop.
+            answer = await loop.run_in_executor(None, _serve_authorization, request, state, subject)
+        else:  # a plain authenticate may block too (a session lookup): with the endpoint, in the pool
+            answer = await loop.run_in_executor(None, _serve_signed_in, request, state)
         await _AsgiMiddleware._respond(answer, send)
 
 

@@ -7084,6 +7084,30 @@ class StepUpTests(unittest.TestCase):
     def test_step_up_must_be_a_bool(self):
         with raises_exactly(self, InvalidConfigError):
             self.auth.asgi(asgi_echo, step_up="yes")
+        with self.assertRaises(TypeError):
+            self.auth.error_response(MissingScopeError(missing=("a",)), step_up=1)
+
+    def test_a_require_refusal_in_a_view_gets_the_challenge_through_error_response(self):
+        @self.auth.require("calendar:read")
+        def calendar():
+            return "calendar"
+
+        def view(environ, start_response):
+            try:
+                body = calendar().encode()
+            except MissingScopeError as exc:
+                status, headers, body = self.auth.error_response(exc, step_up=True)
+                start_response(f"{status} Forbidden", headers)
+                return [body]
+            start_response("200 OK", [])
+            return [body]
+
+        status, headers, _ = wsgi_call(self.auth.wsgi(view), headers={"HTTP_AUTHORIZATION": f"Bearer {self.token}"})
+        self.assertEqual(status, "403 Forbidden")
+        self.assertEqual(headers["WWW-Authenticate"],
+                         'Bearer realm="my-api", error="insufficient_scope", scope="email:read calendar:read"')
+        self.assertEqual(self.auth.error_response(MissingScopeError(missing=("x",)))[1][-1][1],
+                         'Bearer realm="my-api", error="insufficient_scope"')
 
     def call(self, app, body, chunks=1):
         scope = {"type": "http", "path": "/mcp", "method": "POST", "headers": self.bearer, "query_string": b""}
@@ -9397,6 +9421,21 @@ class AuthorizationServerAsgiTests(AuthorizationServerFixture, unittest.TestCase
         self.assertEqual(self.auth.verify(json.loads(body)["access_token"]).scopes, ("email:read",))
         status, _, body = self.asgi(app, "GET", "/.well-known/oauth-authorization-server")
         self.assertEqual(json.loads(body)["issuer"], AS_ISSUER)
+
+    def test_a_plain_login_runs_off_the_event_loop(self):
+        threads = []
+
+        def login(request):
+            threads.append(threading.current_thread())
+            return "user_123"
+
+        app = self.auth.authorization_server_asgi(authenticate=login, scope_descriptions=AS_SCOPES)
+        query = urllib.parse.urlencode(self.authorize_params(self.register()))
+        status, _, body = self.asgi(app, "GET", "/authorize", query=query)
+        self.assertEqual(status, 200)
+        self.assertIn(b"Allow this agent?", body)
+        self.assertEqual(len(threads), 1)
+        self.assertIsNot(threads[0], threading.main_thread())
 
 
 class FakeRedis:
