@@ -671,6 +671,11 @@ class Ed25519Contract:
 
     def test_wycheproof_every_case(self):
         data = load_wycheproof_ed25519()
+        busier = itertools.count(10)
+        tables = agentauth._KeyTables(8)
+        patcher = unittest.mock.patch.object(agentauth, "_ED25519_TABLES", tables)
+        patcher.start()
+        self.addCleanup(patcher.stop)
         keys = {}  # one key per public key: on the pure path each builds a table once
         counts = {"valid": 0, "invalid": 0}
         for group in data["testGroups"]:
@@ -680,6 +685,8 @@ class Ed25519Contract:
                     keys[pk] = Ed25519Key.from_public_bytes(pk)
                 except InvalidConfigError:
                     keys[pk] = None  # refused: no case may then be valid for it
+            if keys[pk] is not None and self.backend == "pure":
+                agentauth._pure_verifier(pk).uses = next(busier)  # busier than any table held: it gets one
             for case in group["tests"]:
                 with self.subTest(tcId=case["tcId"], comment=case["comment"], flags=case["flags"]):
                     self.assertIn(case["result"], counts)
@@ -688,6 +695,14 @@ class Ed25519Contract:
                     else:
                         valid = keys[pk].verify(bytes.fromhex(case["msg"]), bytes.fromhex(case["sig"]))
                         self.assertIs(valid, case["result"] == "valid")
+                        if self.backend == "pure":
+                            # keys[pk] verified with its table (it was made busy below);
+                            # a first-seen key takes the sliding window instead.
+                            if agentauth._ed25519_split(bytes.fromhex(case["sig"])) is not None:
+                                self.assertTrue(pk in tables._tables)  # the table path decided it
+                            first_seen = agentauth._Ed25519Verifier(pk)
+                            self.assertIs(first_seen.verify(bytes.fromhex(case["msg"]), bytes.fromhex(case["sig"])),
+                                          case["result"] == "valid")
                 counts[case["result"]] += 1
         self.assertEqual(counts, {"valid": 88, "invalid": 63})
         self.assertEqual(sum(counts.values()), data["numberOfTests"])
@@ -801,6 +816,18 @@ class Ed25519Contract:
 
 class PureEd25519Tests(Ed25519Contract, unittest.TestCase):
     backend = "pure"
+
+    def test_a_key_earns_its_table_on_its_second_verify(self):
+        tables = agentauth._KeyTables(8)
+        key = Ed25519Key.generate()
+        signature = key.sign(self.message)
+        with unittest.mock.patch.object(agentauth, "_ED25519_TABLES", tables):
+            public = Ed25519Key.from_public_bytes(key.public_bytes)
+            self.assertIs(public.verify(self.message, signature), True)
+            self.assertEqual(len(tables._tables), 0)  # a one-off key (a new agent's proof) builds nothing
+            self.assertIs(public.verify(self.message, signature), True)
+            self.assertEqual(len(tables._tables), 1)
+            self.assertIs(public.verify(self.message + b"!", signature), False)
 
 
 @unittest.skipUnless(HAVE_CRYPTOGRAPHY, NEEDS_CRYPTOGRAPHY)
@@ -1219,7 +1246,7 @@ class P256Contract:
     def test_wycheproof_p1363_every_case(self):
         data = load_wycheproof_p256()
         self.assertEqual(data["numberOfTests"], 262)
-        tables, busier = agentauth._P256TableCache(1), itertools.count(10)
+        tables, busier = agentauth._KeyTables(1), itertools.count(10)
         counted = 0
         for group in data["testGroups"]:
             x = int(group["publicKey"]["wx"], 16)
@@ -1260,7 +1287,7 @@ class PureP256Tests(P256Contract, unittest.TestCase):
     def test_a_key_earns_its_table_on_its_second_verify(self):
         key = P256Key.generate().public_key()
         signature = P256Key.from_private_value(P256_D).sign(self.message)
-        tables = agentauth._P256TableCache(4)
+        tables = agentauth._KeyTables(4)
         with unittest.mock.patch.object(agentauth, "_P256_TABLES", tables):
             key.verify(self.message, signature)
             self.assertEqual(len(tables._tables), 0)
@@ -1268,7 +1295,7 @@ class PureP256Tests(P256Contract, unittest.TestCase):
             self.assertEqual(len(tables._tables), 1)
 
     def test_busy_keys_keep_their_tables_and_quiet_ones_age_out(self):
-        tables = agentauth._P256TableCache(2)
+        tables = agentauth._KeyTables(2)
         keys = [P256Key.generate() for _ in range(3)]
         signatures = [key.sign(self.message) for key in keys]
         publics = [key.public_key() for key in keys]
