@@ -2272,7 +2272,10 @@ class AgentClaims(NamedTuple):
     is every claim of the payload, read-only. ``chain`` names who delegated
     to whom, root agent first and this token's agent last (one agent for a
     token that was not delegated); ``chain_jtis`` are the jtis of the
-    ancestor tokens, root first, which revocation checks too.
+    ancestor tokens, root first, which revocation checks too, and
+    ``chain_iats`` their iats, root first (empty for a token delegated by a
+    version that did not record them): an ancestor agent's revocation is
+    compared with the iat of the token that agent held.
     """
 
     sub: str
@@ -2286,6 +2289,7 @@ class AgentClaims(NamedTuple):
     raw: Mapping[str, Any]
     chain: Tuple[str, ...] = ()
     chain_jtis: Tuple[str, ...] = ()
+    chain_iats: Tuple[float, ...] = ()
 
     def has_scope(self, scope: str) -> bool:
         """Tell whether this grant covers ``scope`` (wildcard-aware)."""
@@ -2456,17 +2460,23 @@ def _name(value: Any, what: str) -> str:
     return value
 
 
-def _parse_chain(act: Any, agent: str, max_length: int) -> Tuple[Tuple[str, ...], Tuple[str, ...]]:
+_Chain = Tuple[Tuple[str, ...], Tuple[str, ...], Tuple[float, ...]]  # agents, ancestor jtis, ancestor iats
+
+
+def _parse_chain(act: Any, agent: str, max_length: int) -> _Chain:
     """Read a delegation chain from an RFC 8693 ``act`` claim, current actor outermost.
 
     The outermost actor is the token's own agent; every inner one carries the
-    jti of the token it held. Returns (agents, ancestor jtis), root first.
+    jti and the iat of the token it held (the iat may be missing, in tokens
+    delegated before it was recorded: then no ancestor iat is returned).
+    Returns (agents, ancestor jtis, ancestor iats), root first.
 
     Raises:
         TokenInvalidError: a malformed chain, or one longer than ``max_length``.
     """
     agents: List[str] = []
     jtis: List[str] = []
+    iats: List[float] = []
     level = act
     while level is not None:
         if type(level) is not dict or len(agents) >= max_length:
@@ -2477,10 +2487,14 @@ def _parse_chain(act: Any, agent: str, max_length: int) -> Tuple[Tuple[str, ...]
         agents.append(actor)
         if agents[1:]:
             jtis.append(jti)  # type: ignore[arg-type]  # a str: checked above once agents was non-empty
+            if "iat" in level:
+                iats.append(typing.cast(float, _number(level, "iat")))
         level = level.get("act")
     if agents[0] != agent or len(agents) < 2:
         raise TokenInvalidError("token delegation chain does not match its agent")
-    return tuple(reversed(agents)), tuple(reversed(jtis))
+    if len(iats) != len(jtis):  # all or none: a chain is minted by one version at a time
+        iats = []
+    return tuple(reversed(agents)), tuple(reversed(jtis)), tuple(reversed(iats))
 
 
 # ---------------------------------------------------------------------------
@@ -2497,7 +2511,9 @@ class RevocationStore(typing.Protocol):
     tokens whose ``iat`` (whole seconds) is at or before ``revoked_at``.
     Delegation extends both to the chain: a jti entry also refuses every
     token whose ``claims.chain_jtis`` holds it, and an agent entry (alone or
-    with the subject) every token whose ``claims.chain`` names that agent.
+    with the subject) every token whose ``claims.chain`` names that agent,
+    comparing ``revoked_at`` with the iat of the token that agent held
+    (``claims.chain_iats``; the root's for a subject entry).
     Entries may be dropped once ``expires_at`` has passed: ``revoke``
     purges then, taking ``revoked_at`` as the current time; a store needs no
     clock of its own. A store that cannot answer raises
@@ -2637,22 +2653,31 @@ def _key_string(key: "_CriteriaKey") -> str:
 _CriteriaKey = Tuple[Optional[str], Optional[str], Optional[str]]  # (jti, agent, subject)
 
 
-def _lookup(claims: AgentClaims) -> Tuple[Tuple[str, ...], List[_CriteriaKey], int]:
-    """Return what can refuse a token: its own and its ancestors' jtis, the
-    criteria keys of every agent in its chain and of its subject, and its iat.
+def _lookup(claims: AgentClaims) -> Tuple[Tuple[str, ...], List[Tuple[_CriteriaKey, int]]]:
+    """Return what can refuse a token: its own and its ancestors' jtis, and
+    the criteria keys of every agent in its chain and of its subject, each
+    with the iat an entry must reach to refuse it.
 
     One list, so every store answers with one lookup however long the chain.
+    An ancestor agent's keys go with the iat of the token that agent held,
+    the subject's with the root token's: a descendant minted after a
+    revocation, by a host that had not seen it yet, is still refused.
     """
     subject = claims.sub
-    agents = claims.chain or (claims.agent,)
-    keys: List[_CriteriaKey] = [(None, None, subject)]
-    for agent in agents:
-        keys.append((None, agent, None))
-        keys.append((None, agent, subject))
     # Whole seconds, rounded down: a token minted in the second of a
-    # revocation is refused (fail closed). A descendant is never older than
-    # its ancestors, so its own iat decides for the whole chain.
-    return (claims.jti, *claims.chain_jtis), keys, math.floor(claims.iat)
+    # revocation is refused (fail closed). An ancestor's iat is never taken
+    # as later than the token's own.
+    iat = math.floor(claims.iat)
+    agents = claims.chain or (claims.agent,)
+    held = [min(iat, math.floor(t)) for t in claims.chain_iats] if len(claims.chain_iats) == len(agents) - 1 else []
+    held.append(iat)
+    if len(held) != len(agents):  # ancestors' iats not recorded: the token's own decides for the chain
+        held = [iat] * len(agents)
+    keys: List[Tuple[_CriteriaKey, int]] = [((None, None, subject), min(held))]
+    for agent, agent_iat in zip(agents, held):
+        keys.append(((None, agent, None), agent_iat))
+        keys.append(((None, agent, subject), agent_iat))
+    return (claims.jti, *claims.chain_jtis), keys
 
 
 class _EntryIndex:
@@ -2694,11 +2719,11 @@ class _EntryIndex:
 
     def matches(self, claims: AgentClaims) -> bool:
         entries = self.entries
-        jtis, criteria_keys, iat = _lookup(claims)
+        jtis, criteria_keys = _lookup(claims)
         for jti in jtis:
             if (jti, None, None) in entries:
                 return True
-        for key in criteria_keys:
+        for key, iat in criteria_keys:
             entry = entries.get(key)
             if entry is not None and entry.revoked_at >= iat:
                 return True
@@ -3308,10 +3333,10 @@ class RedisStore:
 
     def is_revoked(self, claims: AgentClaims) -> bool:
         """Tell whether a key refuses these claims: one MGET, however long the chain."""
-        jtis, criteria_keys, iat = _lookup(claims)
+        jtis, criteria_keys = _lookup(claims)
         prefix = self.prefix
         keys = [prefix + _key_string((jti, None, None)) for jti in jtis]
-        keys += [prefix + _key_string(key) for key in criteria_keys]
+        keys += [prefix + _key_string(key) for key, _iat in criteria_keys]
         try:
             values = self._client.mget(keys)
         except Exception as exc:
@@ -3320,7 +3345,8 @@ class RedisStore:
             raise StoreUnavailableError("redis answered MGET with the wrong number of values")
         if any(value is not None for value in values[: len(jtis)]):
             return True
-        return any(value is not None and int(value) >= iat for value in values[len(jtis) :])
+        iats = [iat for _key, iat in criteria_keys]
+        return any(value is not None and int(value) >= iat for value, iat in zip(values[len(jtis) :], iats))
 
     def entries(self, *, now: Optional[float] = None) -> List[RevocationEntry]:
         """List the entries under this prefix, newest first (Redis keeps only live ones).
@@ -5018,7 +5044,10 @@ class AgentAuth:
         exp = min(now + ttl_seconds, math.floor(parent.exp))  # never outlives its parent
         if exp <= now:
             raise InvalidGrantError("the parent token expires too soon to delegate")
-        ancestors: Dict[str, Any] = {"sub": parent.agent, "jti": parent.jti}
+        # Each ancestor level names the token its agent held, by jti and iat,
+        # so revocation can refuse the whole chain (RFC 8693 §4.1 leaves
+        # nested actors informational; these members only ever refuse more).
+        ancestors: Dict[str, Any] = {"sub": parent.agent, "jti": parent.jti, "iat": math.floor(parent.iat)}
         parent_act = parent.raw.get("act")
         if parent_act is not None and "act" in parent_act:
             ancestors["act"] = parent_act["act"]
@@ -5229,14 +5258,8 @@ class AgentAuth:
         if "*" in scope and not all(_check_wildcard(s) for s in scopes):
             raise TokenInvalidError("token scope has a malformed wildcard")
         act = claims.get("act")
-        if act is None:
-            chain: Tuple[str, ...] = (agent,)
-            chain_jtis: Tuple[str, ...] = ()
-        else:
-            chain, chain_jtis = _parse_chain(act, agent, self.max_chain_length)
-        result = AgentClaims(
-            sub, agent, scopes, jti, iat, exp, self.issuer, aud, types.MappingProxyType(claims), chain, chain_jtis
-        )
+        chain: _Chain = ((agent,), (), ()) if act is None else _parse_chain(act, agent, self.max_chain_length)
+        result = AgentClaims(sub, agent, scopes, jti, iat, exp, self.issuer, aud, types.MappingProxyType(claims), *chain)
         if self.verify_cache_size and "cnf" not in claims:
             if len(verified) >= self.verify_cache_size:
                 try:  # the oldest entry goes (dicts keep insertion order)
@@ -8419,12 +8442,10 @@ def _claims_from_raw(raw: Any) -> Optional[AgentClaims]:
         return None
     audience = aud if type(aud) is str else tuple(aud)
     try:
-        chain, chain_jtis = ((agent,), ()) if raw.get("act") is None else _parse_chain(raw["act"], agent, 1 << 16)
+        chain: _Chain = ((agent,), (), ()) if raw.get("act") is None else _parse_chain(raw["act"], agent, 1 << 16)
     except TokenInvalidError:
         return None
-    return AgentClaims(
-        sub, agent, tuple(scope.split(" ")), jti, iat, exp, iss, audience, types.MappingProxyType(raw), chain, chain_jtis
-    )
+    return AgentClaims(sub, agent, tuple(scope.split(" ")), jti, iat, exp, iss, audience, types.MappingProxyType(raw), *chain)
 
 
 async def _verify_async(

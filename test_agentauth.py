@@ -2826,6 +2826,24 @@ class StoreContract:
         self.assertIs(self.store.is_revoked(agent_claims(agent="a", sub="bc")), False)
         self.assertIs(self.store.is_revoked(agent_claims(agent="ab", sub="c")), True)
 
+    def test_an_ancestors_revocation_is_compared_with_the_token_it_held(self):
+        # A child minted at T0 + 5 from a root token of T0 - 10, by a host that
+        # had not yet seen the root agent's revocation at T0.
+        child = AgentClaims("user_a", "child", ("email:read",), "jti-c", T0 + 5, T0 + 600, ISSUER, AUDIENCE, {},
+                            ("root", "child"), ("jti-r",), (T0 - 10,))
+        self.revoke(agent="child", revoked_at=T0)  # before the child's own token: no effect
+        self.assertIs(self.store.is_revoked(child), False)
+        self.revoke(agent="root", revoked_at=T0)
+        self.assertIs(self.store.is_revoked(child), True)
+        other = self.make_store()
+        other.revoke({"subject": "user_a"}, revoked_at=T0, expires_at=T0 + 1000)  # the subject's: the root's iat
+        self.assertIs(other.is_revoked(child), True)
+        other = self.make_store()
+        other.revoke({"agent": "root", "subject": "user_a"}, revoked_at=T0, expires_at=T0 + 1000)
+        self.assertIs(other.is_revoked(child), True)
+        other.revoke({"agent": "root"}, revoked_at=T0 - 11, expires_at=T0 + 1000)
+        self.assertIs(other.is_revoked(child._replace(sub="user_b")), False)  # revoked before the root token
+
     def test_criteria_entry_refuses_tokens_issued_up_to_its_second(self):
         self.revoke(agent="agent_a", revoked_at=T0)
         for iat, revoked in ((T0 - 100, True), (T0, True), (T0 + 0.9, True), (T0 + 1, False), (T0 + 50, False)):
@@ -6006,12 +6024,17 @@ class DelegationTests(DelegationFixture, unittest.TestCase):
         root, middle, leaf = self.mint_chain(3)
         payloads = [json_segment(issued.token.split(".")[1]) for issued in (root, middle, leaf)]
         self.assertNotIn("act", payloads[0])
-        self.assertEqual(payloads[1]["act"], {"sub": "agent_research_bot", "act": {"sub": "agent_orchestrator", "jti": root.jti}})
+        root_iat, middle_iat = payloads[0]["iat"], payloads[1]["iat"]
+        self.assertEqual(
+            payloads[1]["act"],
+            {"sub": "agent_research_bot", "act": {"sub": "agent_orchestrator", "jti": root.jti, "iat": root_iat}},
+        )
         self.assertEqual(
             payloads[2]["act"],
             {
                 "sub": "agent_mail_sub",
-                "act": {"sub": "agent_research_bot", "jti": middle.jti, "act": {"sub": "agent_orchestrator", "jti": root.jti}},
+                "act": {"sub": "agent_research_bot", "jti": middle.jti, "iat": middle_iat,
+                        "act": {"sub": "agent_orchestrator", "jti": root.jti, "iat": root_iat}},
             },
         )
         for payload, agent, issued in zip(payloads, self.AGENTS, (root, middle, leaf)):
@@ -6362,6 +6385,65 @@ class ChainLengthTests(DelegationFixture, unittest.TestCase):
         self.assertEqual(len(parent.token), len(probe.token))
         error = self.assertRaisesExactly(InvalidGrantError, auth.delegate, parent.token, agent="agent_mail_sub", scopes=["email:*"])
         self.assertEqual(error.oauth_error, "invalid_request")
+
+
+class LaggingHostDelegationTests(DelegationFixture, unittest.TestCase):
+    """A host that has not yet seen a revocation may delegate from a refused parent: the child must not outlive it."""
+
+    def hosts(self):
+        clock = FixedClock()
+        host_a = make_auth(clock=clock, store=MemoryStore())
+        host_b = make_auth(clock=clock, store=MemoryStore())  # the same keys; its store lags
+        return clock, host_a, host_b
+
+    def catch_up(self, host, **criteria):
+        host.store.revoke(criteria, revoked_at=T0, expires_at=T0 + 10**6)
+
+    def test_a_child_minted_after_its_root_agent_was_disconnected_is_refused(self):
+        for criteria in ({"agent": "agent_orchestrator", "subject": "user_123"}, {"agent": "agent_orchestrator"},
+                         {"subject": "user_123"}):
+            with self.subTest(criteria=criteria):
+                clock, host_a, host_b = self.hosts()
+                root = host_a.issue(subject="user_123", agent="agent_orchestrator", scopes=["email:*"])
+                host_a.revoke(**criteria)  # at T0, on host A only
+                clock.advance(1)
+                child = host_b.delegate(root.token, agent="agent_mail_sub", scopes=["email:read"])
+                self.catch_up(host_b, **criteria)
+                for host in (host_a, host_b):
+                    with raises_exactly(self, RevokedError):
+                        host.verify(child.token)
+
+    def test_a_revoked_middle_agent_delegated_to_again_later_works(self):
+        clock, auth, _ = self.hosts()
+        root = auth.issue(subject="user_123", agent="agent_orchestrator", scopes=["email:*"])
+        first = auth.delegate(root.token, agent="agent_research_bot", scopes=["email:*"])
+        auth.revoke(agent="agent_research_bot")  # at T0
+        with raises_exactly(self, RevokedError):
+            auth.verify(first.token)
+        clock.advance(1)
+        again = auth.delegate(root.token, agent="agent_research_bot", scopes=["email:*"])
+        clock.advance(1)
+        leaf = auth.delegate(again.token, agent="agent_mail_sub", scopes=["email:read"])
+        self.assertEqual(auth.verify(leaf.token).chain_iats, (T0, T0 + 1))
+        self.assertEqual(auth.verify(again.token).agent, "agent_research_bot")
+
+    def test_a_malformed_ancestor_iat_is_refused(self):
+        _clock, auth, _ = self.hosts()
+        for bad in ("T0", None, float("inf"), True, 2**60):
+            with self.subTest(bad=bad):
+                act = {"sub": "agent_mail_sub", "act": {"sub": "agent_orchestrator", "jti": "j-root", "iat": bad}}
+                token = forge(HEADER, claims_for(client_id="agent_mail_sub", act=act), SECRET)
+                with raises_exactly(self, TokenInvalidError):
+                    auth.verify(token)
+
+    def test_a_chain_without_ancestor_iats_falls_back_to_the_tokens_own(self):
+        _clock, auth, _ = self.hosts()
+        act = {"sub": "agent_mail_sub", "act": {"sub": "agent_orchestrator", "jti": "j-root"}}
+        claims = auth.verify(forge(HEADER, claims_for(client_id="agent_mail_sub", act=act), SECRET))
+        self.assertEqual((claims.chain_jtis, claims.chain_iats), (("j-root",), ()))
+        auth.revoke(agent="agent_orchestrator")
+        with raises_exactly(self, RevokedError):
+            auth.verify(forge(HEADER, claims_for(client_id="agent_mail_sub", act=act), SECRET))
 
 
 class DelegationLookupTests(DelegationFixture, unittest.TestCase):
@@ -9509,6 +9591,15 @@ class RedisStoreTests(unittest.TestCase):
     def make_store(self):
         self.client = FakeRedis()
         return agentauth.RedisStore(self.client, prefix="t:")
+
+    def test_an_ancestors_revocation_is_compared_with_the_token_it_held(self):
+        store = self.make_store()
+        child = AgentClaims("user_a", "child", ("email:read",), "jti-c", T0 + 5, T0 + 600, ISSUER, AUDIENCE, {},
+                            ("root", "child"), ("jti-r",), (T0 - 10,))
+        store.revoke({"agent": "child"}, revoked_at=T0, expires_at=T0 + 100)
+        self.assertIs(store.is_revoked(child), False)
+        store.revoke({"agent": "root"}, revoked_at=T0, expires_at=T0 + 100)
+        self.assertIs(store.is_revoked(child), True)
 
     def test_entries_lists_every_form_newest_first(self):
         store = self.make_store()
