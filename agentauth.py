@@ -2108,28 +2108,36 @@ class _UrlFetch:
         return typing.cast(Tuple[Mapping[str, str], bytes], result["response"])
 
     def _get_now(self, url: str, connections: List[Any]) -> Tuple[Mapping[str, str], bytes]:
-        """The fetch itself; each connected socket is checked, then added to ``connections``."""
+        """The fetch itself; each connected socket is added to ``connections``, then checked."""
         import http.client
         import urllib.error
         import urllib.request
 
+        import socket
+
         allow_private = self.allow_private
 
-        def connected(sock: Any) -> None:
+        def create_connection(*args: Any, **kwargs: Any) -> Any:
+            # Each socket is known the moment it is connected (so the deadline
+            # can shut it down, TLS handshake included) and checked before a
+            # byte is sent on it.
+            sock = socket.create_connection(*args, **kwargs)
             connections.append(sock)
             if not allow_private and not _is_public_address(sock.getpeername()[0]):
+                sock.close()
                 # SSRF: the client's URL must not reach this host's or its network's services.
                 raise ValueError("the URL leads to a private or loopback address")
+            return sock
 
         class Http(http.client.HTTPConnection):
-            def connect(self) -> None:
-                super().connect()
-                connected(self.sock)
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                super().__init__(*args, **kwargs)
+                self._create_connection = create_connection
 
         class Https(http.client.HTTPSConnection):
-            def connect(self) -> None:
-                super().connect()
-                connected(self.sock)
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                super().__init__(*args, **kwargs)
+                self._create_connection = create_connection
 
         class HttpHandler(urllib.request.HTTPHandler):
             def http_open(self, req: Any) -> Any:

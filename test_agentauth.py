@@ -9357,9 +9357,11 @@ class ClientDocumentTests(AuthorizationServerFixture, unittest.TestCase):
         self.assertUnknown(self.server.url)
 
     def test_private_addresses_are_refused_unless_allowed(self):
-        with self.assertLogs("agentauth", "WARNING"):
+        with self.assertLogs("agentauth", "WARNING") as logs:
             https_loopback = self.server.url.replace("http:", "https:")
             self.assertUnknown(https_loopback, app=self.make_app())
+        # Refused on the address, before any TLS or HTTP byte was sent.
+        self.assertIn("private or loopback address", logs.output[0])
         self.assertUnknown(self.server.url, app=self.make_app())  # plain http: refused before any fetch
         self.assertEqual(self.server.fetches, 0)
 
