@@ -2759,6 +2759,7 @@ class MemoryStore:
         self._index = _EntryIndex()
         self._grants: Dict[Tuple[str, str], Grant] = {}  # by (subject, agent)
         self._records: Dict[Tuple[str, str], List[Any]] = {}  # (kind, key) -> [value, expires_at, used_at]
+        self._record_expiries: List[Tuple[int, Tuple[str, str]]] = []  # a heap: (expires_at, (kind, key))
         self._lock = threading.Lock()
         self.max_proofs = _positive_int(max_proofs, "max_proofs")
         self._proofs: Dict[str, int] = {}  # replay key -> expires_at
@@ -2839,10 +2840,14 @@ class MemoryStore:
     def put_record(self, kind: str, key: str, value: str, *, expires_at: int, now: int) -> None:
         """Store an authorization server record (``AuthorizationStore``); purge expired ones."""
         with self._lock:
-            records = self._records
-            for name in [name for name, record in records.items() if record[1] <= now]:
-                del records[name]
+            records, expiries = self._records, self._record_expiries
+            while expiries and expiries[0][0] <= now:  # O(log n) per expired record, not a scan
+                _expiry, name = heapq.heappop(expiries)
+                record = records.get(name)
+                if record is not None and record[1] <= now:  # not replaced by a longer-lived one since
+                    del records[name]
             records[(kind, key)] = [value, expires_at, None]
+            heapq.heappush(expiries, (expires_at, (kind, key)))
 
     def get_record(self, kind: str, key: str, *, now: int) -> Optional[str]:
         """Return a live record's value, or None."""

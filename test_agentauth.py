@@ -3603,8 +3603,14 @@ class MemoryRecordStoreTests(RecordStoreContract, unittest.TestCase):
 
     def test_put_purges_expired_records(self):
         self.store.put_record("code", "old", "v", expires_at=T0 + 1, now=T0)
+        self.store.put_record("client", "kept", "v", expires_at=T0 + 1, now=T0)
+        self.store.put_record("client", "kept", "w", expires_at=T0 + 500, now=T0)  # replaced, living longer
         self.store.put_record("code", "new", "v", expires_at=T0 + 100, now=T0 + 1)
-        self.assertEqual(list(self.store._records), [("code", "new")])
+        self.assertEqual(sorted(self.store._records), [("client", "kept"), ("code", "new")])
+        self.assertEqual(self.store.get_record("client", "kept", now=T0 + 2), "w")
+        self.store.put_record("code", "later", "v", expires_at=T0 + 1000, now=T0 + 500)
+        self.assertEqual(sorted(self.store._records), [("code", "later")])
+        self.assertEqual(len(self.store._record_expiries), 1)
 
 
 class SqliteRecordStoreTests(RecordStoreContract, unittest.TestCase):
