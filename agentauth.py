@@ -7729,7 +7729,7 @@ def _check_authorization_request(
     else:
         return None, _authorization_page_error(_OAuthError("invalid_request", "redirect_uri is not registered"))
     # From here on the redirect URI is the client's own: errors go back to it.
-    request_state = params.get("state")
+    request_state = None  # a state refused is never echoed
     try:
         request_state = _check_state(params)
         _check_response_type(params)
@@ -7738,8 +7738,6 @@ def _check_authorization_request(
         resource = _check_resource(params, state.auth.audience)
         prompt = _check_prompt(params)
     except _OAuthError as exc:
-        if exc.error == "invalid_request" and str(exc) == "state is too long":
-            request_state = None  # never echo a state we refused
         return None, _authorization_redirect(state, redirect_uri, request_state,
                                              {"error": exc.error, "error_description": str(exc)})
     return _AuthorizationRequest(
@@ -7831,7 +7829,7 @@ def _authorize_endpoint(request: _PageRequest, state: _AuthorizationServer, subj
     try:
         if request.method == "POST":
             return _consent_answer(fields, state, subject, authorization)
-        grant = _grant_store(state.auth.store).get_grant(subject, authorization.client.client_id)
+        grant = _store_call(_grant_store(state.auth.store).get_grant, subject, authorization.client.client_id)
         granted = grant is not None and all(scope_satisfies(grant.scopes, s) for s in authorization.scopes)
         if granted and "consent" not in prompts:  # asked before, and nothing new: no second prompt
             return _issue_code(state, subject, authorization, authorization.scopes)

@@ -9219,6 +9219,12 @@ class TokenEndpointTests(AuthorizationServerFixture, unittest.TestCase):
         self.assertEqual((claims.agent, claims.chain, claims.scopes), ("sub_agent", (self.client_id, "sub_agent"),
                                                                          ("email:read",)))
 
+    def test_a_store_that_fails_while_authorizing_redirects_with_temporarily_unavailable(self):
+        with unittest.mock.patch.object(MemoryStore, "get_grant", side_effect=OSError("disk")):
+            status, headers, _ = self.authorize(self.authorize_params(self.client_id))
+        self.assertEqual(status, 303)
+        self.assertEqual(redirect_params(headers)[1]["error"], "temporarily_unavailable")
+
     def test_a_store_that_fails_answers_503(self):
         code = self.code_for(self.client_id)
         with unittest.mock.patch.object(MemoryStore, "use_record", side_effect=StoreUnavailableError("down")):
