@@ -276,6 +276,7 @@ _RFC6749_SCOPE = r"[\x21\x23-\x5b\x5d-\x7e]+"  # RFC 6749 §3.3 scope-token
 _SCOPE_TOKEN = re.compile(_RFC6749_SCOPE)
 _SCOPE_STRING = re.compile(rf"{_RFC6749_SCOPE}(?: {_RFC6749_SCOPE})*")
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_LOCATION = re.compile(r"[\x21-\x7e]+")  # RFC 3986 §2: a URI is printable ASCII, no space
 
 
 def _b64encode(data: bytes) -> str:
@@ -6767,7 +6768,14 @@ def _page_json(status: int, document: Mapping[str, Any]) -> _Refusal:
 
 
 def _page_redirect(location: str) -> _Refusal:
-    """303 See Other (RFC 9110 §15.4.4): the browser follows it with a GET, never re-posting the form."""
+    """303 See Other (RFC 9110 §15.4.4): the browser follows it with a GET, never re-posting the form.
+
+    Security: a Location that is not printable ASCII without spaces (a CR or
+    LF would end the header and start another) is never sent: a page says so.
+    Every redirect goes through here, so this is the backstop for checks made earlier.
+    """
+    if _LOCATION.fullmatch(location) is None:
+        return _render_message(400, "This request cannot be answered", "The address to go back to is malformed.")
     return _page_response(303, "text/plain; charset=utf-8", b"See Other", (("Location", location),))
 
 
@@ -7296,7 +7304,9 @@ def _check_redirect_uri_syntax(uri: Any) -> str:
     """
     from urllib.parse import urlsplit
 
-    if type(uri) is not str or not 0 < len(uri) <= _MAX_URI_CHARS or _CONTROL_CHARS.search(uri) or " " in uri:
+    # RFC 3986 §2: printable ASCII only (a non-ASCII name is sent percent-encoded
+    # or in punycode); urlsplit() would silently drop a TAB, CR or LF.
+    if type(uri) is not str or not 0 < len(uri) <= _MAX_URI_CHARS or _LOCATION.fullmatch(uri) is None:
         raise _OAuthError("invalid_redirect_uri", "a redirect URI must be a URL of at most 2000 characters")
     try:
         parts = urlsplit(uri)
@@ -7317,27 +7327,26 @@ def _check_redirect_uri_syntax(uri: Any) -> str:
     return uri
 
 
-def _redirect_uri_matches(registered: str, given: str) -> bool:
-    """Exact match, except that a loopback http URI matches on any port (RFC 8252 §7.3)."""
-    from urllib.parse import urlsplit
+#: An http URI's host and optional port, then the rest (RFC 3986 §3.2).
+_HTTP_AUTHORITY = re.compile(r"http://(\[[0-9A-Fa-f:.]+\]|[^\[\]:/?#@]+)(?::([0-9]{1,5}))?(?=[/?]|\Z)")
 
+
+def _redirect_uri_matches(registered: str, given: str) -> bool:
+    """Exact match, except that a loopback http URI matches on any port (RFC 8252 §7.3).
+
+    Security: a loopback URI matches only when it is the registered string
+    with just the port added, changed or removed: nothing is normalised.
+    ``given`` has passed ``_check_redirect_uri_syntax``.
+    """
     if registered == given:
         return True
-    try:
-        a, b = urlsplit(registered), urlsplit(given)
-        a.port, b.port  # noqa: B018 - a malformed port raises here
-    except ValueError:
+    a, b = _HTTP_AUTHORITY.match(registered), _HTTP_AUTHORITY.match(given)
+    if a is None or b is None:
         return False
     return (
-        a.scheme == b.scheme == "http"
-        and a.hostname is not None
-        and _is_loopback(a.hostname)
-        and a.hostname == b.hostname
-        and "@" not in b.netloc
-        and (a.path or "/") == (b.path or "/")
-        and a.query == b.query
-        and not b.fragment
-        and "#" not in given
+        a.group(1) == b.group(1)
+        and _is_loopback(a.group(1).strip("[]"))
+        and registered[a.end():] == given[b.end():]
     )
 
 
@@ -7720,6 +7729,11 @@ def _check_authorization_request(
     if client is None:
         return None, _authorization_page_error(_OAuthError("invalid_client", "this agent is unknown"))
     given = params.get("redirect_uri")
+    if given is not None:
+        try:
+            _check_redirect_uri_syntax(given)  # the same rules as at registration, before any match
+        except _OAuthError:
+            return None, _authorization_page_error(_OAuthError("invalid_request", "redirect_uri is malformed"))
     if given is None:
         if len(client.redirect_uris) != 1:  # OAuth 2.1 §4.1.1: required unless exactly one is registered
             return None, _authorization_page_error(_OAuthError("invalid_request", "redirect_uri is required"))

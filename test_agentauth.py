@@ -8790,7 +8790,8 @@ class RegistrationTests(AuthorizationServerFixture, unittest.TestCase):
                 "com.example.agent:/callback", "https://agent.example/cb?tenant=1")
         bad = ("http://agent.example/cb", "myapp:/cb", "javascript:alert(1)//x.y", "https://agent.example/cb#frag",
                "https://user@agent.example/cb", "data:text/html,x", "/relative", "", 7, "https:///nohost",
-               "https://agent.example/c b", "https://" + "a" * 2000 + ".example/")
+               "https://agent.example/c b", "https://" + "a" * 2000 + ".example/", "https://agent.example/caf\u00e9",
+               "http://127.0.0.1/\tcb", "http://127.0.0.1/cb\r\n")
         for uri in good:
             with self.subTest(uri=uri):
                 self.assertEqual(self.post({"redirect_uris": [uri]})[0], 201)
@@ -9031,6 +9032,38 @@ class AuthorizationEndpointTests(AuthorizationServerFixture, unittest.TestCase):
         self.assertShownNotRedirected(
             self.authorize(self.authorize_params(self.client_id, redirect_uri="https://agent.example:8443/callback")),
             "invalid_request")
+
+    def test_a_sent_redirect_uri_with_a_control_space_or_non_ascii_character_is_shown_never_redirected(self):
+        # urlsplit() drops TAB, CR and LF: such a URI once matched the loopback rule and went into Location.
+        loopback = self.register(redirect_uris=("http://127.0.0.1/cb?x=Set-Cookie:a=b",))
+        for bad in ("\r\n", "\n", "\r", "\t", "\x00", " ", "\u00e9", "\u2028"):
+            for uri in ("http://127.0.0.1:1/cb?x=" + bad + "Set-Cookie:a=b", "http://127.0.0.1" + bad + "/cb?x=Set-Cookie:a=b",
+                        "http://127.0.0.1/cb?x=Set-Cookie:a=b" + bad):
+                with self.subTest(uri=uri):
+                    answer = self.authorize(self.authorize_params(loopback, redirect_uri=uri, response_type="token"))
+                    self.assertShownNotRedirected(answer, "invalid_request")
+
+    def test_a_loopback_uri_matches_only_the_registered_string_with_another_port(self):
+        matches = agentauth._redirect_uri_matches
+        self.assertTrue(matches("http://127.0.0.1/cb?a=1", "http://127.0.0.1:5000/cb?a=1"))
+        self.assertTrue(matches("http://[::1]:80/cb", "http://[::1]:5000/cb"))
+        self.assertTrue(matches("http://localhost:3000/cb", "http://localhost/cb"))
+        for given in ("http://127.0.0.1:5000/cb?a=%31", "http://127.0.0.1:5000/%63b?a=1", "http://127.0.0.1:5000?a=1",
+                      "http://127.0.0.1:05000x/cb?a=1", "http://127.0.0.1:5000/cb?a=1&", "HTTP://127.0.0.1:5000/cb?a=1",
+                      "http://127.1:5000/cb?a=1", "http://x@127.0.0.1:5000/cb?a=1"):
+            with self.subTest(given=given):
+                self.assertFalse(matches("http://127.0.0.1/cb?a=1", given))
+        self.assertFalse(matches("http://agent.example/cb", "http://agent.example:8080/cb"))  # not loopback
+
+    def test_a_location_that_is_not_printable_ascii_is_never_sent(self):
+        for location in ("https://agent.example/cb\r\nSet-Cookie: a=b", "https://agent.example/caf\u00e9",
+                         "https://agent.example/a b", ""):
+            with self.subTest(location=location):
+                status, headers, _ = agentauth._page_redirect(location)
+                self.assertEqual(status, 400)
+                self.assertNotIn("Location", dict(headers))
+        self.assertEqual(dict(agentauth._page_redirect("https://agent.example/cb?x=1")[1])["Location"],
+                         "https://agent.example/cb?x=1")
 
     def test_other_methods_are_refused(self):
         self.assertEqual(as_call(self.app, "PUT", "/authorize")[0], 405)
