@@ -3392,8 +3392,11 @@ class RedisStore:
     def record_proof(self, key: str, *, now: int, expires_at: int) -> bool:
         """Remember a DPoP proof (``ProofReplayStore``): one atomic ``SET NX EXAT``; False for a replay.
 
-        Redis expires the key at ``expires_at``; bound its memory with
-        ``maxmemory`` and a ``volatile-*`` policy like any cache.
+        Redis expires the key at ``expires_at``. Security: run this Redis with
+        ``maxmemory-policy noeviction`` (or give the proofs a Redis of their
+        own): an evicting policy lets a client that floods proofs evict live
+        revocations and replay entries; with ``noeviction`` a full Redis
+        refuses writes and verify fails closed.
         """
         try:
             answer = self._client.eval(_REDIS_RECORD_PROOF, 1, self.prefix + "dpop:" + key, now, expires_at)
@@ -4498,7 +4501,8 @@ class _DPoPPolicy:
             raise DPoPProofError("the DPoP proof jti is missing or malformed")
         if type(htm) is not str or type(htu) is not str or (token is not None and type(ath) is not str):
             raise DPoPProofError("the DPoP proof lacks htm, htu or ath")
-        if type(iat) not in (int, float) or not math.isfinite(iat):
+        # The bound first: a huge int must be refused, not overflow a float (NaN and inf fail it too).
+        if type(iat) not in (int, float) or not -_MAX_TIME < iat < _MAX_TIME:
             raise DPoPProofError("the DPoP proof iat is missing or not a number")
         # Step 8-9: bound to this request.
         if htm != method:
@@ -5157,7 +5161,10 @@ class AgentAuth:
         if jkt is None:
             raise TokenInvalidError("a DPoP proof came with a token that is not DPoP-bound")
         _proof_jkt, replay_key, expires_at = self._dpop.check(proof, method, url, token, now, jkt)
-        return replay_key, expires_at
+        # Kept beyond the window by the clock tolerance: a store that expires
+        # entries by its own clock (Redis) must not forget a proof that a host
+        # whose clock lags can still accept.
+        return replay_key, expires_at + self.clock_tolerance_seconds
 
     def _record_proof(self, key: str, expires_at: int, now: float) -> None:
         """Record a proof in the store's replay cache; refuse a replay (RFC 9449 §11.1)."""

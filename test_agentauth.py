@@ -4019,6 +4019,26 @@ class DPoPVerifyTests(DPoPFixture, unittest.TestCase):
         header, claims = proof_parts(self.key, self.token, iat=T0 - 61)
         self.assertProofRefused(sign_proof(header, claims, self.key), auth=narrow)
 
+    def test_an_iat_beyond_any_time_is_a_typed_refusal_not_an_overflow(self):
+        for iat in (10**400, -(10**400), 2**53, float("nan"), float("inf"), True, "T0"):
+            header, claims = proof_parts(self.key, self.token, iat=iat)
+            with self.subTest(iat=iat):
+                self.assertProofRefused(sign_proof(header, claims, self.key))
+
+    def test_a_proof_is_remembered_for_the_window_plus_the_clock_tolerance(self):
+        seen = []
+
+        class Recording(MemoryStore):
+            def record_proof(self, key, *, now, expires_at):
+                seen.append((now, expires_at))
+                return super().record_proof(key, now=now, expires_at=expires_at)
+
+        auth = make_auth(store=Recording())
+        issued = auth.issue(subject="user_123", agent="bot", scopes=["email:read"], dpop_jkt=self.key.thumbprint())
+        header, claims = proof_parts(self.key, issued.token, iat=T0)
+        auth.verify(issued.token, dpop_proof=sign_proof(header, claims, self.key), method="GET", url=DPOP_URL)
+        self.assertEqual(seen, [(T0, T0 + 300 + 1 + TOLERANCE)])
+
     def test_ath_must_hash_this_token(self):
         other = self.auth.issue(subject="user_123", agent="bot", scopes=["email:read"], dpop_jkt=self.key.thumbprint())
         self.assertProofRefused(self.proof(token=other.token))
