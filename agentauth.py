@@ -7669,6 +7669,7 @@ class _AuthorizationServer:
             client_ttl_seconds=client_ttl_seconds,
             allow_private_client_documents=allow_private_client_documents,
         )
+        self._successor_key = auth._derived_key(b"agentauth refresh token successor")
         self.consent_csrf = _CsrfTokens(auth._derived_key(b"agentauth consent csrf"), auth._clock, _CONSENT_TTL_SECONDS)
         base = auth.issuer.rstrip("/")
         path = parts.path.rstrip("/")
@@ -7706,6 +7707,16 @@ class _AuthorizationServer:
 
     def endpoint(self, request: _PageRequest) -> Optional[str]:
         return self.paths.get(request.path)
+
+    def successor(self, refresh_token: str) -> str:
+        """The refresh token that rotates ``refresh_token``: always the same one (HMAC under a derived key).
+
+        Every redemption of one refresh token, the first and any reuse
+        inside the grace, answers the same successor: a grant has one chain
+        of refresh tokens, in every store, with no read-modify-write to race.
+        """
+        mac = hmac.new(self._successor_key, refresh_token.encode("utf-8"), hashlib.sha256).digest()
+        return _b64encode(mac)
 
 
 # -- the authorization endpoint and the consent page --------------------------
@@ -8005,10 +8016,14 @@ def _refresh_grant(params: Mapping[str, str], state: _AuthorizationServer) -> _R
     family = _JSON_DECODER.decode(value)
     if family["client_id"] != client.client_id:
         raise _OAuthError("invalid_grant", "the refresh token was issued to another client")
-    if first_use is not None and now - first_use > state.refresh_reuse_grace_seconds:
+    if first_use is not None and now - first_use >= state.refresh_reuse_grace_seconds:
         # A rotated refresh token came back: it was copied. Every token of the grant dies.
+        # A grace of 0 allows no reuse at all, not even within the same second.
         _revoke_tokens_of(state, family["client_id"], family["subject"], family["family"])
         raise _OAuthError("invalid_grant", "the refresh token was used already")
+    successor = state.successor(params["refresh_token"])
+    if first_use is not None and _store_call(state.store().get_record, "refresh", _digest(successor), now=now) is None:
+        raise _OAuthError("invalid_grant", "the refresh token was used already")  # its first use is not finished
     if params.get("resource", family["resource"]) != family["resource"]:
         raise _OAuthError("invalid_target", "resource does not match the original grant")
     scopes = tuple(family["scopes"])
@@ -8018,7 +8033,10 @@ def _refresh_grant(params: Mapping[str, str], state: _AuthorizationServer) -> _R
             raise _OAuthError("invalid_scope", "a requested scope is outside the original grant")
         scopes = requested
     _check_still_granted(state, family["subject"], client.client_id, scopes, family)
-    return _token_answer(state, client, family, scopes)
+    # A reuse inside the grace gets the successor the first use got, never a new
+    # one: the grant keeps one chain, so the thief's and the client's next
+    # refreshes collide and reuse detection fires (RFC 9700 §4.14.2).
+    return _token_answer(state, client, family, scopes, successor, first_use is None)
 
 
 def _check_still_granted(state: _AuthorizationServer, subject: str, agent: str, scopes: Tuple[str, ...],
@@ -8055,8 +8073,13 @@ def _revoke_tokens_of(state: _AuthorizationServer, agent: str, subject: str, fam
 
 
 def _token_answer(state: _AuthorizationServer, client: _Client, family: Mapping[str, Any],
-                  scopes: Tuple[str, ...]) -> _Refusal:
-    """Mint the access token (and a fresh refresh token of the family); RFC 6749 §5.1."""
+                  scopes: Tuple[str, ...], refresh_token: Optional[str] = None, file_refresh_token: bool = True
+                  ) -> _Refusal:
+    """Mint the access token (and a refresh token of the family: ``refresh_token``, or a new one); RFC 6749 §5.1.
+
+    ``file_refresh_token`` False answers a refresh token already filed (a
+    reuse inside the grace): filing it again would forget its use.
+    """
     auth = state.auth
     try:
         issued = auth.issue(subject=family["subject"], agent=client.client_id, scopes=scopes)
@@ -8070,9 +8093,11 @@ def _token_answer(state: _AuthorizationServer, client: _Client, family: Mapping[
         "scope": " ".join(scopes),
     }
     if GRANT_TYPE_REFRESH_TOKEN in client.grant_types:
-        refresh_token = secrets.token_urlsafe(32)
-        _store_call(state.store().put_record, "refresh", _digest(refresh_token), _JSON_ENCODER.encode(dict(family)),
-                    expires_at=now + state.refresh_token_ttl_seconds, now=now)
+        if refresh_token is None:
+            refresh_token = secrets.token_urlsafe(32)
+        if file_refresh_token:
+            _store_call(state.store().put_record, "refresh", _digest(refresh_token),
+                        _JSON_ENCODER.encode(dict(family)), expires_at=now + state.refresh_token_ttl_seconds, now=now)
         document["refresh_token"] = refresh_token
     state.clients.keep(client)
     return _exchange_answer(200, document)

@@ -9251,7 +9251,7 @@ class TokenEndpointTests(AuthorizationServerFixture, unittest.TestCase):
     def test_a_rotated_refresh_token_works_within_the_grace_period(self):
         first = self.tokens(self.client_id)
         self.assertEqual(self.refresh(self.client_id, first["refresh_token"])[0], 200)
-        self.clock.advance(agentauth.DEFAULT_REFRESH_REUSE_GRACE_SECONDS)
+        self.clock.advance(agentauth.DEFAULT_REFRESH_REUSE_GRACE_SECONDS - 1)
         self.assertEqual(self.refresh(self.client_id, first["refresh_token"])[0], 200)
 
     def test_refresh_tokens_die_with_a_disconnect_even_after_a_new_consent(self):
@@ -9530,6 +9530,31 @@ class AuthorizationServerAttackTests(AuthorizationServerFixture, unittest.TestCa
         self.clock.advance(1)  # a new consent afterwards works again
         self.assertEqual(self.exchange_code(self.client_id, self.code_for(self.client_id, prompt="consent"))[0], 200)
 
+    def test_refresh_token_reuse_inside_the_grace_gets_the_same_successor_so_reuse_is_still_detected(self):
+        first = self.tokens(self.client_id)
+        _, _, legit = self.refresh(self.client_id, first["refresh_token"])
+        self.clock.advance(20)  # a copy of the rotated token, inside the grace
+        replies = [self.refresh(self.client_id, first["refresh_token"]) for _ in range(3)]
+        self.assertEqual({(status, answer["refresh_token"]) for status, _, answer in replies},
+                         {(200, legit["refresh_token"])})  # one chain, never a fork
+        self.clock.advance(600)
+        _, _, legit = self.refresh(self.client_id, legit["refresh_token"])
+        self.clock.advance(60)  # the thief's copy of the chain comes back: reuse, the grant's tokens die
+        self.assertOAuthError(self.refresh(self.client_id, replies[0][2]["refresh_token"]), 400, "invalid_grant")
+        self.assertOAuthError(self.refresh(self.client_id, legit["refresh_token"]), 400, "invalid_grant")
+        for answer in [legit] + [answer for _, _, answer in replies]:
+            with raises_exactly(self, RevokedError):
+                self.auth.verify(answer["access_token"])
+
+    def test_a_refresh_reuse_grace_of_zero_allows_no_reuse_even_in_the_same_second(self):
+        self.app = self.make_app(refresh_reuse_grace_seconds=0)
+        first = self.tokens(self.client_id)
+        _, _, second = self.refresh(self.client_id, first["refresh_token"])
+        self.assertOAuthError(self.refresh(self.client_id, first["refresh_token"]), 400, "invalid_grant")
+        self.assertOAuthError(self.refresh(self.client_id, second["refresh_token"]), 400, "invalid_grant")
+        with raises_exactly(self, RevokedError):
+            self.auth.verify(second["access_token"])
+
     def test_audience_confusion_tokens_are_for_this_resource_only(self):
         self.assertEqual(redirect_params(self.authorize(self.authorize_params(
             self.client_id, resource="https://other.example/mcp"))[1])[1]["error"], "invalid_target")
@@ -9561,6 +9586,18 @@ class AuthorizationServerSqliteTests(AuthorizationServerFixture, unittest.TestCa
         self.assertEqual(self.exchange_code(client_id, code)[2]["error"], "invalid_grant")
         with raises_exactly(self, RevokedError):
             other_auth.verify(answer["access_token"])
+
+
+    def test_two_servers_on_one_file_rotate_a_refresh_token_to_the_same_successor(self):
+        client_id = self.register()
+        first = self.tokens(client_id)
+        other_auth = make_auth(issuer=AS_ISSUER, audience=AS_AUDIENCE, clock=self.clock, store=SqliteStore(self.path))
+        other = other_auth.authorization_server_wsgi(authenticate=cookie_login, scope_descriptions=AS_SCOPES)
+        fields = {"grant_type": "refresh_token", "refresh_token": first["refresh_token"], "client_id": client_id}
+        here = json.loads(self.post_form("/token", fields)[2])
+        self.clock.advance(1)
+        there = json.loads(self.post_form("/token", fields, app=other)[2])
+        self.assertEqual(there["refresh_token"], here["refresh_token"])
 
 
 class AuthorizationServerAsgiTests(AuthorizationServerFixture, unittest.TestCase):
