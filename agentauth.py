@@ -8731,7 +8731,7 @@ def _cli_auth(args: Any, store: Optional[SqliteStore] = None) -> AgentAuth:
     if not secret:
         raise _CliError(
             "no key: set AGENTAUTH_SECRET (make one with: export AGENTAUTH_SECRET=$(python -m agentauth keygen)),"
-            " or give an Ed25519 key with --key-file / AGENTAUTH_PRIVATE_KEY",
+            " or give an Ed25519 or P-256 key with --key-file / AGENTAUTH_PRIVATE_KEY",
             EXIT_USAGE,
         )
     return AgentAuth(secret=secret, kid=args.kid or None, **options)
@@ -8752,18 +8752,22 @@ def _parse_json_arg(text: str, what: str) -> Any:
         raise _CliError(f"{what} is not valid JSON", EXIT_USAGE) from exc
 
 
-def _read_key(text: str) -> Tuple[Ed25519Key, Optional[str]]:
-    """An Ed25519 key (private or public) from PEM or JWK text, and the JWK's kid if it has one.
+def _read_key(text: str) -> Tuple[Union[Ed25519Key, P256Key], Optional[str]]:
+    """An Ed25519 or P-256 key (private or public) from PEM or JWK text, and the JWK's kid if it has one.
 
     Without a kid (PEM) the key's RFC 7638 thumbprint is its kid, as keygen's.
     """
     kid = None
+    key: Union[Ed25519Key, P256Key]
     if text.lstrip().startswith("{"):
         jwk = _parse_json_arg(text, "the key")
-        key = Ed25519Key.from_jwk(jwk)
+        key = P256Key.from_jwk(jwk) if isinstance(jwk, dict) and jwk.get("kty") == "EC" else Ed25519Key.from_jwk(jwk)
         kid = jwk.get("kid") if isinstance(jwk.get("kid"), str) else None
     else:
-        key = Ed25519Key.from_pem(text)
+        try:
+            key = Ed25519Key.from_pem(text)
+        except InvalidConfigError:
+            key = P256Key.from_pem(text)  # its error says what a P-256 PEM should be
     return key, kid
 
 

@@ -2593,6 +2593,23 @@ class EdDSACommandLineTests(unittest.TestCase):
         self.assertEqual(code, 0, err)
         self.assertEqual(json.loads(out)["sub"], "user_123")
 
+    def test_p256_key_files_issue_es256_and_verify(self):
+        key = P256Key.from_private_value(P256_D)
+        for name, private, public in (("PEM", key.private_pem(), key.public_pem()),
+                                      ("JWK", json.dumps(key.private_jwk("es1")), json.dumps(key.public_jwk("es1")))):
+            with self.subTest(form=name):
+                token = self.issue("--key-file", self.write("issuer.key", private))
+                kid = "es1" if name == "JWK" else key.thumbprint()
+                self.assertEqual(json_segment(token.split(".")[0]), {"alg": "ES256", "typ": "at+jwt", "kid": kid})
+                code, out, err = run_main("verify", token, "--key-file", self.write("public.key", public), env={})
+                self.assertEqual(code, 0, err)
+                self.assertEqual(json.loads(out)["sub"], "user_123")
+        code, _, err = run_main("issue", "--subject", "u", "--agent", "b", "--scope", "s",
+                                "--key-file", self.write("junk.pem", "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n"),
+                                env={})
+        self.assertEqual(code, 2)
+        self.assertNotIn("Traceback", err)
+
     def test_keygen_output_feeds_issue_and_verify(self):
         for flags, kid in (((), None), (("--jwk", "--kid", "ed1"), "ed1")):
             with self.subTest(flags=flags):
