@@ -3597,6 +3597,9 @@ def _postgres_close(conn: Any) -> None:
         pass
 
 
+_POSTGRES_REOPENS = 5  # times one lookup reopens a store that other threads keep closing
+
+
 class PostgresStore:
     """Revocations, grants, DPoP proofs and authorization records in PostgreSQL: the store for several hosts.
 
@@ -3839,9 +3842,11 @@ class PostgresStore:
                 )
                 self._listener, self._listener_owner = (thread, stop, wake, caught_up), pid
                 thread.start()
-            caught_up = self._listener[3]
-        caught_up.wait(self.max_staleness_seconds)
-        self._listening = True  # verify no longer comes here in this process
+            listener = self._listener
+        listener[3].wait(self.max_staleness_seconds)
+        with self._start_lock:
+            if self._listener is listener:  # not closed meanwhile
+                self._listening = True  # verify no longer comes here in this process
 
     def _listen(self, stop: threading.Event, caught_up: threading.Event, wake: Any) -> None:
         """Listen, catch up, and reconnect with a growing delay whenever the connection fails."""
@@ -3980,11 +3985,15 @@ class PostgresStore:
             StoreUnavailableError: the listener has not caught up with the
                 database for ``max_staleness_seconds``.
         """
-        if not self._listening:  # closed, or a forked child's first call
-            self._start_listener()
-        if self._monotonic() > self._stale_at:
-            raise StoreUnavailableError("the revocation store has not caught up with the database")
-        return self._index.matches(claims)
+        for _attempt in range(_POSTGRES_REOPENS):
+            if not self._listening:  # closed, or a forked child's first call
+                self._start_listener()
+            if self._monotonic() <= self._stale_at:
+                return self._index.matches(claims)
+            if self._listening:  # the listener runs and has fallen behind: fail closed
+                break
+            # Another thread closed the store between the two checks: open it again.
+        raise StoreUnavailableError("the revocation store has not caught up with the database")
 
     # -- the DPoP replay cache: shared by every host, so a proof is accepted once across all of them
 
@@ -4217,8 +4226,9 @@ class PostgresStore:
             if listener is not None and self._listener_owner != os.getpid():
                 self._inherited.append(listener)  # a parent's: see _forget_parent
             elif listener is not None:
-                thread, stop, wake, _caught_up = listener
+                thread, stop, wake, caught_up = listener
                 stop.set()
+                caught_up.set()  # a lookup waiting for this listener's first catch-up stops waiting
                 try:
                     wake[1].send(b"x")
                 except OSError:  # the listener already closed it
