@@ -3496,7 +3496,7 @@ class _LastUsed:
 # PostgreSQL store
 # ---------------------------------------------------------------------------
 
-# Safe unquoted, leaves room in a channel name; "pg_" names are reserved to PostgreSQL.
+#: Safe unquoted, leaves room in a channel name; "pg_" names are reserved to PostgreSQL.
 _POSTGRES_SCHEMA_NAME = re.compile(r"(?!pg_)[a-z_][a-z0-9_]{0,47}\Z")
 _POSTGRES_DRIVERS = ("psycopg", "psycopg2")
 _POSTGRES_PURGE_ROWS = 1000  # expired rows deleted per write at most, so no call does unbounded work
