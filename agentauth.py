@@ -2154,9 +2154,11 @@ class _UrlFetch:
                 return None
 
         handlers: List[Any] = [NoRedirect, HttpHandler, HttpsHandler]
-        if url.startswith("http:"):
+        if url.startswith("http:") or not allow_private:
             # Plain http is allowed only because loopback traffic stays on
-            # this host: never hand it to an $http_proxy elsewhere.
+            # this host: never hand it to an $http_proxy elsewhere. And the
+            # address check means something only on a direct connection: a
+            # proxy would reach a private address on our behalf.
             handlers.append(urllib.request.ProxyHandler({}))
         opener = urllib.request.build_opener(*handlers)
         request = urllib.request.Request(url, headers={"Accept": "application/json"})

@@ -9459,6 +9459,32 @@ class ClientDocumentTests(AuthorizationServerFixture, unittest.TestCase):
         self.assertUnknown(self.server.url, app=self.make_app())  # plain http: refused before any fetch
         self.assertEqual(self.server.fetches, 0)
 
+    def test_proxies_are_bypassed_so_the_address_check_sees_the_real_peer(self):
+        https_loopback = self.server.url.replace("http:", "https:")
+        with unittest.mock.patch.dict(os.environ, {"https_proxy": "http://192.0.2.1:3128",
+                                                   "HTTPS_PROXY": "http://192.0.2.1:3128"}):
+            with self.assertLogs("agentauth", "WARNING") as logs:
+                self.assertUnknown(https_loopback, app=self.make_app())
+        self.assertIn("private or loopback address", logs.output[0])  # not a proxy connection error
+
+    def test_one_deadline_for_the_whole_fetch(self):
+        release = threading.Event()
+        self.addCleanup(release.set)
+        original = self.server.httpd.RequestHandlerClass.do_GET
+
+        def stalled(handler):
+            release.wait(10)
+            original(handler)
+
+        self.server.httpd.RequestHandlerClass.do_GET = stalled
+        self.addCleanup(setattr, self.server.httpd.RequestHandlerClass, "do_GET", original)
+        with unittest.mock.patch.object(agentauth, "_CLIENT_DOCUMENT_TIMEOUT_SECONDS", 0.2):
+            started = time.monotonic()
+            with self.assertLogs("agentauth", "WARNING") as logs:
+                self.assertUnknown(self.server.url)
+        self.assertLess(time.monotonic() - started, 2.0)
+        self.assertIn("deadline", logs.output[0])
+
     def test_url_rules(self):
         base = self.server.url.rsplit("/", 1)[0]
         for url in (base + "/", base, base + "/a/../client.json", self.server.url + "#f",
