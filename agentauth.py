@@ -5871,6 +5871,7 @@ class AgentAuth:
         unused_client_ttl_seconds: int = DEFAULT_UNUSED_CLIENT_TTL_SECONDS,
         client_ttl_seconds: int = DEFAULT_CLIENT_TTL_SECONDS,
         allow_private_client_documents: bool = False,
+        agents_page_path: Optional[str] = None,
     ) -> Callable[..., Iterable[bytes]]:
         """Return a WSGI app: an OAuth 2.1 authorization server any MCP client can use.
 
@@ -5895,7 +5896,9 @@ class AgentAuth:
         (30), ``unused_client_ttl_seconds`` (1 day), ``client_ttl_seconds``
         (90 days), ``allow_private_client_documents`` (False: a metadata
         document is never fetched from a loopback or private address; True
-        only for development and tests).
+        only for development and tests), ``agents_page_path`` (e.g.
+        ``"/account/agents"``: the connected-agents page, ``agents_page_wsgi``
+        with the same login and descriptions, served at that path too).
 
         Raises:
             InvalidConfigError: an issuer that is not an https URL, a store
@@ -5919,6 +5922,7 @@ class AgentAuth:
             unused_client_ttl_seconds=unused_client_ttl_seconds,
             client_ttl_seconds=client_ttl_seconds,
             allow_private_client_documents=allow_private_client_documents,
+            agents_page_path=agents_page_path,
         ))
 
     def authorization_server_asgi(
@@ -5934,6 +5938,7 @@ class AgentAuth:
         unused_client_ttl_seconds: int = DEFAULT_UNUSED_CLIENT_TTL_SECONDS,
         client_ttl_seconds: int = DEFAULT_CLIENT_TTL_SECONDS,
         allow_private_client_documents: bool = False,
+        agents_page_path: Optional[str] = None,
     ) -> Callable[..., Any]:
         """Return an ASGI app: the same authorization server as ``authorization_server_wsgi``.
 
@@ -5953,6 +5958,7 @@ class AgentAuth:
             unused_client_ttl_seconds=unused_client_ttl_seconds,
             client_ttl_seconds=client_ttl_seconds,
             allow_private_client_documents=allow_private_client_documents,
+            agents_page_path=agents_page_path,
         ))
 
     # -- MCP -----------------------------------------------------------------
@@ -7617,6 +7623,7 @@ class _AuthorizationServer:
         unused_client_ttl_seconds: int,
         client_ttl_seconds: int,
         allow_private_client_documents: bool,
+        agents_page_path: Optional[str] = None,
     ) -> None:
         from urllib.parse import urlsplit
 
@@ -7694,6 +7701,15 @@ class _AuthorizationServer:
             path + "/revoke": "revoke",
         }
         self.authorize_path = path + "/authorize"
+        if agents_page_path is not None and (
+            type(agents_page_path) is not str
+            or not agents_page_path.startswith("/")
+            or any(c in agents_page_path for c in "?# ")
+            or _CONTROL_CHARS.search(agents_page_path)
+            or agents_page_path in self.paths
+        ):
+            raise InvalidConfigError("agents_page_path must be a path of its own, such as /account/agents")
+        self.agents_page_path = agents_page_path
         self.metadata = {
             "issuer": auth.issuer,
             "authorization_endpoint": base + "/authorize",
@@ -8209,9 +8225,14 @@ def _signed_in(value: Any) -> Optional[str]:
 class _AuthorizationServerWsgi:
     def __init__(self, state: _AuthorizationServer) -> None:
         self._state = state
+        self._agents_page = None if state.agents_page_path is None else state.auth.agents_page_wsgi(
+            authenticate=state.authenticate, scope_descriptions=state.scope_descriptions, login_url=state.login_url
+        )
 
     def __call__(self, environ: Dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         state = self._state
+        if self._agents_page is not None and _wsgi_request(environ, b"").path == state.agents_page_path:
+            return self._agents_page(environ, start_response)
         try:
             body = _wsgi_body(environ)
         except _MalformedRequest as exc:
@@ -8222,6 +8243,9 @@ class _AuthorizationServerWsgi:
 class _AuthorizationServerAsgi:
     def __init__(self, state: _AuthorizationServer) -> None:
         self._state = state
+        self._agents_page = None if state.agents_page_path is None else state.auth.agents_page_asgi(
+            authenticate=state.authenticate, scope_descriptions=state.scope_descriptions, login_url=state.login_url
+        )
 
     async def __call__(self, scope: Dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> None:
         import asyncio
@@ -8229,6 +8253,9 @@ class _AuthorizationServerAsgi:
         if scope["type"] != "http":
             return
         state = self._state
+        if self._agents_page is not None and _asgi_request(scope, b"").path == state.agents_page_path:
+            await self._agents_page(scope, receive, send)
+            return
         try:
             body = await _asgi_body(receive)
         except _MalformedRequest as exc:

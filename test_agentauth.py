@@ -8805,6 +8805,41 @@ class AuthorizationServerMetadataTests(AuthorizationServerFixture, unittest.Test
         self.assertEqual(params["iss"], AS_ISSUER)
 
 
+class AuthorizationServerAgentsPageTests(AuthorizationServerFixture, unittest.TestCase):
+    """agents_page_path: the connected-agents page, served by the authorization server's app too."""
+
+    def test_the_agents_page_shows_what_the_consent_page_recorded(self):
+        app = self.make_app(agents_page_path="/account/agents")
+        self.app = app
+        client_id = self.register()
+        self.tokens(client_id, untick=("email:send",))
+        status, headers, body = as_call(app, "GET", "/account/agents", user="user_123")
+        self.assertEqual(status, 200)
+        self.assertIn(b"Mail agent", body)
+        self.assertIn(b"Read your email", body)
+        self.assertNotIn(b"Send email as you", body)
+        self.assertEqual(headers["X-Frame-Options"], "DENY")
+        status, headers, _ = as_call(app, "GET", "/account/agents")
+        self.assertEqual((status, urllib.parse.urlsplit(headers["Location"]).path), (303, "/login"))
+        self.assertEqual(as_call(self.make_app(), "GET", "/account/agents", user="user_123")[0], 404)
+
+    def test_the_path_must_be_its_own(self):
+        for path in ("/token", "/authorize", "account", "/a?b", "/a b", "/a\n", 7):
+            with self.subTest(path=path), raises_exactly(self, InvalidConfigError):
+                self.make_app(agents_page_path=path)
+
+    def test_under_asgi(self):
+        async def login(request):
+            return request.cookies.get("user")
+
+        app = self.auth.authorization_server_asgi(authenticate=login, scope_descriptions=AS_SCOPES,
+                                                  agents_page_path="/account/agents")
+        self.auth.grant(subject="user_123", agent="agent_x", scopes=["email:read"], agent_name="Agent X")
+        status, _, body = AuthorizationServerAsgiTests.asgi(self, app, "GET", "/account/agents", user="user_123")
+        self.assertEqual(status, 200)
+        self.assertIn(b"Agent X", body)
+
+
 class RegistrationTests(AuthorizationServerFixture, unittest.TestCase):
     def post(self, document, content_type="application/json"):
         body = document if isinstance(document, bytes) else json.dumps(document).encode()
