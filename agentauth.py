@@ -7751,14 +7751,14 @@ class _AuthorizationServer:
 
 
 def _check_authorization_request(
-    fields: Mapping[str, List[str]], state: _AuthorizationServer
+    fields: Mapping[str, List[str]], state: _AuthorizationServer, request: _PageRequest, subject: Optional[str]
 ) -> Tuple[Optional[_AuthorizationRequest], Optional[_Refusal]]:
     """Validate an authorization request in oauthlib's order.
 
     Returns (the request, None), or (None, the answer): a page for errors
     found before the client and its redirect URI are known to be good (never
-    a redirect: that would make this server an open redirector), and a
-    redirect carrying ``error``, ``state`` and ``iss`` for the others.
+    a redirect: that would make this server an open redirector), and for the
+    others ``_authorization_error``'s answer.
     """
     try:
         params = _single_params(fields, _AUTHORIZE_PARAMS)
@@ -7798,8 +7798,8 @@ def _check_authorization_request(
         resource = _check_resource(params, state.auth.audience)
         prompt = _check_prompt(params)
     except _OAuthError as exc:
-        return None, _authorization_redirect(state, redirect_uri, request_state,
-                                             {"error": exc.error, "error_description": str(exc)})
+        return None, _authorization_error(state, request, subject, redirect_uri, request_state, exc,
+                                          "none" in params.get("prompt", "").split(" "))
     return _AuthorizationRequest(
         client, redirect_uri, given is not None, request_state, scopes, resource, challenge, prompt,
         tuple((name, params[name]) for name in _AUTHORIZE_PARAMS if name in params),
@@ -7827,6 +7827,26 @@ def _authorization_redirect(
         answer["state"] = request_state
     answer["iss"] = state.auth.issuer
     return _page_redirect(_with_params(redirect_uri, answer))
+
+
+def _authorization_error(state: _AuthorizationServer, request: _PageRequest, subject: Optional[str],
+                         redirect_uri: str, request_state: Optional[str], exc: _OAuthError, prompt_none: bool
+                         ) -> _Refusal:
+    """An error found once the client and its redirect URI are known to be good.
+
+    Security: redirected to the client only for a signed-in user. Any
+    client can register a redirect URI, so an anonymous request that answered
+    with a redirect would make this server an open redirector (RFC 9700
+    §4.11.2): a browser with no user goes to the login page first (the
+    request comes back, and its error is redirected then); with
+    ``prompt=none``, a POST or no login page, the error is shown on a page.
+    """
+    if subject is not None:
+        return _authorization_redirect(state, redirect_uri, request_state,
+                                       {"error": exc.error, "error_description": str(exc)})
+    if request.method == "GET" and state.login_url is not None and not prompt_none:
+        return _login_answer(state, request)
+    return _authorization_page_error(exc)
 
 
 def _consent_binding(subject: str, request: _AuthorizationRequest) -> str:
@@ -7875,14 +7895,13 @@ def _authorize_endpoint(request: _PageRequest, state: _AuthorizationServer, subj
             fields = _form_fields(request.headers.get("content-type", ""), request.body)
     except (_OAuthError, _MalformedRequest) as exc:
         return _authorization_page_error(_OAuthError("invalid_request", str(exc)))
-    authorization, answer = _check_authorization_request(fields, state)
+    authorization, answer = _check_authorization_request(fields, state, request, subject)
     if authorization is None:
         return typing.cast(_Refusal, answer)
     prompts = set((authorization.prompt or "").split(" "))
     if subject is None:
-        if "none" in prompts:  # OpenID Connect Core §3.1.2.6
-            return _authorization_redirect(state, authorization.redirect_uri, authorization.state,
-                                           {"error": "login_required"})
+        if "none" in prompts:  # OpenID Connect Core §3.1.2.6, shown: never a redirect with no user
+            return _authorization_page_error(_OAuthError("login_required", "sign in first"))
         if request.method == "POST":
             return _render_message(403, "Sign in first", "Your session ended: sign in, then start again.")
         return _login_answer(state, request)

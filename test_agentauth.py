@@ -9007,11 +9007,28 @@ class AuthorizationEndpointTests(AuthorizationServerFixture, unittest.TestCase):
         app = self.make_app(login_url=None)
         self.assertEqual(self.authorize(params, user=None, app=app)[0], 401)
 
-    def test_prompt_none_without_a_user_or_consent_is_redirected(self):
-        self.assertRedirectedWith(self.authorize(self.authorize_params(self.client_id, prompt="none"), user=None),
-                                  "login_required")
+    def test_prompt_none_without_a_user_is_shown_and_without_consent_is_redirected(self):
+        # No user: a redirect would make any registered URI an open redirector (RFC 9700 §4.11.2).
+        self.assertShownNotRedirected(self.authorize(self.authorize_params(self.client_id, prompt="none"), user=None),
+                                      "login_required")
         self.assertRedirectedWith(self.authorize(self.authorize_params(self.client_id, prompt="none")),
                                   "consent_required")
+
+    def test_an_error_found_after_the_redirect_uri_is_redirected_only_for_a_signed_in_user(self):
+        for bad in ({"response_type": "token"}, {"scope": "nope"}, {"code_challenge_method": "plain"},
+                    {"resource": "https://other.example/mcp"}, {"prompt": "bogus"}, {"state": "s" * 2000}):
+            with self.subTest(bad=bad):
+                params = self.authorize_params(self.client_id, **bad)
+                status, headers, _ = self.authorize(params, user=None)  # the login page first, never the client
+                self.assertEqual((status, urllib.parse.urlsplit(headers["Location"]).path), (303, "/login"))
+                error = redirect_params(self.authorize(params)[1])[1]["error"]  # signed in: back to the client
+                self.assertShownNotRedirected(self.authorize(params, user=None, app=self.make_app(login_url=None)),
+                                              error)
+                if "prompt" not in bad:
+                    self.assertShownNotRedirected(self.authorize(dict(params, prompt="none"), user=None), error)
+                body = urllib.parse.urlencode(params).encode()
+                self.assertShownNotRedirected(as_call(self.app, "POST", "/authorize", body=body,
+                                                      content_type="application/x-www-form-urlencoded"), error)
 
     def test_the_consent_page_shows_the_agent_host_and_scopes(self):
         status, headers, body = self.authorize(self.authorize_params(self.client_id))
