@@ -7209,6 +7209,9 @@ _CLIENT_DOCUMENT_MAX_BYTES = 8192  # a client ID metadata document
 _CLIENT_DOCUMENT_TIMEOUT_SECONDS = 5.0  # the whole fetch of one, headers and body included
 _CLIENT_DOCUMENT_DEFAULT_CACHE_SECONDS = 300  # when its response says nothing about caching
 _CLIENT_DOCUMENT_MAX_CACHE_SECONDS = 86400
+_CLIENT_DOCUMENT_MAX_FETCHES = 4  # in flight at once per authorization server; more answer 503
+_CLIENT_DOCUMENT_FAILURE_SECONDS = 60  # a document that could not be fetched is not fetched again this long
+_CLIENT_DOCUMENT_MAX_FAILURES = 10000  # failed URLs remembered at once (the oldest are forgotten first)
 _CONSENT_TTL_SECONDS = 600  # how long a consent page's form works
 _AUTHORIZE_PARAMS = (
     "response_type", "client_id", "redirect_uri", "state", "scope",
@@ -7455,6 +7458,13 @@ class _Clients:
     ``unused_client_ttl_seconds``; each token keeps a used one for
     ``client_ttl_seconds`` more. A metadata document is fetched from its
     https URL and kept as its response's caching headers allow.
+
+    Security: anyone can make the server fetch a URL (an anonymous request
+    naming it as ``client_id``). At most ``_CLIENT_DOCUMENT_MAX_FETCHES``
+    fetches run at once, each on a fetcher of a fixed pool whose helper
+    thread must have ended (a stalled name resolution keeps its fetcher);
+    beyond, the request answers 503 at once. A URL whose fetch failed is
+    refused without a fetch for ``_CLIENT_DOCUMENT_FAILURE_SECONDS``.
     """
 
     def __init__(
@@ -7469,6 +7479,17 @@ class _Clients:
         self._unused_ttl = unused_client_ttl_seconds
         self._ttl = client_ttl_seconds
         self._allow_private = allow_private_client_documents
+        self._lock = threading.Lock()
+        self._fetchers = collections.deque(
+            _UrlFetch(
+                timeout_seconds=_CLIENT_DOCUMENT_TIMEOUT_SECONDS,
+                max_bytes=_CLIENT_DOCUMENT_MAX_BYTES,
+                what="the client metadata document",
+                allow_private=allow_private_client_documents,
+            )
+            for _ in range(_CLIENT_DOCUMENT_MAX_FETCHES)
+        )
+        self._failures: "collections.OrderedDict[str, int]" = collections.OrderedDict()  # url -> retry at
 
     def _store(self) -> "AuthorizationStore":
         return typing.cast(AuthorizationStore, self._auth.store)
@@ -7547,6 +7568,7 @@ class _Clients:
 
         Raises:
             StoreUnavailableError: the store could not answer.
+            _OAuthError: temporarily_unavailable (503), too many client documents are being fetched.
         """
         if client_id.startswith(("https://", "http://")):
             return self._from_document(client_id)
@@ -7582,12 +7604,9 @@ class _Clients:
         cached = _store_call(store.get_record, "client_document", url, now=now)
         if cached is not None:
             return self._client_from(url, _JSON_DECODER.decode(cached))
-        fetcher = _UrlFetch(
-            timeout_seconds=_CLIENT_DOCUMENT_TIMEOUT_SECONDS,
-            max_bytes=_CLIENT_DOCUMENT_MAX_BYTES,
-            what="the client metadata document",
-            allow_private=self._allow_private,
-        )
+        fetcher = self._take_fetcher(url, now)
+        if fetcher is None:
+            return None
         try:
             headers, body = fetcher.get(url)
             document = _json_object(body, "client metadata document")
@@ -7598,12 +7617,41 @@ class _Clients:
             import logging
 
             logging.getLogger("agentauth").warning("client metadata document %s refused: %s", url, exc)
+            with self._lock:
+                self._failures[url] = now + _CLIENT_DOCUMENT_FAILURE_SECONDS
+                self._failures.move_to_end(url)
+                while len(self._failures) > _CLIENT_DOCUMENT_MAX_FAILURES:
+                    self._failures.popitem(last=False)
             return None
+        finally:
+            with self._lock:
+                self._fetchers.append(fetcher)
         seconds = _cache_seconds(headers)
         if seconds > 0:
             _store_call(store.put_record, "client_document", url, _JSON_ENCODER.encode(document),
                         expires_at=now + seconds, now=now)
         return client
+
+
+    def _take_fetcher(self, url: str, now: int) -> Optional[_UrlFetch]:
+        """A free fetcher of the pool, or None for a URL that failed lately.
+
+        Raises:
+            _OAuthError: temporarily_unavailable (503), every fetcher is busy.
+        """
+        with self._lock:
+            retry_at = self._failures.get(url)
+            if retry_at is not None:
+                if retry_at > now:
+                    return None
+                del self._failures[url]
+            for _ in range(len(self._fetchers)):
+                fetcher = self._fetchers.popleft()
+                helper = fetcher._helper
+                if helper is None or not helper.is_alive():
+                    return fetcher
+                self._fetchers.append(fetcher)  # its last fetch's helper is still resolving a name
+        raise _OAuthError("temporarily_unavailable", "too many client documents are being fetched", 503)
 
 
 class _AuthorizationServer:
@@ -7769,7 +7817,7 @@ def _check_authorization_request(
         return None, _authorization_page_error(_OAuthError("invalid_request", "client_id is required"))
     try:
         client = state.clients.find(client_id) if _valid_name(client_id) else None
-    except StoreUnavailableError:
+    except (StoreUnavailableError, _OAuthError):  # _OAuthError: every client document fetcher is busy
         return None, _render_message(503, "Try again later", "Authorization is temporarily unavailable.",
                                      (("Retry-After", "1"),))
     if client is None:

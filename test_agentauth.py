@@ -9483,7 +9483,9 @@ class ClientDocumentTests(AuthorizationServerFixture, unittest.TestCase):
         self.assertUnknown(self.server.url)
         self.server.document["client_id"] = self.server.url
         self.server.document["redirect_uris"] = ["https://agent.example/other"]
+        self.clock.advance(agentauth._CLIENT_DOCUMENT_FAILURE_SECONDS)  # past the failed fetch's memory
         self.assertShownNotRedirectedTo(self.server.url)
+        self.assertEqual(self.server.fetches, 2)
 
     def assertShownNotRedirectedTo(self, client_id):
         status, headers, body = self.authorize(self.authorize_params(client_id))
@@ -9494,13 +9496,18 @@ class ClientDocumentTests(AuthorizationServerFixture, unittest.TestCase):
         for document in (b"not json", b"[]", {"client_id": None}, b"x" * 9000):
             with self.subTest(document=document):
                 self.server.document = document if not isinstance(document, dict) else dict(document, client_id=self.server.url)
+                self.clock.advance(agentauth._CLIENT_DOCUMENT_FAILURE_SECONDS)  # past the last failed fetch
+                fetches = self.server.fetches
                 self.assertUnknown(self.server.url)
+                self.assertEqual(self.server.fetches, fetches + 1)
 
     def test_redirects_and_errors_are_not_followed(self):
         self.server.status, self.server.location = 302, self.server.url
         self.assertUnknown(self.server.url)
         self.server.status, self.server.location = 404, None
+        self.clock.advance(agentauth._CLIENT_DOCUMENT_FAILURE_SECONDS)
         self.assertUnknown(self.server.url)
+        self.assertEqual(self.server.fetches, 2)
 
     def test_private_addresses_are_refused_unless_allowed(self):
         with self.assertLogs("agentauth", "WARNING") as logs:
@@ -9531,6 +9538,7 @@ class ClientDocumentTests(AuthorizationServerFixture, unittest.TestCase):
         self.server.httpd.RequestHandlerClass.do_GET = stalled
         self.addCleanup(setattr, self.server.httpd.RequestHandlerClass, "do_GET", original)
         with unittest.mock.patch.object(agentauth, "_CLIENT_DOCUMENT_TIMEOUT_SECONDS", 0.2):
+            self.app = self.make_app(allow_private_client_documents=True)  # its fetchers take the deadline
             started = time.monotonic()
             with self.assertLogs("agentauth", "WARNING") as logs:
                 self.assertUnknown(self.server.url)
@@ -9544,6 +9552,36 @@ class ClientDocumentTests(AuthorizationServerFixture, unittest.TestCase):
             with self.subTest(url=url):
                 self.assertUnknown(url)
         self.assertEqual(self.server.fetches, 0)
+
+    def test_a_failed_fetch_is_not_repeated_for_a_while(self):
+        self.server.status = 404
+        with self.assertLogs("agentauth", "WARNING"):
+            self.assertUnknown(self.server.url)
+        self.assertUnknown(self.server.url)
+        self.assertEqual(self.server.fetches, 1)
+        self.server.status = 200
+        self.clock.advance(agentauth._CLIENT_DOCUMENT_FAILURE_SECONDS)
+        self.assertEqual(self.authorize(self.authorize_params(self.server.url))[0], 200)
+        self.assertEqual(self.server.fetches, 2)
+
+    def test_fetches_in_flight_are_capped_and_beyond_the_cap_the_answer_is_503_at_once(self):
+        clients = self.app._state.clients
+        release = threading.Event()
+        stalled = []
+        for fetcher in clients._fetchers:  # every fetcher's helper is still resolving a name
+            fetcher._helper = threading.Thread(target=release.wait, daemon=True)
+            fetcher._helper.start()
+            stalled.append(fetcher._helper)
+        self.assertEqual(len(stalled), agentauth._CLIENT_DOCUMENT_MAX_FETCHES)
+        status, headers, _ = self.authorize(self.authorize_params(self.server.url))
+        self.assertEqual((status, headers["Retry-After"]), (503, "1"))
+        self.assertOAuthError(self.refresh(self.server.url, "x" * 43), 503, "temporarily_unavailable")
+        self.assertEqual(self.server.fetches, 0)
+        release.set()
+        for thread in stalled:
+            thread.join(5)
+        self.assertEqual(self.authorize(self.authorize_params(self.server.url))[0], 200)
+        self.assertEqual(self.server.fetches, 1)
 
     def test_the_address_check_covers_private_ranges(self):
         for address in ("127.0.0.1", "10.0.0.1", "192.168.1.1", "172.16.0.1", "169.254.169.254", "::1", "fd00::1",
