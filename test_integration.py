@@ -1185,7 +1185,11 @@ class McpOAuthTests(unittest.TestCase):
         grant = self.auth.grants(subject="alice")[0]
         self.assertEqual((grant.agent, grant.scopes), (client_id, ("email:read", "email:send")))
 
-        # After disconnect: the next call is refused and refreshing fails.
+        # The user sees the agent on the connected-agents page; after disconnect the next call is
+        # refused and refreshing fails.
+        status, _, page = http("GET", self.base + "/account/agents", {"Cookie": self.user.cookie})
+        self.assertEqual(status, 200)
+        self.assertIn(b"Test agent", page)
         self.assertTrue(self.auth.disconnect(subject="alice", agent=client_id))
         status, _, _ = mcp_rpc(self.url, self.storage.tokens.access_token, {
             "jsonrpc": "2.0", "id": 10, "method": "tools/call", "params": {"name": "read_inbox", "arguments": {}}})

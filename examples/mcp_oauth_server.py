@@ -10,7 +10,8 @@ Run (needs `pip install mcp uvicorn`):
     python examples/mcp_oauth_server.py
 
 then point an MCP client at http://127.0.0.1:8766/mcp. The toy login at
-/login signs anyone in under the name they type: replace it with yours.
+/login signs anyone in under the name they type: replace it with yours. The
+agents a user allowed are at http://127.0.0.1:8766/account/agents.
 """
 
 import hashlib
@@ -27,7 +28,8 @@ import agentauth
 
 HOST, PORT = "127.0.0.1", int(os.environ.get("PORT", "8766"))
 SCOPES = {"email:read": "Read your email", "email:send": "Send email as you"}
-OAUTH_PATHS = ("/.well-known/oauth-authorization-server", "/authorize", "/token", "/register", "/revoke")
+OAUTH_PATHS = ("/.well-known/oauth-authorization-server", "/authorize", "/token", "/register", "/revoke",
+               "/account/agents")
 LOGIN_PAGE = """<!DOCTYPE html><title>Sign in</title>
 <form method="post" action="/login"><input type="hidden" name="next" value="{next}">
 <label>Your name <input name="user" autofocus></label> <button>Sign in</button></form>"""
@@ -112,6 +114,7 @@ def build(base_url: str, *, secret: str, store=None, step_up: bool = True, allow
         scope_descriptions=SCOPES,
         default_scopes=["email:read"],  # what a client that names no scope asks for
         allow_private_client_documents=allow_private_client_documents,
+        agents_page_path="/account/agents",  # where the user sees and disconnects the agents they allowed
     )
     mcp = auth.asgi(
         server.streamable_http_app(host=HOST),
