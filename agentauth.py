@@ -120,6 +120,7 @@ DEFAULT_CODE_TTL_SECONDS = 60  # an authorization code is used at once (OAuth 2.
 DEFAULT_REFRESH_TOKEN_TTL_SECONDS = 30 * 86400  # a refresh token unused this long dies
 DEFAULT_REFRESH_REUSE_GRACE_SECONDS = 30  # a rotated refresh token still works this long (concurrent refreshes)
 DEFAULT_UNUSED_CLIENT_TTL_SECONDS = 86400  # a registration that never got a token is forgotten after a day
+DEFAULT_MAX_REGISTRATIONS = 10000  # registrations waiting for their first token, per authorization server
 DEFAULT_CLIENT_TTL_SECONDS = 90 * 86400  # a used registration, this long after its last token
 _JTI_BYTES = 16  # 128 bits of randomness (RFC 7519 §4.1.7: collision-resistant)
 _HEADER_CACHE_SIZE = 16  # distinct valid header segments remembered per instance
@@ -5870,6 +5871,7 @@ class AgentAuth:
         refresh_reuse_grace_seconds: int = DEFAULT_REFRESH_REUSE_GRACE_SECONDS,
         unused_client_ttl_seconds: int = DEFAULT_UNUSED_CLIENT_TTL_SECONDS,
         client_ttl_seconds: int = DEFAULT_CLIENT_TTL_SECONDS,
+        max_registrations: int = DEFAULT_MAX_REGISTRATIONS,
         allow_private_client_documents: bool = False,
         agents_page_path: Optional[str] = None,
     ) -> Callable[..., Iterable[bytes]]:
@@ -5894,7 +5896,9 @@ class AgentAuth:
         §3.3; default: every described scope); ``code_ttl_seconds`` (60),
         ``refresh_token_ttl_seconds`` (30 days), ``refresh_reuse_grace_seconds``
         (30), ``unused_client_ttl_seconds`` (1 day), ``client_ttl_seconds``
-        (90 days), ``allow_private_client_documents`` (False: a metadata
+        (90 days), ``max_registrations`` (10000: RFC 7591 registrations that
+        have not yet got a token, counted by this app; beyond, ``/register``
+        answers 503), ``allow_private_client_documents`` (False: a metadata
         document is never fetched from a loopback or private address; True
         only for development and tests), ``agents_page_path`` (e.g.
         ``"/account/agents"``: the connected-agents page, ``agents_page_wsgi``
@@ -5921,6 +5925,7 @@ class AgentAuth:
             refresh_reuse_grace_seconds=refresh_reuse_grace_seconds,
             unused_client_ttl_seconds=unused_client_ttl_seconds,
             client_ttl_seconds=client_ttl_seconds,
+            max_registrations=max_registrations,
             allow_private_client_documents=allow_private_client_documents,
             agents_page_path=agents_page_path,
         ))
@@ -5937,6 +5942,7 @@ class AgentAuth:
         refresh_reuse_grace_seconds: int = DEFAULT_REFRESH_REUSE_GRACE_SECONDS,
         unused_client_ttl_seconds: int = DEFAULT_UNUSED_CLIENT_TTL_SECONDS,
         client_ttl_seconds: int = DEFAULT_CLIENT_TTL_SECONDS,
+        max_registrations: int = DEFAULT_MAX_REGISTRATIONS,
         allow_private_client_documents: bool = False,
         agents_page_path: Optional[str] = None,
     ) -> Callable[..., Any]:
@@ -5957,6 +5963,7 @@ class AgentAuth:
             refresh_reuse_grace_seconds=refresh_reuse_grace_seconds,
             unused_client_ttl_seconds=unused_client_ttl_seconds,
             client_ttl_seconds=client_ttl_seconds,
+            max_registrations=max_registrations,
             allow_private_client_documents=allow_private_client_documents,
             agents_page_path=agents_page_path,
         ))
@@ -7203,6 +7210,7 @@ GRANT_TYPE_AUTHORIZATION_CODE = "authorization_code"  # RFC 6749 §4.1.3
 GRANT_TYPE_REFRESH_TOKEN = "refresh_token"  # RFC 6749 §6
 _MAX_REGISTRATION_BYTES = 8192  # an RFC 7591 registration request
 _MAX_REDIRECT_URIS = 10
+_MAX_REDIRECT_URIS_CHARS = 4096  # all of a client's redirect URIs together
 _MAX_URI_CHARS = 2000
 _MAX_STATE_CHARS = 1024
 _CLIENT_DOCUMENT_MAX_BYTES = 8192  # a client ID metadata document
@@ -7465,6 +7473,9 @@ class _Clients:
     thread must have ended (a stalled name resolution keeps its fetcher);
     beyond, the request answers 503 at once. A URL whose fetch failed is
     refused without a fetch for ``_CLIENT_DOCUMENT_FAILURE_SECONDS``.
+    Registration is anonymous too: at most ``max_registrations`` made by
+    this app wait for their first token at once, each with at most
+    ``_MAX_REDIRECT_URIS_CHARS`` of redirect URIs; beyond, 503.
     """
 
     def __init__(
@@ -7474,11 +7485,15 @@ class _Clients:
         unused_client_ttl_seconds: int,
         client_ttl_seconds: int,
         allow_private_client_documents: bool,
+        max_registrations: int,
     ) -> None:
         self._auth = auth
         self._unused_ttl = unused_client_ttl_seconds
         self._ttl = client_ttl_seconds
         self._allow_private = allow_private_client_documents
+        self._max_registrations = max_registrations
+        # Registrations made here that have not got a token yet: client_id -> expires_at, oldest first.
+        self._unused: "collections.OrderedDict[str, int]" = collections.OrderedDict()
         self._lock = threading.Lock()
         self._fetchers = collections.deque(
             _UrlFetch(
@@ -7503,7 +7518,8 @@ class _Clients:
         """Register a public client from an RFC 7591 request body; return the registration response.
 
         Raises:
-            _OAuthError: invalid_redirect_uri or invalid_client_metadata (RFC 7591 §3.2.2).
+            _OAuthError: invalid_redirect_uri or invalid_client_metadata (RFC 7591 §3.2.2);
+                temporarily_unavailable (503), ``max_registrations`` are waiting for their first token.
         """
         if len(body) > _MAX_REGISTRATION_BYTES:
             raise _OAuthError("invalid_client_metadata", "the registration request is too large")
@@ -7513,7 +7529,20 @@ class _Clients:
             raise _OAuthError("invalid_client_metadata", "the registration request is not a JSON object") from exc
         client = self._client_from(secrets.token_urlsafe(16), metadata)
         now = self._now()
-        self.save(client, expires_at=now + self._unused_ttl)
+        expires_at = now + self._unused_ttl
+        with self._lock:
+            unused = self._unused
+            while unused and next(iter(unused.values())) <= now:  # oldest first: the clock only moves on
+                unused.popitem(last=False)
+            if len(unused) >= self._max_registrations:
+                raise _OAuthError("temporarily_unavailable", "too many registrations are waiting for a token", 503)
+            unused[client.client_id] = expires_at
+        try:
+            self.save(client, expires_at=expires_at)
+        except StoreUnavailableError:
+            with self._lock:
+                unused.pop(client.client_id, None)
+            raise
         response: Dict[str, Any] = {
             "client_id": client.client_id,
             "client_id_issued_at": now,
@@ -7533,6 +7562,8 @@ class _Clients:
         if type(uris) is not list or not 0 < len(uris) <= _MAX_REDIRECT_URIS:
             raise _OAuthError("invalid_redirect_uri", f"redirect_uris must list 1 to {_MAX_REDIRECT_URIS} URIs")
         redirect_uris = tuple(_check_redirect_uri_syntax(uri) for uri in uris)
+        if sum(len(uri) for uri in redirect_uris) > _MAX_REDIRECT_URIS_CHARS:
+            raise _OAuthError("invalid_redirect_uri", f"redirect_uris must total at most {_MAX_REDIRECT_URIS_CHARS} characters")
         if metadata.get("token_endpoint_auth_method", "none") != "none":  # public clients only
             raise _OAuthError("invalid_client_metadata", "token_endpoint_auth_method must be none")
         grant_types = metadata.get("grant_types", [GRANT_TYPE_AUTHORIZATION_CODE])
@@ -7560,6 +7591,8 @@ class _Clients:
         """A token was issued to this client: keep its registration ``client_ttl_seconds`` more."""
         if not client.client_id.startswith("https:") and not client.client_id.startswith("http:"):
             self.save(client, expires_at=self._now() + self._ttl)
+            with self._lock:
+                self._unused.pop(client.client_id, None)  # used: no longer counts against max_registrations
 
     # -- lookup ----------------------------------------------------------
 
@@ -7672,6 +7705,7 @@ class _AuthorizationServer:
         client_ttl_seconds: int,
         allow_private_client_documents: bool,
         agents_page_path: Optional[str] = None,
+        max_registrations: int = DEFAULT_MAX_REGISTRATIONS,
     ) -> None:
         from urllib.parse import urlsplit
 
@@ -7718,6 +7752,7 @@ class _AuthorizationServer:
             (refresh_token_ttl_seconds, "refresh_token_ttl_seconds"),
             (unused_client_ttl_seconds, "unused_client_ttl_seconds"),
             (client_ttl_seconds, "client_ttl_seconds"),
+            (max_registrations, "max_registrations"),
         ):
             _positive_int(value, name)
         if type(refresh_reuse_grace_seconds) is not int or refresh_reuse_grace_seconds < 0:
@@ -7735,6 +7770,7 @@ class _AuthorizationServer:
             unused_client_ttl_seconds=unused_client_ttl_seconds,
             client_ttl_seconds=client_ttl_seconds,
             allow_private_client_documents=allow_private_client_documents,
+            max_registrations=max_registrations,
         )
         self._successor_key = auth._derived_key(b"agentauth refresh token successor")
         self.consent_csrf = _CsrfTokens(auth._derived_key(b"agentauth consent csrf"), auth._clock, _CONSENT_TTL_SECONDS)

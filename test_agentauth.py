@@ -8738,7 +8738,7 @@ class AuthorizationServerConfigTests(unittest.TestCase):
                         {"scope_descriptions": {"a b": "two"}}, {"scope_descriptions": {"email:read": ""}},
                         {"authenticate": None}, {"default_scopes": ["calendar:write"]}, {"code_ttl_seconds": 0},
                         {"refresh_reuse_grace_seconds": -1}, {"allow_private_client_documents": "yes"},
-                        {"login_url": "/login\n"}):
+                        {"login_url": "/login\n"}, {"max_registrations": 0}, {"max_registrations": "10"}):
             with self.subTest(options=options), raises_exactly(self, InvalidConfigError):
                 self.make(**options)
         with self.assertRaises(TypeError):
@@ -8871,6 +8871,24 @@ class RegistrationTests(AuthorizationServerFixture, unittest.TestCase):
             with self.subTest(uri=uri):
                 status, _, answer = self.post({"redirect_uris": [uri]})
                 self.assertEqual((status, answer["error"]), (400, "invalid_redirect_uri"))
+
+    def test_registrations_waiting_for_a_token_are_capped(self):
+        self.app = self.make_app(max_registrations=3)
+        clients = [self.register() for _ in range(3)]
+        status, headers, answer = self.post({"redirect_uris": [REDIRECT]})
+        self.assertEqual((status, answer["error"], headers["Retry-After"]), (503, "temporarily_unavailable", "1"))
+        self.tokens(clients[0])  # a used registration no longer counts
+        self.assertEqual(self.post({"redirect_uris": [REDIRECT]})[0], 201)
+        self.assertEqual(self.post({"redirect_uris": [REDIRECT]})[0], 503)
+        self.clock.advance(agentauth.DEFAULT_UNUSED_CLIENT_TTL_SECONDS)  # the unused ones are forgotten
+        self.assertEqual([self.post({"redirect_uris": [REDIRECT]})[0] for _ in range(4)], [201, 201, 201, 503])
+        self.assertEqual(self.tokens(clients[0])["token_type"], "Bearer")  # the used one still works
+
+    def test_redirect_uris_are_capped_in_total(self):
+        long_uri = "https://agent.example/" + "p" * 1400
+        status, _, answer = self.post({"redirect_uris": [long_uri + "1", long_uri + "2", long_uri + "3"]})
+        self.assertEqual((status, answer["error"]), (400, "invalid_redirect_uri"))
+        self.assertEqual(self.post({"redirect_uris": [long_uri + "1", long_uri + "2"]})[0], 201)
 
     def test_rfc7591_errors(self):
         cases = [
