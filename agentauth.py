@@ -8109,17 +8109,14 @@ def _code_grant(params: Mapping[str, str], state: _AuthorizationServer) -> _Refu
     if "code" not in params:
         raise _OAuthError("invalid_request", "code is required")
     now = state.now()
-    used = _store_call(state.store().use_record, "code", _digest(params["code"]), now=now)
-    if used is None:
+    key = _digest(params["code"])
+    value = _store_call(state.store().get_record, "code", key, now=now)
+    if value is None:
         raise _OAuthError("invalid_grant", "the code is invalid or expired")
-    value, first_use = used
     record = _JSON_DECODER.decode(value)
-    if first_use is not None:
-        # A code presented twice was stolen or replayed: every token minted from it dies.
-        _revoke_tokens_of(state, record["client_id"], record["subject"], record["family"])
-        raise _OAuthError("invalid_grant", "the code was used already")
-    if record["exp"] <= now:
-        raise _OAuthError("invalid_grant", "the code is invalid or expired")
+    # The bindings are checked before the code is used: someone who saw the
+    # code but is not its client (no PKCE verifier) can neither spend it nor
+    # make the client's own redemption look like a replay.
     if record["client_id"] != client.client_id:
         raise _OAuthError("invalid_grant", "the code was issued to another client")
     given = params.get("redirect_uri")
@@ -8128,6 +8125,15 @@ def _code_grant(params: Mapping[str, str], state: _AuthorizationServer) -> _Refu
     _check_pkce_verifier(params.get("code_verifier"), record["code_challenge"])
     if params.get("resource", record["resource"]) != record["resource"]:
         raise _OAuthError("invalid_target", "resource does not match the authorization request")
+    used = _store_call(state.store().use_record, "code", key, now=now)
+    if used is None:
+        raise _OAuthError("invalid_grant", "the code is invalid or expired")
+    if used[1] is not None:
+        # The code's own client presented it twice: stolen or replayed. Every token minted from it dies.
+        _revoke_tokens_of(state, record["client_id"], record["subject"], record["family"])
+        raise _OAuthError("invalid_grant", "the code was used already")
+    if record["exp"] <= now:
+        raise _OAuthError("invalid_grant", "the code is invalid or expired")
     scopes = tuple(record["scopes"])
     _check_still_granted(state, record["subject"], client.client_id, scopes, None)
     family = {"family": record["family"], "client_id": client.client_id, "subject": record["subject"],

@@ -9274,8 +9274,10 @@ class TokenEndpointTests(AuthorizationServerFixture, unittest.TestCase):
             with self.subTest(overrides=overrides):
                 code = self.code_for(self.client_id)
                 self.assertOAuthError(self.exchange_code(self.client_id, code, **overrides), status, error)
-                if status == 400 and "client_id" not in overrides and "code" not in overrides:
-                    # A refused attempt by its client burns the code (single use).
+                if "code" not in overrides:
+                    # A refused attempt never spends the code: whoever saw it cannot burn it (the bindings are
+                    # checked first), and the genuine redemption still works, once.
+                    self.assertEqual(self.exchange_code(self.client_id, code)[0], 200)
                     self.assertOAuthError(self.exchange_code(self.client_id, code), 400, "invalid_grant")
 
     def test_a_code_without_redirect_uri_may_be_exchanged_without_one(self):
@@ -9625,6 +9627,21 @@ class AuthorizationServerAttackTests(AuthorizationServerFixture, unittest.TestCa
         with raises_exactly(self, RevokedError):
             self.auth.verify(first["access_token"])
         self.assertOAuthError(self.refresh(self.client_id, first["refresh_token"]), 400, "invalid_grant")
+
+    def test_a_leaked_code_cannot_be_burnt_by_someone_who_is_not_its_client(self):
+        earlier = self.tokens(self.client_id)  # the user's earlier tokens for this agent
+        code = self.code_for(self.client_id, prompt="consent")
+        attacker = self.register()
+        for overrides in ({"client_id": attacker}, {"redirect_uri": "https://agent.example/other"},
+                          {"code_verifier": "x" * 64}, {"code_verifier": None}):
+            with self.subTest(overrides=overrides):
+                self.assertOAuthError(self.exchange_code(self.client_id, code, **overrides), 400, "invalid_grant")
+        self.assertOAuthError(self.exchange_code(self.client_id, code, resource="https://other.example/mcp"),
+                              400, "invalid_target")
+        status, _, answer = self.exchange_code(self.client_id, code)  # the genuine redemption still works
+        self.assertEqual(status, 200, answer)
+        self.assertEqual(self.auth.verify(answer["access_token"]).agent, self.client_id)
+        self.assertEqual(self.auth.verify(earlier["access_token"]).agent, self.client_id)  # nothing was revoked
 
     def test_pkce_downgrade_to_plain_or_none_is_refused(self):
         for overrides in ({"code_challenge_method": "plain", "code_challenge": VERIFIER},
