@@ -7253,6 +7253,10 @@ _CONSENT_LOOPBACK_WARNING = (
     "<p><strong>This agent runs on a computer, not a website:</strong> it returns to localhost. "
     "Allow it only if you started it yourself.</p>\n"
 )
+_CONSENT_APP_WARNING = (
+    "<p><strong>This agent is an app on your device, not a website:</strong> it returns to links that start"
+    " with <code>{scheme}</code>, and any app can claim those. Allow it only if you installed it yourself.</p>\n"
+)
 
 
 class _OAuthError(Exception):
@@ -7616,8 +7620,8 @@ class _Clients:
         """The MCP spec's client ID URL: https with a path, no fragment, credentials or dot segments."""
         from urllib.parse import urlsplit
 
-        if len(url) > MAX_NAME_CHARS or _CONTROL_CHARS.search(url) or " " in url or "\\" in url:
-            return False
+        if len(url) > MAX_NAME_CHARS or _LOCATION.fullmatch(url) is None or "\\" in url:
+            return False  # printable ASCII only: an IDN host comes in punycode (no look-alike on the consent page)
         try:
             parts = urlsplit(url)
             parts.port  # noqa: B018 - a malformed port raises here
@@ -8010,8 +8014,15 @@ def _consent_page(state: _AuthorizationServer, subject: str, authorization: _Aut
 
     client = authorization.client
     parts = urlsplit(authorization.redirect_uri)
-    host = parts.hostname or parts.scheme
-    warning = _Markup(_CONSENT_LOOPBACK_WARNING) if parts.scheme == "http" and _is_loopback(host) else ""
+    if parts.scheme in ("https", "http"):
+        host = _display_host(parts.hostname or "")
+        warning = _Markup(_CONSENT_LOOPBACK_WARNING) if parts.scheme == "http" and _is_loopback(host) else ""
+    else:
+        # A private-use scheme (RFC 8252 §7.1): the code goes to whichever app
+        # claims the scheme; an authority after it (com.evil.app://bank.example)
+        # names nothing, so the page names the scheme alone.
+        host = parts.scheme + ":"
+        warning = _fill(_CONSENT_APP_WARNING, scheme=host)
     scopes = _Markup("".join(
         _fill(_CONSENT_SCOPE_TEMPLATE, scope=scope, description=state.scope_descriptions[scope])
         for scope in authorization.scopes
@@ -8032,6 +8043,20 @@ def _consent_page(state: _AuthorizationServer, subject: str, authorization: _Aut
         hidden=hidden,
         csrf_token=state.consent_csrf.issue(_consent_binding(subject, authorization)),
     )
+
+
+def _display_host(host: str) -> str:
+    """A host as the consent page shows it: ASCII, an internationalised name in its punycode (IDNA) form.
+
+    Security: a look-alike name (Cyrillic "о" for Latin "o") reads as what
+    it is, ``xn--...``; a name that has no IDNA form is shown escaped.
+    """
+    if host.isascii():
+        return host
+    try:
+        return host.encode("idna").decode("ascii")
+    except UnicodeError:
+        return host.encode("ascii", "backslashreplace").decode("ascii")
 
 
 def _consent_answer(fields: Mapping[str, List[str]], state: _AuthorizationServer, subject: str,

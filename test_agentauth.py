@@ -9067,6 +9067,19 @@ class AuthorizationEndpointTests(AuthorizationServerFixture, unittest.TestCase):
         self.assertIn(b"returns to localhost", body)
         self.assertIn(b"<strong>localhost</strong>", body)
 
+    def test_a_private_use_scheme_redirect_is_named_by_its_scheme_not_a_host_it_never_reaches(self):
+        uri = "com.evil.app://accounts.google.com/cb"
+        client = self.register(redirect_uris=(uri,))
+        body = self.authorize(self.authorize_params(client, redirect_uri=uri))[2].decode()
+        self.assertIn("sends you to <strong>com.evil.app:</strong>", body)
+        self.assertIn("an app on your device", body)
+        self.assertNotIn("accounts.google.com</strong>", body)
+
+    def test_an_internationalised_host_is_shown_in_punycode(self):
+        self.assertEqual(agentauth._display_host("g\u043e\u043egle.com"), "xn--ggle-55da.com")  # Cyrillic o's
+        self.assertEqual(agentauth._display_host("agent.example"), "agent.example")
+        self.assertTrue(agentauth._display_host("\u00e9" * 70 + ".example").isascii())  # no IDNA form: escaped
+
     def test_the_agent_name_is_escaped(self):
         client = self.register(client_name='<script>alert("x")</script>')
         body = self.authorize(self.authorize_params(client))[2].decode()
@@ -9568,7 +9581,8 @@ class ClientDocumentTests(AuthorizationServerFixture, unittest.TestCase):
     def test_url_rules(self):
         base = self.server.url.rsplit("/", 1)[0]
         for url in (base + "/", base, base + "/a/../client.json", self.server.url + "#f",
-                    self.server.url.replace("://", "://user@"), "https://" + "a" * 260 + ".example/c"):
+                    self.server.url.replace("://", "://user@"), "https://" + "a" * 260 + ".example/c",
+                    "https://g\u043e\u043egle.com/client.json"):
             with self.subTest(url=url):
                 self.assertUnknown(url)
         self.assertEqual(self.server.fetches, 0)
