@@ -2190,9 +2190,21 @@ def _is_public_address(address: str) -> bool:
         ip = ipaddress.ip_address(address.split("%", 1)[0])
     except ValueError:
         return False
-    mapped = getattr(ip, "ipv4_mapped", None)
-    if mapped is not None:
-        ip = mapped
+    if isinstance(ip, ipaddress.IPv6Address):
+        # An IPv6 address that carries an IPv4 one reaches that IPv4 address:
+        # check the embedded one. IPv4-mapped (::ffff:0:0/96), 6to4
+        # (2002::/16, RFC 3056) and the NAT64 well-known prefix (64:ff9b::/96,
+        # RFC 6052) are unwrapped; the deprecated IPv4-compatible form
+        # (::/96), local-use NAT64 (64:ff9b:1::/48, RFC 8215: any mapping)
+        # and Teredo are refused outright.
+        value = int(ip)
+        if value >> 32 == 0 or value >> 80 == 0x64FF9B0001 or ip.teredo is not None:
+            return False
+        if value >> 32 == 0x64FF9B << 64:
+            return _is_public_address(str(ipaddress.IPv4Address(value & 0xFFFFFFFF)))
+        embedded = ip.ipv4_mapped or ip.sixtofour
+        if embedded is not None:
+            return _is_public_address(str(embedded))
     return ip.is_global and not ip.is_multicast
 
 

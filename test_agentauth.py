@@ -9625,6 +9625,19 @@ class ClientDocumentTests(AuthorizationServerFixture, unittest.TestCase):
         self.assertTrue(agentauth._is_public_address("93.184.216.34"))
         self.assertTrue(agentauth._is_public_address("2606:4700::1111"))
 
+    def test_the_address_check_unwraps_ipv4_embedded_in_ipv6(self):
+        for address in ("64:ff9b::a9fe:a9fe", "64:ff9b::a00:5", "64:ff9b::7f00:1",  # NAT64 (RFC 6052)
+                        "2002:a00:5::1", "2002:7f00:1::1", "2002:a9fe:a9fe::",  # 6to4 (RFC 3056)
+                        "::ffff:10.0.0.5", "::ffff:169.254.169.254",  # IPv4-mapped
+                        "::7f00:1", "::a00:1", "::5db8:d822",  # IPv4-compatible, deprecated: always refused
+                        "64:ff9b:1::5db8:d822",  # local-use NAT64 (RFC 8215): any mapping, refused
+                        "2001:0:4136:e378:8000:63bf:3fff:fdd2"):  # Teredo
+            with self.subTest(address=address):
+                self.assertFalse(agentauth._is_public_address(address))
+        for address in ("64:ff9b::5db8:d822", "2002:5db8:d822::1", "::ffff:93.184.216.34"):
+            with self.subTest(address=address):
+                self.assertTrue(agentauth._is_public_address(address))
+
 
 class AuthorizationServerAttackTests(AuthorizationServerFixture, unittest.TestCase):
     """The attack list: each test is one attack the server must defeat."""
