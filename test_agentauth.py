@@ -9795,6 +9795,36 @@ class AuthorizationServerSqliteTests(AuthorizationServerFixture, unittest.TestCa
         self.assertEqual(there["refresh_token"], here["refresh_token"])
 
 
+class ExampleLoginTests(unittest.TestCase):
+    """examples/mcp_oauth_server.py's toy login (stdlib and agentauth only at import time)."""
+
+    def login_redirect(self, target):
+        path = os.path.join(HERE, "examples", "mcp_oauth_server.py")
+        spec = importlib.util.spec_from_file_location("example_mcp_oauth_server_login", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        login, sent = module.ToyLogin(b"k" * 32), []
+        messages = [{"type": "http.request", "body": urllib.parse.urlencode({"user": "alice", "next": target}).encode(),
+                     "more_body": False}]
+
+        async def receive():
+            return messages.pop(0)
+
+        async def send(message):
+            sent.append(message)
+
+        asyncio.run(login({"type": "http", "method": "POST", "path": "/login", "query_string": b""}, receive, send))
+        self.assertEqual(sent[0]["status"], 303)
+        return dict(sent[0]["headers"])[b"location"].decode()
+
+    def test_the_toy_login_sends_the_user_back_to_a_path_on_this_site_only(self):
+        self.assertEqual(self.login_redirect("/authorize?client_id=x"), "/authorize?client_id=x")
+        for target in ("/\\evil.example/phish", "//evil.example", "https://evil.example/", "/a\r\nSet-Cookie: x=1",
+                       "/\tevil", "/caf\u00e9", "/a b", "evil.example"):
+            with self.subTest(target=target):
+                self.assertEqual(self.login_redirect(target), "/")
+
+
 class AuthorizationServerAsgiTests(AuthorizationServerFixture, unittest.TestCase):
     def asgi(self, app, method, path, *, query="", body=b"", content_type=None, user=None):
         headers = []

@@ -62,7 +62,10 @@ class ToyLogin:
         if scope["method"] == "POST":
             form = parse_qs(body.decode())
             user, target = form.get("user", [""])[0].strip(), form.get("next", ["/"])[0]
-            if not target.startswith("/") or target.startswith("//"):  # never an open redirect
+            # Never an open redirect: a path on this site only. Browsers read "/\\x" like "//x" (another
+            # host), and a control character would end the Location header.
+            if not target.startswith("/") or target.startswith(("//", "/\\")) or not target.isprintable() \
+                    or not target.isascii() or " " in target:
                 target = "/"
             if user.isidentifier():
                 headers = [(b"location", target.encode()), (b"set-cookie", self.cookie(user).encode())]
