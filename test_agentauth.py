@@ -10537,6 +10537,24 @@ def assert_output_matches(test, output, expected, where):
 class DocBlockTests(unittest.TestCase):
     """Every unmarked ```python block of README.md and docs/*.md runs and prints its ```text block."""
 
+    def test_an_excerpt_of_an_example_is_verbatim(self):
+        # A block whose first line is "# examples/NAME.py (excerpt)" shows lines of that file,
+        # in order; the file itself is what the integration tests run.
+        found = 0
+        for path in doc_files():
+            for block in doc_blocks(path):
+                first, *rest = block.code.strip("\n").split("\n")
+                match = re.fullmatch(r"# (examples/\w+\.py) \(excerpt\)", first)
+                if match is None:
+                    continue
+                found += 1
+                with open(os.path.join(HERE, match.group(1)), encoding="utf-8") as file:
+                    source = iter(line.strip() for line in file.read().split("\n"))
+                for line in filter(None, (line.strip() for line in rest)):
+                    with self.subTest(path=path, line=line):
+                        self.assertIn(line, source, f"{path}:{block.line}: not in {match.group(1)}, in this order")
+        self.assertGreaterEqual(found, 1)
+
     def run_block(self, block):
         out = io.StringIO()
         with tempfile.TemporaryDirectory() as folder:
