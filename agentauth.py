@@ -7235,7 +7235,7 @@ _CLIENT_DOCUMENT_MAX_FAILURES = 10000  # failed URLs remembered at once (the old
 _CONSENT_TTL_SECONDS = 600  # how long a consent page's form works
 _AUTHORIZE_PARAMS = (
     "response_type", "client_id", "redirect_uri", "state", "scope",
-    "code_challenge", "code_challenge_method", "resource", "prompt",
+    "code_challenge", "code_challenge_method", "resource", "prompt", "dpop_jkt",
 )
 _PKCE_VERIFIER = re.compile(r"[A-Za-z0-9._~-]{43,128}")  # RFC 7636 §4.1
 _PKCE_CHALLENGE = re.compile(r"[A-Za-z0-9_-]{43}")  # RFC 7636 §4.2: BASE64URL(SHA256(verifier))
@@ -7309,6 +7309,7 @@ class _AuthorizationRequest(NamedTuple):
     code_challenge: str
     prompt: Optional[str]
     params: Tuple[Tuple[str, str], ...]  # the request's own parameters, for the consent form
+    dpop_jkt: Optional[str] = None  # RFC 9449 §10: the key the code is bound to
 
 
 def _digest(secret: str) -> str:
@@ -7444,6 +7445,14 @@ def _check_resource(params: Mapping[str, str], audience: str) -> str:
     if resource != audience:
         raise _OAuthError("invalid_target", "this server issues tokens for one resource only")
     return resource
+
+
+def _check_dpop_jkt(params: Mapping[str, str]) -> Optional[str]:
+    """RFC 9449 §10: ``dpop_jkt`` binds the code to a key, named by its RFC 7638 SHA-256 thumbprint."""
+    jkt = params.get("dpop_jkt")
+    if jkt is not None and _JKT.fullmatch(jkt) is None:
+        raise _OAuthError("invalid_request", "dpop_jkt must be a JWK SHA-256 thumbprint")
+    return jkt
 
 
 def _check_prompt(params: Mapping[str, str]) -> Optional[str]:
@@ -7810,10 +7819,13 @@ class _AuthorizationServer:
         ):
             raise InvalidConfigError("agents_page_path must be a path of its own, such as /account/agents")
         self.agents_page_path = agents_page_path
+        # The URL DPoP proofs name (htu, RFC 9449 §4.3): the issuer's, as clients discover it in
+        # the metadata; the issuer is the configured public URL, so no request header plays a part.
+        self.token_endpoint = base + "/token"
         self.metadata = {
             "issuer": auth.issuer,
             "authorization_endpoint": base + "/authorize",
-            "token_endpoint": base + "/token",
+            "token_endpoint": self.token_endpoint,
             "registration_endpoint": base + "/register",
             "revocation_endpoint": base + "/revoke",
             "response_types_supported": ["code"],
@@ -7825,6 +7837,7 @@ class _AuthorizationServer:
             "scopes_supported": list(self.scope_descriptions),
             "authorization_response_iss_parameter_supported": True,  # RFC 9207
             "client_id_metadata_document_supported": True,
+            "dpop_signing_alg_values_supported": auth._dpop.algs_param.split(" "),  # RFC 9449 §5.1
         }
 
     def now(self) -> int:
@@ -7897,12 +7910,13 @@ def _check_authorization_request(
         scopes = _check_scope(params, state.scope_descriptions, state.default_scopes)
         resource = _check_resource(params, state.auth.audience)
         prompt = _check_prompt(params)
+        dpop_jkt = _check_dpop_jkt(params)
     except _OAuthError as exc:
         return None, _authorization_error(state, request, subject, redirect_uri, request_state, exc,
                                           "none" in params.get("prompt", "").split(" "))
     return _AuthorizationRequest(
         client, redirect_uri, given is not None, request_state, scopes, resource, challenge, prompt,
-        tuple((name, params[name]) for name in _AUTHORIZE_PARAMS if name in params),
+        tuple((name, params[name]) for name in _AUTHORIZE_PARAMS if name in params), dpop_jkt,
     ), None
 
 
@@ -7970,6 +7984,7 @@ def _issue_code(state: _AuthorizationServer, subject: str, request: _Authorizati
         "code_challenge": request.code_challenge,
         "exp": now + state.code_ttl_seconds,
         "family": secrets.token_urlsafe(16),  # the refresh tokens this code will lead to
+        "dpop_jkt": request.dpop_jkt,
     }
     # Kept past its expiry while the tokens minted from it live, so a replay is still recognised.
     _store_call(state.store().put_record, "code", _digest(code), _JSON_ENCODER.encode(record),
@@ -8108,19 +8123,27 @@ def _token_endpoint(request: _PageRequest, state: _AuthorizationServer) -> _Refu
         if any(len(values) > 1 for values in fields.values()):  # RFC 6749 §3.2: no repeats
             raise _OAuthError("invalid_request", "a parameter is repeated")
         grant_type = fields.get("grant_type", [""])[0]
+        proof = request.headers.get("dpop")  # repeated headers arrive joined by ", ": refused as several
+        proofs = () if proof is None else (proof,)
         if grant_type == GRANT_TYPE_TOKEN_EXCHANGE:
             form = _single_params(fields, _EXCHANGE_PARAMS)
             if "scope" in fields:  # as _exchange_form: an empty scope asks for nothing
                 form["scope"] = fields["scope"][0]
-            return _exchange(state.auth, form)
+            return _exchange(state.auth, form, proofs, state.token_endpoint)
+        if grant_type in (GRANT_TYPE_AUTHORIZATION_CODE, GRANT_TYPE_REFRESH_TOKEN):
+            # RFC 9449 §5: the proof first, so a refused or nonce-less proof spends no code or refresh token.
+            try:
+                jkt = _token_request_proof(state.auth, proofs, state.token_endpoint)
+            except DPoPProofError as exc:
+                return _dpop_refusal(exc).answer()
         if grant_type == GRANT_TYPE_AUTHORIZATION_CODE:
             return _code_grant(_single_params(fields, ("code", "redirect_uri", "client_id", "code_verifier",
-                                                       "resource")), state)
+                                                       "resource")), state, jkt)
         if grant_type == GRANT_TYPE_REFRESH_TOKEN:
             params = _single_params(fields, ("refresh_token", "client_id", "resource"))
             if "scope" in fields:
                 params["scope"] = fields["scope"][0]
-            return _refresh_grant(params, state)
+            return _refresh_grant(params, state, jkt)
         if not grant_type:
             raise _OAuthError("invalid_request", "grant_type is required")
         raise _OAuthError("unsupported_grant_type", "grant_type must be authorization_code, refresh_token or token-exchange")
@@ -8141,7 +8164,8 @@ def _token_client(params: Mapping[str, str], state: _AuthorizationServer) -> _Cl
     return client
 
 
-def _code_grant(params: Mapping[str, str], state: _AuthorizationServer) -> _Refusal:
+def _code_grant(params: Mapping[str, str], state: _AuthorizationServer, jkt: Optional[str] = None) -> _Refusal:
+    """Redeem a code; ``jkt``, the key of the request's DPoP proof, binds the tokens (RFC 9449 §5)."""
     client = _token_client(params, state)
     if "code" not in params:
         raise _OAuthError("invalid_request", "code is required")
@@ -8162,6 +8186,9 @@ def _code_grant(params: Mapping[str, str], state: _AuthorizationServer) -> _Refu
     _check_pkce_verifier(params.get("code_verifier"), record["code_challenge"])
     if params.get("resource", record["resource"]) != record["resource"]:
         raise _OAuthError("invalid_target", "resource does not match the authorization request")
+    code_jkt = record.get("dpop_jkt")
+    if code_jkt is not None and (jkt is None or not hmac.compare_digest(code_jkt, jkt)):  # RFC 9449 §10.1
+        raise _OAuthError("invalid_grant", "the code is bound to another DPoP key")
     used = _store_call(state.store().use_record, "code", key, now=now)
     if used is None:
         raise _OAuthError("invalid_grant", "the code is invalid or expired")
@@ -8173,16 +8200,19 @@ def _code_grant(params: Mapping[str, str], state: _AuthorizationServer) -> _Refu
         raise _OAuthError("invalid_grant", "the code is invalid or expired")
     scopes = tuple(record["scopes"])
     _check_still_granted(state, record["subject"], client.client_id, scopes, None)
+    # RFC 9449 §5.8: every client here is public, so its refresh tokens are bound to the proof's key too.
     family = {"family": record["family"], "client_id": client.client_id, "subject": record["subject"],
-              "scopes": list(scopes), "resource": record["resource"], "created_at": now}
-    return _token_answer(state, client, family, scopes)
+              "scopes": list(scopes), "resource": record["resource"], "created_at": now, "jkt": jkt}
+    return _token_answer(state, client, family, scopes, jkt=jkt)
 
 
-def _refresh_grant(params: Mapping[str, str], state: _AuthorizationServer) -> _Refusal:
+def _refresh_grant(params: Mapping[str, str], state: _AuthorizationServer, jkt: Optional[str] = None) -> _Refusal:
+    """Rotate a refresh token; ``jkt``, the key of the request's DPoP proof, binds the new access token."""
     client = _token_client(params, state)
     if "refresh_token" not in params:
         raise _OAuthError("invalid_request", "refresh_token is required")
     now = state.now()
+    _check_refresh_binding(state, params["refresh_token"], jkt, now)
     used = _store_call(state.store().use_record, "refresh", _digest(params["refresh_token"]), now=now)
     if used is None:
         raise _OAuthError("invalid_grant", "the refresh token is invalid or expired")
@@ -8210,7 +8240,21 @@ def _refresh_grant(params: Mapping[str, str], state: _AuthorizationServer) -> _R
     # A reuse inside the grace gets the successor the first use got, never a new
     # one: the grant keeps one chain, so the thief's and the client's next
     # refreshes collide and reuse detection fires (RFC 9700 §4.14.2).
-    return _token_answer(state, client, family, scopes, successor, first_use is None)
+    return _token_answer(state, client, family, scopes, successor, first_use is None, jkt)
+
+
+def _check_refresh_binding(state: _AuthorizationServer, refresh_token: str, jkt: Optional[str], now: int) -> None:
+    """RFC 9449 §5.8: a DPoP-bound refresh token is redeemed only with a proof of its key.
+
+    Checked before the token is used: a thief who has the token but not the
+    key neither spends it (the client's next refresh would look like a
+    reuse and revoke the grant) nor sets off reuse detection. The binding of
+    a stored refresh token never changes, so reading it first races nothing.
+    """
+    value = _store_call(state.store().get_record, "refresh", _digest(refresh_token), now=now)
+    bound = None if value is None else _JSON_DECODER.decode(value).get("jkt")
+    if bound is not None and (jkt is None or not hmac.compare_digest(bound, jkt)):
+        raise _OAuthError("invalid_grant", "the refresh token is bound to another DPoP key")
 
 
 def _check_still_granted(state: _AuthorizationServer, subject: str, agent: str, scopes: Tuple[str, ...],
@@ -8247,22 +8291,23 @@ def _revoke_tokens_of(state: _AuthorizationServer, agent: str, subject: str, fam
 
 
 def _token_answer(state: _AuthorizationServer, client: _Client, family: Mapping[str, Any],
-                  scopes: Tuple[str, ...], refresh_token: Optional[str] = None, file_refresh_token: bool = True
-                  ) -> _Refusal:
+                  scopes: Tuple[str, ...], refresh_token: Optional[str] = None, file_refresh_token: bool = True,
+                  jkt: Optional[str] = None) -> _Refusal:
     """Mint the access token (and a refresh token of the family: ``refresh_token``, or a new one); RFC 6749 §5.1.
 
     ``file_refresh_token`` False answers a refresh token already filed (a
-    reuse inside the grace): filing it again would forget its use.
+    reuse inside the grace): filing it again would forget its use. ``jkt``
+    binds the access token to a DPoP key (``cnf.jkt``, ``token_type: DPoP``).
     """
     auth = state.auth
     try:
-        issued = auth.issue(subject=family["subject"], agent=client.client_id, scopes=scopes)
+        issued = auth.issue(subject=family["subject"], agent=client.client_id, scopes=scopes, dpop_jkt=jkt)
     except InvalidGrantError as exc:
         raise _OAuthError(exc.oauth_error, str(exc)) from exc
     now = state.now()
     document: Dict[str, Any] = {
         "access_token": issued.token,
-        "token_type": "Bearer",
+        "token_type": "Bearer" if jkt is None else "DPoP",  # RFC 9449 §5
         "expires_in": max(0, issued.expires_at - now),
         "scope": " ".join(scopes),
     }
@@ -8465,26 +8510,36 @@ def _exchange_form(method: str, content_type: str, body: bytes) -> Dict[str, str
     return form
 
 
-def _exchange_proof(auth: "AgentAuth", proofs: Tuple[str, ...], url: str, subject_token: str) -> Optional[str]:
-    """Check the request's DPoP proof at the token endpoint (RFC 9449 §5); return the key to bind to.
+def _token_request_proof(auth: "AgentAuth", proofs: Tuple[str, ...], url: str, bound_jkt: Optional[str] = None
+                         ) -> Optional[str]:
+    """Check a token request's DPoP proof (RFC 9449 §5); return the key to bind to, or None.
 
-    No proof: None, unless the subject token is bound (a bound token is
-    never exchanged without its key). A proof: checked (no ``ath`` at a
-    token endpoint), recorded against replay, and, for a bound subject
-    token, signed by the key it is bound to.
+    Every token endpoint of this module (token exchange, the authorization
+    server's grants) calls this one function. ``proofs`` are the request's
+    ``DPoP`` headers, ``url`` the endpoint's URL as clients reach it. No
+    proof: None, unless ``bound_jkt`` (what the request presents is bound
+    to that key and never redeemed without it). A proof: exactly one header,
+    checked (``htm`` POST, ``htu`` the endpoint, no ``ath`` at a token
+    endpoint, §4.3), signed by ``bound_jkt``'s key when given, and recorded
+    against replay for its window plus the clock tolerance, as verify() does.
 
     Raises:
-        DPoPProofError, DPoPNonceError, TokenInvalidError, StoreUnavailableError.
+        DPoPProofError, DPoPNonceError, StoreUnavailableError.
     """
-    now = auth._clock()
-    parent_jkt = _token_jkt(auth._check(subject_token, now))
     if not proofs:
-        if parent_jkt is not None:
-            raise DPoPProofError("a DPoP-bound subject token is exchanged only with a proof of its key")
+        if bound_jkt is not None:
+            raise DPoPProofError("a DPoP-bound token is redeemed only with a proof of its key")
         return None
-    jkt, replay_key, expires_at = auth._dpop.check(_dpop_header(list(proofs)), "POST", url, None, now, parent_jkt)
-    auth._record_proof(replay_key, expires_at, now)
+    now = auth._clock()
+    jkt, replay_key, expires_at = auth._dpop.check(_dpop_header(list(proofs)), "POST", url, None, now, bound_jkt)
+    auth._record_proof(replay_key, expires_at + auth.clock_tolerance_seconds, now)
     return jkt
+
+
+def _dpop_refusal(exc: DPoPProofError) -> _ExchangeRefusal:
+    """RFC 9449 §5 and §8: a token endpoint refuses a proof with 400, the DPoP error code, and a fresh nonce if asked."""
+    nonce = (("DPoP-Nonce", exc.nonce),) if isinstance(exc, DPoPNonceError) else ()
+    return _ExchangeRefusal(400, exc.code, _GENERIC_DESCRIPTIONS[exc.code], nonce)
 
 
 def _exchange(auth: "AgentAuth", form: Mapping[str, str], proofs: Tuple[str, ...] = (), url: str = "") -> _Refusal:
@@ -8510,12 +8565,12 @@ def _exchange(auth: "AgentAuth", form: Mapping[str, str], proofs: Tuple[str, ...
                 scopes: Iterable[str] = form["scope"].split(" ")
             else:  # RFC 8693 §2.1: no scope asks for what the subject token holds
                 scopes = auth._check(form["subject_token"], auth._clock()).scopes
-            jkt = _exchange_proof(auth, proofs, url, form["subject_token"])
+            # A bound subject token is never exchanged without a proof of its key.
+            parent_jkt = _token_jkt(auth._check(form["subject_token"], auth._clock()))
+            jkt = _token_request_proof(auth, proofs, url, parent_jkt)
             issued = auth.delegate(form["subject_token"], agent=form["actor"], scopes=scopes, dpop_jkt=jkt)
         except DPoPProofError as exc:
-            # RFC 9449 §5: a token endpoint answers 400 with the DPoP error codes.
-            nonce = (("DPoP-Nonce", exc.nonce),) if isinstance(exc, DPoPNonceError) else ()
-            raise _ExchangeRefusal(400, exc.code, _GENERIC_DESCRIPTIONS[exc.code], nonce) from exc
+            raise _dpop_refusal(exc) from exc
         except StoreUnavailableError as exc:
             raise _ExchangeRefusal(503, "temporarily_unavailable", "authorization is temporarily unavailable") from exc
         except TokenInvalidError as exc:

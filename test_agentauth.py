@@ -8782,6 +8782,7 @@ class AuthorizationServerMetadataTests(AuthorizationServerFixture, unittest.Test
             "scopes_supported": ["email:read", "email:send", "calendar:read"],
             "authorization_response_iss_parameter_supported": True,
             "client_id_metadata_document_supported": True,
+            "dpop_signing_alg_values_supported": ["ES256", "EdDSA", "Ed25519"],
         })
         self.assertIn(b'"issuer":"https://auth.example"', body)
         self.assertEqual(headers["Content-Type"], "application/json")
@@ -9757,6 +9758,229 @@ class AuthorizationServerAttackTests(AuthorizationServerFixture, unittest.TestCa
         other_resource = make_auth(issuer=AS_ISSUER, audience="https://other.example/mcp", clock=self.clock)
         with raises_exactly(self, TokenInvalidError):
             other_resource.verify(answer["access_token"])
+
+
+AS_TOKEN_URL = AS_ISSUER + "/token"
+
+
+class AuthorizationServerDPoPTests(AuthorizationServerFixture, unittest.TestCase):
+    """RFC 9449 §5 and §10 at the token endpoint: DPoP-bound access and refresh tokens."""
+
+    def setUp(self):
+        super().setUp()
+        self.client_id = self.register()
+        self.key = P256Key.from_private_value(P256_D)
+
+    def proof(self, key=None, *, method="POST", url=AS_TOKEN_URL, **kwargs):
+        return agentauth.dpop_proof(key or self.key, method, url, clock=self.clock, **kwargs)
+
+    def dpop_token(self, fields, *proofs, app=None):
+        """POST to /token with ``proofs`` as DPoP headers (several: joined, as a WSGI server joins them)."""
+        body = urllib.parse.urlencode({k: v for k, v in fields.items() if v is not None}).encode()
+        environ = {}
+        wsgiref.util.setup_testing_defaults(environ)  # Host 127.0.0.1: not the issuer's
+        environ.update({"PATH_INFO": "/token", "REQUEST_METHOD": "POST", "wsgi.input": io.BytesIO(body),
+                        "CONTENT_LENGTH": str(len(body)), "CONTENT_TYPE": "application/x-www-form-urlencoded"})
+        if proofs:
+            environ["HTTP_DPOP"] = ", ".join(proofs)
+        seen = {}
+
+        def start_response(status, headers, exc_info=None):
+            seen["status"], seen["headers"] = int(status.split()[0]), dict(headers)
+
+        result = wsgiref.validate.validator(app or self.app)(environ, start_response)
+        try:
+            answer = b"".join(result)
+        finally:
+            result.close()
+        return seen["status"], seen["headers"], json.loads(answer)
+
+    def code_fields(self, code, **overrides):
+        fields = {"grant_type": "authorization_code", "code": code, "client_id": self.client_id,
+                  "redirect_uri": REDIRECT, "code_verifier": VERIFIER, "resource": AS_AUDIENCE}
+        fields.update(overrides)
+        return fields
+
+    def refresh_fields(self, refresh_token):
+        return {"grant_type": "refresh_token", "refresh_token": refresh_token, "client_id": self.client_id}
+
+    def bound_tokens(self, key=None, **overrides):
+        status, _, answer = self.dpop_token(self.code_fields(self.code_for(self.client_id, **overrides)),
+                                            self.proof(key))
+        self.assertEqual((status, answer["token_type"]), (200, "DPoP"), answer)
+        return answer
+
+    def assertBoundTo(self, token, key):
+        self.assertEqual(json_segment(token.split(".")[1])["cnf"], {"jkt": key.thumbprint()})
+
+    def test_a_code_redeemed_with_a_proof_gives_a_token_that_works_only_with_proofs_of_its_key(self):
+        answer = self.bound_tokens()
+        token = answer["access_token"]
+        self.assertBoundTo(token, self.key)
+        url = "https://mcp.example/mcp"
+        proof = agentauth.dpop_proof(self.key, "POST", url, access_token=token, clock=self.clock)
+        claims = self.auth.verify(token, dpop_proof=proof, method="POST", url=url)
+        self.assertEqual((claims.sub, claims.agent), ("user_123", self.client_id))
+        thief = agentauth.dpop_proof(P256Key.generate(), "POST", url, access_token=token, clock=self.clock)
+        for name, kwargs in (("as a bearer token", {}),
+                             ("with a proof of another key", {"dpop_proof": thief, "method": "POST", "url": url}),
+                             ("with the proof replayed", {"dpop_proof": proof, "method": "POST", "url": url})):
+            with self.subTest(name):
+                with raises_exactly(self, agentauth.DPoPProofError):
+                    self.auth.verify(token, **kwargs)
+
+    def test_clients_without_a_proof_get_bearer_tokens_as_before(self):
+        status, _, answer = self.dpop_token(self.code_fields(self.code_for(self.client_id)))
+        self.assertEqual((status, answer["token_type"]), (200, "Bearer"))
+        self.assertNotIn("cnf", json_segment(answer["access_token"].split(".")[1]))
+        self.assertEqual(self.auth.verify(answer["access_token"]).agent, self.client_id)
+        status, _, answer = self.dpop_token(self.refresh_fields(answer["refresh_token"]))
+        self.assertEqual((status, answer["token_type"]), (200, "Bearer"))
+        self.assertEqual(self.auth.verify(answer["access_token"]).agent, self.client_id)
+
+    def test_a_bound_refresh_token_is_refused_without_a_proof_of_its_key_and_is_not_spent(self):
+        answer = self.bound_tokens()
+        stolen = self.refresh_fields(answer["refresh_token"])
+        for name, proofs in (("no proof", ()), ("a proof of the thief's key", (self.proof(P256Key.generate()),)),
+                             ("a proof of an Ed25519 key", (self.proof(Ed25519Key.generate()),))):
+            with self.subTest(name):
+                status, headers, refused = self.dpop_token(stolen, *proofs)
+                self.assertEqual((status, refused["error"]), (400, "invalid_grant"))
+                self.assertEqual(headers["Cache-Control"], "no-store")
+        self.clock.advance(120)  # past the reuse grace: had a refusal spent the token, this would be a reuse
+        status, _, renewed = self.dpop_token(stolen, self.proof())
+        self.assertEqual((status, renewed["token_type"]), (200, "DPoP"), renewed)
+        self.assertBoundTo(renewed["access_token"], self.key)  # a refresh keeps binding the new access token
+        self.assertNotEqual(renewed["refresh_token"], answer["refresh_token"])
+        # The rotated refresh token is bound too: the chain stays bound.
+        self.assertEqual(self.dpop_token(self.refresh_fields(renewed["refresh_token"]))[2]["error"], "invalid_grant")
+        status, _, again = self.dpop_token(self.refresh_fields(renewed["refresh_token"]), self.proof())
+        self.assertEqual((status, again["token_type"]), (200, "DPoP"))
+        self.assertBoundTo(again["access_token"], self.key)
+
+    def test_an_ed25519_key_binds_too(self):
+        key = Ed25519Key.generate()
+        answer = self.bound_tokens(key)
+        self.assertBoundTo(answer["access_token"], key)
+        status, _, renewed = self.dpop_token(self.refresh_fields(answer["refresh_token"]), self.proof(key))
+        self.assertEqual((status, renewed["token_type"]), (200, "DPoP"))
+
+    def test_invalid_proofs_are_refused_with_invalid_dpop_proof_and_spend_no_code(self):
+        code = self.code_for(self.client_id)
+        used = self.proof()
+        self.assertEqual(self.dpop_token(self.refresh_fields("unknown-refresh-token"), used)[2]["error"],
+                         "invalid_grant")  # the proof was good: it is spent now
+        cases = {
+            "a proof for another URL": self.proof(url=AS_ISSUER + "/authorize"),
+            "a proof for the URL the request reached (Host header)": self.proof(url="http://127.0.0.1/token"),
+            "a proof for another method": self.proof(method="GET"),
+            "a replayed proof": used,
+            "a proof from too long ago": agentauth.dpop_proof(self.key, "POST", AS_TOKEN_URL,
+                                                              clock=lambda: self.clock() - 301),
+            "a proof signed by another key than its jwk": sign_proof(*proof_parts(self.key, "t", method="POST",
+                                                                                  url=AS_TOKEN_URL, ath=DROP),
+                                                                     P256Key.generate()),
+            "not a JWT": "not-a-proof",
+            "an empty header": "",
+        }
+        for name, proof in cases.items():
+            with self.subTest(name):
+                status, headers, answer = self.dpop_token(self.code_fields(code), proof)
+                self.assertEqual((status, answer["error"]), (400, "invalid_dpop_proof"))
+                self.assertEqual(answer["error_description"], "the DPoP proof is missing or invalid")
+                self.assertEqual(headers["Cache-Control"], "no-store")
+        with self.subTest("two DPoP headers"):
+            status, _, answer = self.dpop_token(self.code_fields(code), self.proof(), self.proof())
+            self.assertEqual((status, answer["error"]), (400, "invalid_dpop_proof"))
+        status, _, answer = self.dpop_token(self.code_fields(code), self.proof())  # the code still works
+        self.assertEqual((status, answer["token_type"]), (200, "DPoP"))
+
+    def test_a_proof_used_at_the_token_endpoint_is_not_accepted_again(self):
+        proof = self.proof()
+        answer = self.dpop_token(self.code_fields(self.code_for(self.client_id)), proof)[2]
+        self.assertEqual(answer["token_type"], "DPoP")
+        status, _, refused = self.dpop_token(self.refresh_fields(answer["refresh_token"]), proof)
+        self.assertEqual((status, refused["error"]), (400, "invalid_dpop_proof"))
+        self.assertEqual(self.dpop_token(self.refresh_fields(answer["refresh_token"]), self.proof())[0], 200)
+
+    def test_a_server_nonce_is_asked_for_before_the_code_is_spent(self):
+        self.auth = make_auth(issuer=AS_ISSUER, audience=AS_AUDIENCE, clock=self.clock, store=self.store,
+                              dpop_nonce=True)
+        self.app = self.make_app()
+        code = self.code_for(self.client_id)
+        status, headers, answer = self.dpop_token(self.code_fields(code), self.proof())
+        self.assertEqual((status, answer["error"]), (400, "use_dpop_nonce"))
+        status, _, answer = self.dpop_token(self.code_fields(code), self.proof(nonce=headers["DPoP-Nonce"]))
+        self.assertEqual((status, answer["token_type"]), (200, "DPoP"))
+
+    def test_a_proof_on_an_unbound_refresh_token_binds_the_access_token_only(self):
+        answer = self.dpop_token(self.code_fields(self.code_for(self.client_id)))[2]
+        status, _, renewed = self.dpop_token(self.refresh_fields(answer["refresh_token"]), self.proof())
+        self.assertEqual((status, renewed["token_type"]), (200, "DPoP"))
+        self.assertBoundTo(renewed["access_token"], self.key)
+        status, _, bearer = self.dpop_token(self.refresh_fields(renewed["refresh_token"]))
+        self.assertEqual((status, bearer["token_type"]), (200, "Bearer"))  # the refresh token keeps its binding: none
+
+    def test_dpop_jkt_binds_the_code_to_a_key(self):
+        code = self.code_for(self.client_id, dpop_jkt=self.key.thumbprint())
+        for name, proofs in (("no proof", ()), ("another key", (self.proof(P256Key.generate()),))):
+            with self.subTest(name):
+                status, _, answer = self.dpop_token(self.code_fields(code), *proofs)
+                self.assertEqual((status, answer["error"]), (400, "invalid_grant"))
+        status, _, answer = self.dpop_token(self.code_fields(code), self.proof())  # not spent by a refusal
+        self.assertEqual((status, answer["token_type"]), (200, "DPoP"))
+        self.assertBoundTo(answer["access_token"], self.key)
+
+    def test_a_malformed_dpop_jkt_is_an_invalid_request(self):
+        for bad in ("short", "A" * 42 + "=", "A" * 44):
+            with self.subTest(dpop_jkt=bad):
+                _, headers, _ = self.authorize(self.authorize_params(self.client_id, dpop_jkt=bad))
+                self.assertEqual(redirect_params(headers)[1]["error"], "invalid_request")
+
+    def test_token_exchange_at_the_token_endpoint_binds_with_a_proof(self):
+        bound = self.bound_tokens()["access_token"]
+        fields = {"grant_type": agentauth.GRANT_TYPE_TOKEN_EXCHANGE, "subject_token": bound,
+                  "subject_token_type": agentauth.TOKEN_TYPE_ACCESS_TOKEN, "actor": "helper"}
+        status, _, answer = self.dpop_token(fields)
+        self.assertEqual((status, answer["error"]), (400, "invalid_dpop_proof"))  # a bound token needs its key
+        status, _, answer = self.dpop_token(fields, self.proof())
+        self.assertEqual((status, answer["token_type"]), (200, "DPoP"))
+        self.assertBoundTo(answer["access_token"], self.key)
+
+    def test_metadata_lists_the_instances_dpop_algorithms(self):
+        self.auth = make_auth(issuer=AS_ISSUER, audience=AS_AUDIENCE, clock=self.clock, store=self.store,
+                              dpop_algorithms=["EdDSA"])
+        _, _, body = as_call(self.make_app(), "GET", "/.well-known/oauth-authorization-server")
+        self.assertEqual(json.loads(body)["dpop_signing_alg_values_supported"], ["EdDSA"])
+        self.app = self.make_app()
+        status, _, answer = self.dpop_token(self.code_fields(self.code_for(self.client_id)), self.proof())
+        self.assertEqual((status, answer["error"]), (400, "invalid_dpop_proof"))  # ES256 is not allowed here
+
+    def test_under_asgi_one_dpop_header_binds_and_two_are_refused(self):
+        app = self.auth.authorization_server_asgi(authenticate=cookie_login, scope_descriptions=AS_SCOPES)
+
+        def post(code, *proofs):
+            body = urllib.parse.urlencode(self.code_fields(code)).encode()
+            headers = [(b"content-type", b"application/x-www-form-urlencoded"), (b"host", b"internal:8000")]
+            headers += [(b"dpop", proof.encode()) for proof in proofs]
+            scope = {"type": "http", "path": "/token", "method": "POST", "headers": headers, "query_string": b"",
+                     "root_path": "", "scheme": "http"}
+            sent = []
+
+            async def receive():
+                return {"type": "http.request", "body": body, "more_body": False}
+
+            async def send(message):
+                sent.append(message)
+
+            asyncio.run(app(scope, receive, send))
+            return sent[0]["status"], json.loads(sent[1]["body"])
+
+        status, answer = post(self.code_for(self.client_id), self.proof(), self.proof())
+        self.assertEqual((status, answer["error"]), (400, "invalid_dpop_proof"))
+        status, answer = post(self.code_for(self.client_id), self.proof())
+        self.assertEqual((status, answer["token_type"]), (200, "DPoP"))
+        self.assertBoundTo(answer["access_token"], self.key)
 
 
 class AuthorizationServerSqliteTests(AuthorizationServerFixture, unittest.TestCase):
