@@ -7771,7 +7771,7 @@ class _AuthorizationServer:
             raise InvalidConfigError("default_scopes must be keys of scope_descriptions")
         self.default_scopes = defaults
         if login_url is not None:
-            _header_safe(login_url, "login_url")
+            _login_url(login_url)  # as the agents page: a path on this site (never "//" or "/\\") or an http(s) URL
         for value, name in (
             (code_ttl_seconds, "code_ttl_seconds"),
             (refresh_token_ttl_seconds, "refresh_token_ttl_seconds"),

@@ -8738,7 +8738,9 @@ class AuthorizationServerConfigTests(unittest.TestCase):
                         {"scope_descriptions": {"a b": "two"}}, {"scope_descriptions": {"email:read": ""}},
                         {"authenticate": None}, {"default_scopes": ["calendar:write"]}, {"code_ttl_seconds": 0},
                         {"refresh_reuse_grace_seconds": -1}, {"allow_private_client_documents": "yes"},
-                        {"login_url": "/login\n"}, {"max_registrations": 0}, {"max_registrations": "10"}):
+                        {"login_url": "/login\n"}, {"max_registrations": 0}, {"max_registrations": "10"},
+                        {"login_url": "//evil.example/login"}, {"login_url": "/\\evil.example/login"},
+                        {"login_url": "javascript:alert(1)"}, {"login_url": "/login#f"}, {"login_url": "login"}):
             with self.subTest(options=options), raises_exactly(self, InvalidConfigError):
                 self.make(**options)
         with self.assertRaises(TypeError):
