@@ -9437,6 +9437,13 @@ class RevocationEndpointTests(AuthorizationServerFixture, unittest.TestCase):
     def test_request_errors(self):
         status, _, body = self.post_form("/revoke", {"client_id": self.client_id})
         self.assertEqual((status, json.loads(body)["error"]), (400, "invalid_request"))
+        for repeated in ({"token": [self.answer["refresh_token"], "other"]},
+                         {"token": self.answer["refresh_token"], "client_id": [self.client_id, "other"]},
+                         {"token": self.answer["refresh_token"], "token_type_hint": ["refresh_token", "access_token"]}):
+            with self.subTest(repeated=repeated):  # RFC 6749 §3.2: a repeated parameter is refused, nothing revoked
+                status, _, body = self.post_form("/revoke", repeated)
+                self.assertEqual((status, json.loads(body)["error"]), (400, "invalid_request"))
+        self.assertEqual(self.refresh(self.client_id, self.answer["refresh_token"])[0], 200)
         self.assertEqual(as_call(self.app, "GET", "/revoke")[0], 405)
 
 
@@ -9716,6 +9723,33 @@ class AuthorizationServerAttackTests(AuthorizationServerFixture, unittest.TestCa
         _, headers, _ = self.authorize(self.authorize_params(self.client_id))
         self.assertIn("frame-ancestors 'none'", headers["Content-Security-Policy"])
         self.assertEqual(headers["X-Frame-Options"], "DENY")
+
+    def test_the_consent_page_leaks_no_referrer_and_is_never_sniffed(self):
+        # The page's URL holds the request (state, code_challenge): no Referer carries it elsewhere.
+        for answer in (self.authorize(self.authorize_params(self.client_id)),  # the consent page
+                       self.authorize(self.authorize_params(self.client_id, scope="nope"))):  # a redirect
+            with self.subTest(status=answer[0]):
+                self.assertEqual(answer[1]["Referrer-Policy"], "no-referrer")
+                self.assertEqual(answer[1]["X-Content-Type-Options"], "nosniff")
+                self.assertEqual(answer[1]["Cache-Control"], "no-store")
+
+    def test_two_instances_with_their_own_stores_never_see_each_others_clients_codes_or_tokens(self):
+        other_auth = make_auth(issuer=AS_ISSUER, audience=AS_AUDIENCE, clock=self.clock, store=MemoryStore())
+        other = other_auth.authorization_server_wsgi(authenticate=cookie_login, scope_descriptions=AS_SCOPES)
+        status, headers, _ = self.authorize(self.authorize_params(self.client_id), app=other)
+        self.assertEqual(status, 400)  # the client is unknown there: shown, never redirected
+        self.assertNotIn("Location", headers)
+        code = self.code_for(self.client_id)
+        first = self.tokens(self.client_id)
+        fields = {"grant_type": "authorization_code", "code": code, "client_id": self.client_id,
+                  "redirect_uri": REDIRECT, "code_verifier": VERIFIER}
+        status, _, body = self.post_form("/token", fields, app=other)
+        self.assertEqual((status, json.loads(body)["error"]), (401, "invalid_client"))
+        fields = {"grant_type": "refresh_token", "refresh_token": first["refresh_token"], "client_id": self.client_id}
+        self.assertEqual(json.loads(self.post_form("/token", fields, app=other)[2])["error"], "invalid_client")
+        self.assertEqual(self.post_form("/revoke", {"token": first["refresh_token"]}, app=other)[0], 200)
+        self.assertEqual(self.refresh(self.client_id, first["refresh_token"])[0], 200)  # nothing happened here
+        self.assertEqual(self.exchange_code(self.client_id, code)[0], 200)
 
     def test_refresh_token_reuse_after_the_grace_period_revokes_the_grants_refresh_tokens(self):
         first = self.tokens(self.client_id)
