@@ -5793,7 +5793,9 @@ class AgentAuth:
         ``expires_in``, ``scope``), or an RFC 6749 §5.2 error: 400
         ``invalid_request`` (also for a refused subject token, RFC 8693
         §2.2.2), ``invalid_scope``, ``unsupported_grant_type``; 503 when the
-        store is down.
+        store is down. With a ``DPoP`` proof (RFC 9449 §5) the new token is
+        bound to its key and ``token_type`` is "DPoP"; a refused proof is
+        400 ``invalid_dpop_proof`` (or ``use_dpop_nonce``).
 
         Security: whoever holds a token can delegate from it; mount this
         behind TLS like any token endpoint.
@@ -5897,7 +5899,11 @@ class AgentAuth:
         registration (``/register``) and RFC 7009 revocation (``/revoke``);
         clients may also name themselves by a client ID metadata document
         (an https URL). The tokens it mints are this instance's tokens, with
-        ``client_id`` = the agent; consent is recorded with ``grant()``.
+        ``client_id`` = the agent; consent is recorded with ``grant()``. A
+        token request with a DPoP proof (RFC 9449 §5, ``htu`` the metadata's
+        ``token_endpoint``) gets an access token and a refresh token bound
+        to the proof's key (``token_type: "DPoP"``); a bound refresh token is
+        redeemed only with a proof of that key.
 
         Arguments: ``authenticate(request)`` returns the
         signed-in subject or None (your login, as for the agents page);

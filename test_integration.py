@@ -379,6 +379,90 @@ class DPoPInteropTests(unittest.TestCase):
         self.assertIs(ours.is_private, True)
         self.assertEqual(ours.thumbprint(), theirs.thumbprint())
 
+    def test_joserfc_and_cryptography_proofs_bind_at_the_authorization_servers_token_endpoint(self):
+        import hashlib
+        import wsgiref.util
+
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.asymmetric import ec, utils
+        from joserfc import jwk, jwt
+
+        auth = agentauth.AgentAuth(secret=SECRET, issuer="https://auth.example", audience="https://mcp.example/mcp",
+                                   clock=self.clock, store=agentauth.MemoryStore())
+        oauth = auth.authorization_server_wsgi(authenticate=lambda request: request.cookies.get("user"),
+                                               scope_descriptions={"email:read": "Read your email"})
+        token_url = "https://auth.example/token"  # the metadata's token_endpoint: what a client's proof names
+
+        def call(method, path, body=b"", content_type="application/x-www-form-urlencoded", query="", **headers):
+            environ = {}
+            wsgiref.util.setup_testing_defaults(environ)
+            environ.update({"REQUEST_METHOD": method, "PATH_INFO": path, "QUERY_STRING": query,
+                            "CONTENT_TYPE": content_type, "CONTENT_LENGTH": str(len(body)),
+                            "wsgi.input": io.BytesIO(body), **headers})
+            seen = {}
+            data = b"".join(oauth(environ, lambda status, headers: seen.update(status=status, headers=dict(headers))))
+            return int(seen["status"][:3]), seen["headers"], data
+
+        self.assertEqual(json.loads(call("GET", "/.well-known/oauth-authorization-server")[2])
+                         ["dpop_signing_alg_values_supported"], ["ES256", "EdDSA", "Ed25519"])
+        registration = {"redirect_uris": ["https://agent.example/cb"], "grant_types": ["authorization_code", "refresh_token"]}
+        client_id = json.loads(call("POST", "/register", json.dumps(registration).encode(), "application/json")[2])["client_id"]
+        auth.grant(subject="user_123", agent=client_id, scopes=["email:read"])  # consented before: no page
+        verifier = secrets.token_urlsafe(48)
+        challenge = agentauth._b64encode(hashlib.sha256(verifier.encode()).digest())
+
+        def token_request(fields, proof):
+            status, _, data = call("POST", "/token", urllib.parse.urlencode(fields).encode(), HTTP_DPOP=proof)
+            return status, json.loads(data)
+
+        def code():
+            query = urllib.parse.urlencode({"response_type": "code", "client_id": client_id, "scope": "email:read",
+                                            "code_challenge": challenge, "code_challenge_method": "S256"})
+            _, headers, _ = call("GET", "/authorize", query=query, HTTP_COOKIE="user=user_123")
+            return urllib.parse.parse_qs(urllib.parse.urlsplit(headers["Location"]).query)["code"][0]
+
+        def claims():
+            return {"jti": secrets.token_urlsafe(16), "htm": "POST", "htu": token_url, "iat": int(self.clock.now)}
+
+        theirs = jwk.ECKey.generate_key("P-256")
+        public = theirs.as_dict(private=False)
+        public.pop("kid", None)
+
+        def joserfc_proof():
+            return jwt.encode({"typ": "dpop+jwt", "alg": "ES256", "jwk": public}, claims(), theirs, algorithms=["ES256"])
+
+        private = ec.generate_private_key(ec.SECP256R1())
+        numbers = private.public_key().public_numbers()
+        crypto_jwk = {"kty": "EC", "crv": "P-256", "x": agentauth._b64encode(numbers.x.to_bytes(32, "big")),
+                      "y": agentauth._b64encode(numbers.y.to_bytes(32, "big"))}
+
+        def cryptography_proof():
+            segments = ".".join(agentauth._b64encode(json.dumps(part).encode()) for part in
+                                ({"typ": "dpop+jwt", "alg": "ES256", "jwk": crypto_jwk}, claims()))
+            r, s = utils.decode_dss_signature(private.sign(segments.encode("ascii"), ec.ECDSA(hashes.SHA256())))
+            return f"{segments}.{agentauth._b64encode(r.to_bytes(32, 'big') + s.to_bytes(32, 'big'))}"
+
+        for name, make_proof, thumbprint in (("joserfc", joserfc_proof, theirs.thumbprint()),
+                                             ("cryptography", cryptography_proof, jwk.import_key(crypto_jwk).thumbprint())):
+            with self.subTest(proofs_by=name):
+                status, answer = token_request({"grant_type": "authorization_code", "code": code(), "client_id": client_id,
+                                                "code_verifier": verifier}, make_proof())
+                self.assertEqual((status, answer["token_type"]), (200, "DPoP"), answer)
+                token = answer["access_token"]
+                self.assertEqual(json.loads(agentauth._b64decode(token.split(".")[1]))["cnf"], {"jkt": thumbprint})
+                with self.assertRaises(agentauth.DPoPProofError):  # bound: never a bearer token
+                    auth.verify(token)
+                refresh = {"grant_type": "refresh_token", "refresh_token": answer["refresh_token"], "client_id": client_id}
+                stolen = agentauth.dpop_proof(agentauth.P256Key.generate(), "POST", token_url, clock=self.clock)
+                status, refused = token_request(refresh, stolen)  # another key than the refresh token's
+                self.assertEqual((status, refused["error"]), (400, "invalid_grant"))
+                status, refused = token_request(refresh, stolen)  # the same proof again: a replay
+                self.assertEqual((status, refused["error"]), (400, "invalid_dpop_proof"))
+                status, renewed = token_request(refresh, make_proof())
+                self.assertEqual((status, renewed["token_type"]), (200, "DPoP"), renewed)
+                self.assertEqual(json.loads(agentauth._b64decode(renewed["access_token"].split(".")[1]))["cnf"],
+                                 {"jkt": thumbprint})
+
     def test_es256_signatures_interoperate_with_cryptography(self):
         from cryptography.hazmat.primitives import hashes
         from cryptography.hazmat.primitives.asymmetric import ec, utils
