@@ -7301,6 +7301,7 @@ class _Client(NamedTuple):
     client_name: Optional[str]
     redirect_uris: Tuple[str, ...]
     grant_types: Tuple[str, ...]
+    dpop_bound: bool = False  # RFC 9449 §5.2 dpop_bound_access_tokens: never a token request without a proof
 
 
 class _AuthorizationRequest(NamedTuple):
@@ -7584,6 +7585,8 @@ class _Clients:
         }
         if client.client_name is not None:
             response["client_name"] = client.client_name
+        if client.dpop_bound:
+            response["dpop_bound_access_tokens"] = True
         return response
 
     @staticmethod
@@ -7610,11 +7613,14 @@ class _Clients:
             name = _agent_name(metadata.get("client_name"))
         except InvalidGrantError as exc:
             raise _OAuthError("invalid_client_metadata", "client_name must be 1 to 100 characters of text") from exc
-        return _Client(client_id, name, redirect_uris, tuple(dict.fromkeys(grant_types)))
+        dpop_bound = metadata.get("dpop_bound_access_tokens", False)
+        if type(dpop_bound) is not bool:
+            raise _OAuthError("invalid_client_metadata", "dpop_bound_access_tokens must be true or false")
+        return _Client(client_id, name, redirect_uris, tuple(dict.fromkeys(grant_types)), dpop_bound)
 
     def save(self, client: _Client, *, expires_at: int) -> None:
         document = {"client_name": client.client_name, "redirect_uris": list(client.redirect_uris),
-                    "grant_types": list(client.grant_types)}
+                    "grant_types": list(client.grant_types), "dpop_bound_access_tokens": client.dpop_bound}
         _store_call(self._store().put_record, "client", client.client_id, _JSON_ENCODER.encode(document),
                     expires_at=expires_at, now=self._now())
 
@@ -7641,7 +7647,7 @@ class _Clients:
             return None
         document = _JSON_DECODER.decode(value)
         return _Client(client_id, document["client_name"], tuple(document["redirect_uris"]),
-                       tuple(document["grant_types"]))
+                       tuple(document["grant_types"]), document.get("dpop_bound_access_tokens", False))
 
     def _document_url_ok(self, url: str) -> bool:
         """The MCP spec's client ID URL: https with a path, no fragment, credentials or dot segments."""
@@ -8173,6 +8179,7 @@ def _token_client(params: Mapping[str, str], state: _AuthorizationServer) -> _Cl
 def _code_grant(params: Mapping[str, str], state: _AuthorizationServer, jkt: Optional[str] = None) -> _Refusal:
     """Redeem a code; ``jkt``, the key of the request's DPoP proof, binds the tokens (RFC 9449 §5)."""
     client = _token_client(params, state)
+    _check_proof_required(state, client, jkt)
     if "code" not in params:
         raise _OAuthError("invalid_request", "code is required")
     now = state.now()
@@ -8215,6 +8222,7 @@ def _code_grant(params: Mapping[str, str], state: _AuthorizationServer, jkt: Opt
 def _refresh_grant(params: Mapping[str, str], state: _AuthorizationServer, jkt: Optional[str] = None) -> _Refusal:
     """Rotate a refresh token; ``jkt``, the key of the request's DPoP proof, binds the new access token."""
     client = _token_client(params, state)
+    _check_proof_required(state, client, jkt)
     if "refresh_token" not in params:
         raise _OAuthError("invalid_request", "refresh_token is required")
     now = state.now()
@@ -8247,6 +8255,17 @@ def _refresh_grant(params: Mapping[str, str], state: _AuthorizationServer, jkt: 
     # one: the grant keeps one chain, so the thief's and the client's next
     # refreshes collide and reuse detection fires (RFC 9700 §4.14.2).
     return _token_answer(state, client, family, scopes, successor, first_use is None, jkt)
+
+
+def _check_proof_required(state: _AuthorizationServer, client: _Client, jkt: Optional[str]) -> None:
+    """Refuse a token request without a DPoP proof where only bound tokens will do.
+
+    That is a client registered with ``dpop_bound_access_tokens`` (RFC 9449
+    §5.2), and any client of an instance with ``require_dpop=True``, whose
+    verify() accepts no bearer token. Checked before anything is spent.
+    """
+    if jkt is None and (client.dpop_bound or state.auth._dpop.require):
+        raise _OAuthError("invalid_dpop_proof", _GENERIC_DESCRIPTIONS["invalid_dpop_proof"])
 
 
 def _check_refresh_binding(state: _AuthorizationServer, refresh_token: str, jkt: Optional[str], now: int) -> None:

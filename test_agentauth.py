@@ -9935,6 +9935,8 @@ class AuthorizationServerDPoPTests(AuthorizationServerFixture, unittest.TestCase
         proof = self.proof()
         answer = self.dpop_token(self.code_fields(self.code_for(self.client_id)), proof)[2]
         self.assertEqual(answer["token_type"], "DPoP")
+        # Remembered for its window and the clock tolerance, as verify() remembers a proof.
+        self.assertEqual(list(self.store._proofs.values()), [T0 + 300 + 1 + TOLERANCE])
         status, _, refused = self.dpop_token(self.refresh_fields(answer["refresh_token"]), proof)
         self.assertEqual((status, refused["error"]), (400, "invalid_dpop_proof"))
         self.assertEqual(self.dpop_token(self.refresh_fields(answer["refresh_token"]), self.proof())[0], 200)
@@ -9972,6 +9974,41 @@ class AuthorizationServerDPoPTests(AuthorizationServerFixture, unittest.TestCase
             with self.subTest(dpop_jkt=bad):
                 _, headers, _ = self.authorize(self.authorize_params(self.client_id, dpop_jkt=bad))
                 self.assertEqual(redirect_params(headers)[1]["error"], "invalid_request")
+
+    def test_a_client_registered_with_dpop_bound_access_tokens_gets_no_token_without_a_proof(self):
+        status, _, body = as_call(self.app, "POST", "/register", content_type="application/json",
+                                  body=json.dumps({"redirect_uris": [REDIRECT], "dpop_bound_access_tokens": True,
+                                                   "grant_types": ["authorization_code", "refresh_token"]}).encode())
+        self.assertEqual(status, 201)
+        registration = json.loads(body)
+        self.assertIs(registration["dpop_bound_access_tokens"], True)
+        self.client_id = registration["client_id"]
+        code = self.code_for(self.client_id)
+        status, headers, answer = self.dpop_token(self.code_fields(code))
+        self.assertEqual((status, answer["error"]), (400, "invalid_dpop_proof"))
+        self.assertEqual(headers["Cache-Control"], "no-store")
+        answer = self.dpop_token(self.code_fields(code), self.proof())[2]  # the refusal spent nothing
+        self.assertEqual(answer["token_type"], "DPoP")
+        self.assertEqual(self.dpop_token(self.refresh_fields(answer["refresh_token"]))[2]["error"], "invalid_dpop_proof")
+        self.assertNotIn("dpop_bound_access_tokens", json.loads(as_call(
+            self.app, "POST", "/register", content_type="application/json",
+            body=json.dumps({"redirect_uris": [REDIRECT]}).encode())[2]))
+        for bad in ("true", 1, None):
+            with self.subTest(dpop_bound_access_tokens=bad):
+                status, _, body = as_call(self.app, "POST", "/register", content_type="application/json",
+                                          body=json.dumps({"redirect_uris": [REDIRECT],
+                                                           "dpop_bound_access_tokens": bad}).encode())
+                self.assertEqual((status, json.loads(body)["error"]), (400, "invalid_client_metadata"))
+
+    def test_with_require_dpop_the_server_mints_no_bearer_token(self):
+        self.auth = make_auth(issuer=AS_ISSUER, audience=AS_AUDIENCE, clock=self.clock, store=self.store,
+                              require_dpop=True)
+        self.app = self.make_app()
+        code = self.code_for(self.client_id)
+        status, _, answer = self.dpop_token(self.code_fields(code))
+        self.assertEqual((status, answer["error"]), (400, "invalid_dpop_proof"))
+        status, _, answer = self.dpop_token(self.code_fields(code), self.proof())
+        self.assertEqual((status, answer["token_type"]), (200, "DPoP"))
 
     def test_token_exchange_at_the_token_endpoint_binds_with_a_proof(self):
         bound = self.bound_tokens()["access_token"]
