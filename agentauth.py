@@ -8142,23 +8142,22 @@ def _token_endpoint(request: _PageRequest, state: _AuthorizationServer) -> _Refu
             if "scope" in fields:  # as _exchange_form: an empty scope asks for nothing
                 form["scope"] = fields["scope"][0]
             return _exchange(state.auth, form, proofs, state.token_endpoint)
-        if grant_type in (GRANT_TYPE_AUTHORIZATION_CODE, GRANT_TYPE_REFRESH_TOKEN):
-            # RFC 9449 §5: the proof first, so a refused or nonce-less proof spends no code or refresh token.
-            try:
-                jkt = _token_request_proof(state.auth, proofs, state.token_endpoint)
-            except DPoPProofError as exc:
-                return _dpop_refusal(exc).answer()
+        if grant_type not in (GRANT_TYPE_AUTHORIZATION_CODE, GRANT_TYPE_REFRESH_TOKEN):
+            if not grant_type:
+                raise _OAuthError("invalid_request", "grant_type is required")
+            raise _OAuthError("unsupported_grant_type", "grant_type must be authorization_code, refresh_token or token-exchange")
+        # RFC 9449 §5: the proof first, so a refused or nonce-less proof spends no code or refresh token.
+        try:
+            jkt = _token_request_proof(state.auth, proofs, state.token_endpoint)
+        except DPoPProofError as exc:
+            return _dpop_refusal(exc).answer()
         if grant_type == GRANT_TYPE_AUTHORIZATION_CODE:
             return _code_grant(_single_params(fields, ("code", "redirect_uri", "client_id", "code_verifier",
                                                        "resource")), state, jkt)
-        if grant_type == GRANT_TYPE_REFRESH_TOKEN:
-            params = _single_params(fields, ("refresh_token", "client_id", "resource"))
-            if "scope" in fields:
-                params["scope"] = fields["scope"][0]
-            return _refresh_grant(params, state, jkt)
-        if not grant_type:
-            raise _OAuthError("invalid_request", "grant_type is required")
-        raise _OAuthError("unsupported_grant_type", "grant_type must be authorization_code, refresh_token or token-exchange")
+        params = _single_params(fields, ("refresh_token", "client_id", "resource"))
+        if "scope" in fields:
+            params["scope"] = fields["scope"][0]
+        return _refresh_grant(params, state, jkt)
     except _OAuthError as exc:
         return exc.json()
     except StoreUnavailableError:
