@@ -3423,91 +3423,6 @@ class RedisStore:
 
 
 # ---------------------------------------------------------------------------
-# Grants
-# ---------------------------------------------------------------------------
-
-MAX_AGENT_NAME_CHARS = 100  # an agent's display name on the consent and agents pages
-LAST_USED_INTERVAL_SECONDS = 60  # a grant's last_used_at is written at most this often
-_LAST_USED_TRACKED = 10000  # grants whose last write time one instance remembers
-
-
-def _agent_name(value: Any) -> Optional[str]:
-    """Validate an agent's display name: None, or 1 to 100 characters of text."""
-    if value is None:
-        return None
-    if type(value) is not str or not 0 < len(value) <= MAX_AGENT_NAME_CHARS:
-        raise InvalidGrantError(f"agent_name must be a string of 1 to {MAX_AGENT_NAME_CHARS} characters")
-    _name(value, "agent_name")  # no control characters, no lone surrogates
-    return value
-
-
-def _grant_store(store: Any) -> "GrantStore":
-    """Return ``store`` as a grant store, or refuse a store that cannot hold grants."""
-    if not all(callable(getattr(store, method, None)) for method in _GRANT_METHODS):
-        raise InvalidConfigError(
-            f"{type(store).__name__} cannot hold grants: use MemoryStore, SqliteStore or PostgresStore"
-            " (or your own store with the GrantStore methods)"
-        )
-    return typing.cast(GrantStore, store)
-
-
-def _store_call(call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """Call a store method; any failure but the store's own is StoreUnavailableError (fail closed)."""
-    try:
-        return call(*args, **kwargs)
-    except StoreUnavailableError:
-        raise
-    except Exception as exc:
-        raise StoreUnavailableError("the store failed") from exc
-
-
-class _LastUsed:
-    """Record that a grant was used, at most once a minute per grant, never failing the caller.
-
-    Remembers when it last wrote each (subject, agent) in this process, in
-    write order, for at most ``_LAST_USED_TRACKED`` grants. When full, it
-    forgets the entries older than the interval (they throttle nothing any
-    more); if every entry is recent, the new grant's use is not written now
-    but once room frees up, within about a minute. So memory and writes stay
-    bounded however many grants are in use: last use is a display value.
-    """
-
-    def __init__(self, store: "GrantStore") -> None:
-        self._store = store
-        self._written: "collections.OrderedDict[Tuple[str, str], float]" = collections.OrderedDict()
-        self._lock = threading.Lock()
-
-    def record(self, claims: AgentClaims, now: float) -> None:
-        # The grant is the user's consent to the root agent; a delegated
-        # token uses its root's grant.
-        key = (claims.sub, claims.chain[0] if claims.chain else claims.agent)
-        last = self._written.get(key)
-        if last is not None and now - last < LAST_USED_INTERVAL_SECONDS:
-            return
-        with self._lock:
-            written = self._written
-            written.pop(key, None)
-            if len(written) >= _LAST_USED_TRACKED:
-                stale = now - LAST_USED_INTERVAL_SECONDS
-                while written and next(iter(written.values())) <= stale:
-                    written.popitem(last=False)
-                if len(written) >= _LAST_USED_TRACKED:  # every entry is recent: write this one later
-                    return
-            written[key] = now
-        try:
-            self._store.touch_grant(key[0], key[1], math.floor(now))
-        except Exception as exc:  # a display-only timestamp never fails a verify
-            import logging
-
-            logging.getLogger("agentauth").warning("could not record a grant's last use: %s", type(exc).__name__)
-
-    def forget(self, subject: str, agent: str) -> None:
-        """Let the next use of a new or removed grant be written at once."""
-        with self._lock:
-            self._written.pop((subject, agent), None)
-
-
-# ---------------------------------------------------------------------------
 # PostgreSQL store
 # ---------------------------------------------------------------------------
 
@@ -4254,6 +4169,91 @@ class PostgresStore:
         with self._write_lock:
             if self._writer_pid == os.getpid():
                 self._drop_writer()
+
+
+# ---------------------------------------------------------------------------
+# Grants
+# ---------------------------------------------------------------------------
+
+MAX_AGENT_NAME_CHARS = 100  # an agent's display name on the consent and agents pages
+LAST_USED_INTERVAL_SECONDS = 60  # a grant's last_used_at is written at most this often
+_LAST_USED_TRACKED = 10000  # grants whose last write time one instance remembers
+
+
+def _agent_name(value: Any) -> Optional[str]:
+    """Validate an agent's display name: None, or 1 to 100 characters of text."""
+    if value is None:
+        return None
+    if type(value) is not str or not 0 < len(value) <= MAX_AGENT_NAME_CHARS:
+        raise InvalidGrantError(f"agent_name must be a string of 1 to {MAX_AGENT_NAME_CHARS} characters")
+    _name(value, "agent_name")  # no control characters, no lone surrogates
+    return value
+
+
+def _grant_store(store: Any) -> "GrantStore":
+    """Return ``store`` as a grant store, or refuse a store that cannot hold grants."""
+    if not all(callable(getattr(store, method, None)) for method in _GRANT_METHODS):
+        raise InvalidConfigError(
+            f"{type(store).__name__} cannot hold grants: use MemoryStore, SqliteStore or PostgresStore"
+            " (or your own store with the GrantStore methods)"
+        )
+    return typing.cast(GrantStore, store)
+
+
+def _store_call(call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Call a store method; any failure but the store's own is StoreUnavailableError (fail closed)."""
+    try:
+        return call(*args, **kwargs)
+    except StoreUnavailableError:
+        raise
+    except Exception as exc:
+        raise StoreUnavailableError("the store failed") from exc
+
+
+class _LastUsed:
+    """Record that a grant was used, at most once a minute per grant, never failing the caller.
+
+    Remembers when it last wrote each (subject, agent) in this process, in
+    write order, for at most ``_LAST_USED_TRACKED`` grants. When full, it
+    forgets the entries older than the interval (they throttle nothing any
+    more); if every entry is recent, the new grant's use is not written now
+    but once room frees up, within about a minute. So memory and writes stay
+    bounded however many grants are in use: last use is a display value.
+    """
+
+    def __init__(self, store: "GrantStore") -> None:
+        self._store = store
+        self._written: "collections.OrderedDict[Tuple[str, str], float]" = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def record(self, claims: AgentClaims, now: float) -> None:
+        # The grant is the user's consent to the root agent; a delegated
+        # token uses its root's grant.
+        key = (claims.sub, claims.chain[0] if claims.chain else claims.agent)
+        last = self._written.get(key)
+        if last is not None and now - last < LAST_USED_INTERVAL_SECONDS:
+            return
+        with self._lock:
+            written = self._written
+            written.pop(key, None)
+            if len(written) >= _LAST_USED_TRACKED:
+                stale = now - LAST_USED_INTERVAL_SECONDS
+                while written and next(iter(written.values())) <= stale:
+                    written.popitem(last=False)
+                if len(written) >= _LAST_USED_TRACKED:  # every entry is recent: write this one later
+                    return
+            written[key] = now
+        try:
+            self._store.touch_grant(key[0], key[1], math.floor(now))
+        except Exception as exc:  # a display-only timestamp never fails a verify
+            import logging
+
+            logging.getLogger("agentauth").warning("could not record a grant's last use: %s", type(exc).__name__)
+
+    def forget(self, subject: str, agent: str) -> None:
+        """Let the next use of a new or removed grant be written at once."""
+        with self._lock:
+            self._written.pop((subject, agent), None)
 
 
 # ---------------------------------------------------------------------------
