@@ -6718,6 +6718,181 @@ def _form_fields(content_type: str, body: bytes) -> Dict[str, List[str]]:
 
 
 # ---------------------------------------------------------------------------
+# Token exchange
+# ---------------------------------------------------------------------------
+
+GRANT_TYPE_TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"  # RFC 8693 §2.1
+TOKEN_TYPE_ACCESS_TOKEN = "urn:ietf:params:oauth:token-type:access_token"  # RFC 8693 §3
+_EXCHANGE_PARAMS = ("grant_type", "subject_token", "subject_token_type", "actor", "scope", "requested_token_type")
+
+
+class _ExchangeRefusal(Exception):
+    """An RFC 6749 §5.2 error answer of the token exchange endpoint."""
+
+    def __init__(self, status: int, error: str, description: str, extra: Tuple[Tuple[str, str], ...] = ()) -> None:
+        super().__init__(description)
+        self.status, self.error, self.extra = status, error, extra
+
+    def answer(self) -> _Refusal:
+        extra = {405: (("Allow", "POST"),), 503: (("Retry-After", "1"),)}.get(self.status, self.extra)
+        return _exchange_answer(self.status, {"error": self.error, "error_description": str(self)}, extra)
+
+
+def _exchange_answer(status: int, document: Mapping[str, Any], extra: Tuple[Tuple[str, str], ...] = ()) -> _Refusal:
+    # RFC 6749 §5.1: token responses are never cached.
+    headers = [("Content-Type", "application/json"), ("Cache-Control", "no-store"), ("Pragma", "no-cache"), *extra]
+    return status, headers, _JSON_ENCODER.encode(dict(document)).encode("utf-8")
+
+
+def _exchange_form(method: str, content_type: str, body: bytes) -> Dict[str, str]:
+    """Parse the form of a token exchange request, refusing anything ambiguous."""
+    if method != "POST":
+        raise _ExchangeRefusal(405, "invalid_request", "use POST")
+    try:
+        fields = _form_fields(content_type, body)
+    except _MalformedRequest as exc:
+        raise _ExchangeRefusal(400, "invalid_request", str(exc)) from exc
+    form = {}
+    for name in _EXCHANGE_PARAMS:
+        values = fields.get(name, [])
+        if len(values) > 1:  # RFC 6749 §3.2: parameters must not repeat
+            raise _ExchangeRefusal(400, "invalid_request", f"{name} is repeated")
+        # An empty parameter counts as absent, except scope: an empty scope
+        # asks for nothing, which is no grant (RFC 6749 §3.3).
+        if values and (values[0] or name == "scope"):
+            form[name] = values[0]
+    return form
+
+
+def _token_request_proof(auth: "AgentAuth", proofs: Tuple[str, ...], url: str, bound_jkt: Optional[str] = None
+                         ) -> Optional[str]:
+    """Check a token request's DPoP proof (RFC 9449 §5); return the key to bind to, or None.
+
+    Every token endpoint of this module (token exchange, the authorization
+    server's grants) calls this one function. ``proofs`` are the request's
+    ``DPoP`` headers, ``url`` the endpoint's URL as clients reach it. No
+    proof: None, unless ``bound_jkt`` (what the request presents is bound
+    to that key and never redeemed without it). A proof: exactly one header,
+    checked (``htm`` POST, ``htu`` the endpoint, no ``ath`` at a token
+    endpoint, §4.3), signed by ``bound_jkt``'s key when given, and recorded
+    against replay for its window plus the clock tolerance, as verify() does.
+
+    Raises:
+        DPoPProofError, DPoPNonceError, StoreUnavailableError.
+    """
+    if not proofs:
+        if bound_jkt is not None:
+            raise DPoPProofError("a DPoP-bound token is redeemed only with a proof of its key")
+        return None
+    now = auth._clock()
+    jkt, replay_key, expires_at = auth._dpop.check(_dpop_header(list(proofs)), "POST", url, None, now, bound_jkt)
+    auth._record_proof(replay_key, expires_at + auth.clock_tolerance_seconds, now)
+    return jkt
+
+
+def _dpop_refusal(exc: DPoPProofError) -> _ExchangeRefusal:
+    """RFC 9449 §5 and §8: a token endpoint refuses a proof with 400, the DPoP error code, and a fresh nonce if asked."""
+    nonce = (("DPoP-Nonce", exc.nonce),) if isinstance(exc, DPoPNonceError) else ()
+    return _ExchangeRefusal(400, exc.code, _GENERIC_DESCRIPTIONS[exc.code], nonce)
+
+
+def _exchange(auth: "AgentAuth", form: Mapping[str, str], proofs: Tuple[str, ...] = (), url: str = "") -> _Refusal:
+    """Answer one RFC 8693 token exchange: a narrower token for the agent named in ``actor``.
+
+    With a DPoP proof (``proofs``: the request's ``DPoP`` headers; ``url``:
+    the endpoint's URL), the new token is bound to the proof's key and its
+    ``token_type`` is "DPoP" (RFC 9449 §5).
+    """
+    try:
+        if "grant_type" not in form:
+            raise _ExchangeRefusal(400, "invalid_request", "grant_type is required")
+        if form["grant_type"] != GRANT_TYPE_TOKEN_EXCHANGE:
+            raise _ExchangeRefusal(400, "unsupported_grant_type", "grant_type must be token-exchange")
+        for name in ("subject_token", "subject_token_type", "actor"):
+            if name not in form:
+                raise _ExchangeRefusal(400, "invalid_request", f"{name} is required")
+        for name in ("subject_token_type", "requested_token_type"):
+            if form.get(name, TOKEN_TYPE_ACCESS_TOKEN) != TOKEN_TYPE_ACCESS_TOKEN:
+                raise _ExchangeRefusal(400, "invalid_request", f"{name} must be {TOKEN_TYPE_ACCESS_TOKEN}")
+        try:
+            if "scope" in form:
+                scopes: Iterable[str] = form["scope"].split(" ")
+            else:  # RFC 8693 §2.1: no scope asks for what the subject token holds
+                scopes = auth._check(form["subject_token"], auth._clock()).scopes
+            # A bound subject token is never exchanged without a proof of its key.
+            parent_jkt = _token_jkt(auth._check(form["subject_token"], auth._clock()))
+            jkt = _token_request_proof(auth, proofs, url, parent_jkt)
+            issued = auth.delegate(form["subject_token"], agent=form["actor"], scopes=scopes, dpop_jkt=jkt)
+        except DPoPProofError as exc:
+            raise _dpop_refusal(exc) from exc
+        except StoreUnavailableError as exc:
+            raise _ExchangeRefusal(503, "temporarily_unavailable", "authorization is temporarily unavailable") from exc
+        except TokenInvalidError as exc:
+            # RFC 8693 §2.2.2: an invalid subject_token MUST get invalid_request.
+            raise _ExchangeRefusal(400, "invalid_request", "the subject token is invalid, expired or revoked") from exc
+        except InvalidGrantError as exc:
+            raise _ExchangeRefusal(400, exc.oauth_error, str(exc)) from exc
+    except _ExchangeRefusal as refusal:
+        return refusal.answer()
+    return _exchange_answer(200, {
+        "access_token": issued.token,
+        "issued_token_type": TOKEN_TYPE_ACCESS_TOKEN,
+        "token_type": "Bearer" if jkt is None else "DPoP",  # RFC 9449 §5
+        "expires_in": max(0, issued.expires_at - math.floor(auth._clock())),
+        "scope": " ".join(dict.fromkeys(scopes)),  # as delegate() granted them: deduplicated, in order
+    })
+
+
+class _ExchangeWsgi:
+    def __init__(self, auth: "AgentAuth", public_url: Optional[str]) -> None:
+        self._auth = auth
+        self._public_url = public_url
+
+    def __call__(self, environ: Dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        try:
+            try:
+                body = _wsgi_body(environ)
+            except _MalformedRequest as exc:
+                raise _ExchangeRefusal(400, "invalid_request", str(exc)) from exc
+            form = _exchange_form(environ.get("REQUEST_METHOD", "GET"), environ.get("CONTENT_TYPE", ""), body)
+            proofs = () if environ.get("HTTP_DPOP") is None else (environ["HTTP_DPOP"],)
+            answer = _exchange(self._auth, form, proofs, _wsgi_url(environ, self._public_url))
+        except _ExchangeRefusal as refusal:
+            answer = refusal.answer()
+        return _WsgiMiddleware._respond(answer, start_response)
+
+
+class _ExchangeAsgi:
+    def __init__(self, auth: "AgentAuth", public_url: Optional[str]) -> None:
+        self._auth = auth
+        self._public_url = public_url
+
+    async def __call__(self, scope: Dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> None:
+        if scope["type"] != "http":
+            return
+        content_type = next((v.decode("latin-1") for k, v in scope["headers"] if k.lower() == b"content-type"), "")
+        try:
+            try:
+                body = await _asgi_body(receive)
+            except _MalformedRequest as exc:
+                raise _ExchangeRefusal(400, "invalid_request", str(exc)) from exc
+            form = _exchange_form(scope["method"], content_type, body)
+        except _ExchangeRefusal as refusal:
+            answer = refusal.answer()
+        else:
+            auth = self._auth
+            proofs = tuple(v.decode("latin-1") for k, v in scope["headers"] if k.lower() == b"dpop")
+            url = _asgi_url(scope, self._public_url)
+            if not auth._may_block() and type(auth.store) is MemoryStore:  # delegate always checks the store
+                answer = _exchange(auth, form, proofs, url)
+            else:  # delegate checks the store: keep its I/O off the event loop
+                import asyncio
+
+                answer = await asyncio.get_running_loop().run_in_executor(None, _exchange, auth, form, proofs, url)
+        await _AsgiMiddleware._respond(answer, send)
+
+
+# ---------------------------------------------------------------------------
 # Pages
 # ---------------------------------------------------------------------------
 
@@ -8484,181 +8659,6 @@ class _AuthorizationServerAsgi:
             answer = await loop.run_in_executor(None, _serve_authorization, request, state, subject)
         else:  # a plain authenticate may block too (a session lookup): with the endpoint, in the pool
             answer = await loop.run_in_executor(None, _serve_signed_in, request, state)
-        await _AsgiMiddleware._respond(answer, send)
-
-
-# ---------------------------------------------------------------------------
-# Token exchange
-# ---------------------------------------------------------------------------
-
-GRANT_TYPE_TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"  # RFC 8693 §2.1
-TOKEN_TYPE_ACCESS_TOKEN = "urn:ietf:params:oauth:token-type:access_token"  # RFC 8693 §3
-_EXCHANGE_PARAMS = ("grant_type", "subject_token", "subject_token_type", "actor", "scope", "requested_token_type")
-
-
-class _ExchangeRefusal(Exception):
-    """An RFC 6749 §5.2 error answer of the token exchange endpoint."""
-
-    def __init__(self, status: int, error: str, description: str, extra: Tuple[Tuple[str, str], ...] = ()) -> None:
-        super().__init__(description)
-        self.status, self.error, self.extra = status, error, extra
-
-    def answer(self) -> _Refusal:
-        extra = {405: (("Allow", "POST"),), 503: (("Retry-After", "1"),)}.get(self.status, self.extra)
-        return _exchange_answer(self.status, {"error": self.error, "error_description": str(self)}, extra)
-
-
-def _exchange_answer(status: int, document: Mapping[str, Any], extra: Tuple[Tuple[str, str], ...] = ()) -> _Refusal:
-    # RFC 6749 §5.1: token responses are never cached.
-    headers = [("Content-Type", "application/json"), ("Cache-Control", "no-store"), ("Pragma", "no-cache"), *extra]
-    return status, headers, _JSON_ENCODER.encode(dict(document)).encode("utf-8")
-
-
-def _exchange_form(method: str, content_type: str, body: bytes) -> Dict[str, str]:
-    """Parse the form of a token exchange request, refusing anything ambiguous."""
-    if method != "POST":
-        raise _ExchangeRefusal(405, "invalid_request", "use POST")
-    try:
-        fields = _form_fields(content_type, body)
-    except _MalformedRequest as exc:
-        raise _ExchangeRefusal(400, "invalid_request", str(exc)) from exc
-    form = {}
-    for name in _EXCHANGE_PARAMS:
-        values = fields.get(name, [])
-        if len(values) > 1:  # RFC 6749 §3.2: parameters must not repeat
-            raise _ExchangeRefusal(400, "invalid_request", f"{name} is repeated")
-        # An empty parameter counts as absent, except scope: an empty scope
-        # asks for nothing, which is no grant (RFC 6749 §3.3).
-        if values and (values[0] or name == "scope"):
-            form[name] = values[0]
-    return form
-
-
-def _token_request_proof(auth: "AgentAuth", proofs: Tuple[str, ...], url: str, bound_jkt: Optional[str] = None
-                         ) -> Optional[str]:
-    """Check a token request's DPoP proof (RFC 9449 §5); return the key to bind to, or None.
-
-    Every token endpoint of this module (token exchange, the authorization
-    server's grants) calls this one function. ``proofs`` are the request's
-    ``DPoP`` headers, ``url`` the endpoint's URL as clients reach it. No
-    proof: None, unless ``bound_jkt`` (what the request presents is bound
-    to that key and never redeemed without it). A proof: exactly one header,
-    checked (``htm`` POST, ``htu`` the endpoint, no ``ath`` at a token
-    endpoint, §4.3), signed by ``bound_jkt``'s key when given, and recorded
-    against replay for its window plus the clock tolerance, as verify() does.
-
-    Raises:
-        DPoPProofError, DPoPNonceError, StoreUnavailableError.
-    """
-    if not proofs:
-        if bound_jkt is not None:
-            raise DPoPProofError("a DPoP-bound token is redeemed only with a proof of its key")
-        return None
-    now = auth._clock()
-    jkt, replay_key, expires_at = auth._dpop.check(_dpop_header(list(proofs)), "POST", url, None, now, bound_jkt)
-    auth._record_proof(replay_key, expires_at + auth.clock_tolerance_seconds, now)
-    return jkt
-
-
-def _dpop_refusal(exc: DPoPProofError) -> _ExchangeRefusal:
-    """RFC 9449 §5 and §8: a token endpoint refuses a proof with 400, the DPoP error code, and a fresh nonce if asked."""
-    nonce = (("DPoP-Nonce", exc.nonce),) if isinstance(exc, DPoPNonceError) else ()
-    return _ExchangeRefusal(400, exc.code, _GENERIC_DESCRIPTIONS[exc.code], nonce)
-
-
-def _exchange(auth: "AgentAuth", form: Mapping[str, str], proofs: Tuple[str, ...] = (), url: str = "") -> _Refusal:
-    """Answer one RFC 8693 token exchange: a narrower token for the agent named in ``actor``.
-
-    With a DPoP proof (``proofs``: the request's ``DPoP`` headers; ``url``:
-    the endpoint's URL), the new token is bound to the proof's key and its
-    ``token_type`` is "DPoP" (RFC 9449 §5).
-    """
-    try:
-        if "grant_type" not in form:
-            raise _ExchangeRefusal(400, "invalid_request", "grant_type is required")
-        if form["grant_type"] != GRANT_TYPE_TOKEN_EXCHANGE:
-            raise _ExchangeRefusal(400, "unsupported_grant_type", "grant_type must be token-exchange")
-        for name in ("subject_token", "subject_token_type", "actor"):
-            if name not in form:
-                raise _ExchangeRefusal(400, "invalid_request", f"{name} is required")
-        for name in ("subject_token_type", "requested_token_type"):
-            if form.get(name, TOKEN_TYPE_ACCESS_TOKEN) != TOKEN_TYPE_ACCESS_TOKEN:
-                raise _ExchangeRefusal(400, "invalid_request", f"{name} must be {TOKEN_TYPE_ACCESS_TOKEN}")
-        try:
-            if "scope" in form:
-                scopes: Iterable[str] = form["scope"].split(" ")
-            else:  # RFC 8693 §2.1: no scope asks for what the subject token holds
-                scopes = auth._check(form["subject_token"], auth._clock()).scopes
-            # A bound subject token is never exchanged without a proof of its key.
-            parent_jkt = _token_jkt(auth._check(form["subject_token"], auth._clock()))
-            jkt = _token_request_proof(auth, proofs, url, parent_jkt)
-            issued = auth.delegate(form["subject_token"], agent=form["actor"], scopes=scopes, dpop_jkt=jkt)
-        except DPoPProofError as exc:
-            raise _dpop_refusal(exc) from exc
-        except StoreUnavailableError as exc:
-            raise _ExchangeRefusal(503, "temporarily_unavailable", "authorization is temporarily unavailable") from exc
-        except TokenInvalidError as exc:
-            # RFC 8693 §2.2.2: an invalid subject_token MUST get invalid_request.
-            raise _ExchangeRefusal(400, "invalid_request", "the subject token is invalid, expired or revoked") from exc
-        except InvalidGrantError as exc:
-            raise _ExchangeRefusal(400, exc.oauth_error, str(exc)) from exc
-    except _ExchangeRefusal as refusal:
-        return refusal.answer()
-    return _exchange_answer(200, {
-        "access_token": issued.token,
-        "issued_token_type": TOKEN_TYPE_ACCESS_TOKEN,
-        "token_type": "Bearer" if jkt is None else "DPoP",  # RFC 9449 §5
-        "expires_in": max(0, issued.expires_at - math.floor(auth._clock())),
-        "scope": " ".join(dict.fromkeys(scopes)),  # as delegate() granted them: deduplicated, in order
-    })
-
-
-class _ExchangeWsgi:
-    def __init__(self, auth: "AgentAuth", public_url: Optional[str]) -> None:
-        self._auth = auth
-        self._public_url = public_url
-
-    def __call__(self, environ: Dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-        try:
-            try:
-                body = _wsgi_body(environ)
-            except _MalformedRequest as exc:
-                raise _ExchangeRefusal(400, "invalid_request", str(exc)) from exc
-            form = _exchange_form(environ.get("REQUEST_METHOD", "GET"), environ.get("CONTENT_TYPE", ""), body)
-            proofs = () if environ.get("HTTP_DPOP") is None else (environ["HTTP_DPOP"],)
-            answer = _exchange(self._auth, form, proofs, _wsgi_url(environ, self._public_url))
-        except _ExchangeRefusal as refusal:
-            answer = refusal.answer()
-        return _WsgiMiddleware._respond(answer, start_response)
-
-
-class _ExchangeAsgi:
-    def __init__(self, auth: "AgentAuth", public_url: Optional[str]) -> None:
-        self._auth = auth
-        self._public_url = public_url
-
-    async def __call__(self, scope: Dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> None:
-        if scope["type"] != "http":
-            return
-        content_type = next((v.decode("latin-1") for k, v in scope["headers"] if k.lower() == b"content-type"), "")
-        try:
-            try:
-                body = await _asgi_body(receive)
-            except _MalformedRequest as exc:
-                raise _ExchangeRefusal(400, "invalid_request", str(exc)) from exc
-            form = _exchange_form(scope["method"], content_type, body)
-        except _ExchangeRefusal as refusal:
-            answer = refusal.answer()
-        else:
-            auth = self._auth
-            proofs = tuple(v.decode("latin-1") for k, v in scope["headers"] if k.lower() == b"dpop")
-            url = _asgi_url(scope, self._public_url)
-            if not auth._may_block() and type(auth.store) is MemoryStore:  # delegate always checks the store
-                answer = _exchange(auth, form, proofs, url)
-            else:  # delegate checks the store: keep its I/O off the event loop
-                import asyncio
-
-                answer = await asyncio.get_running_loop().run_in_executor(None, _exchange, auth, form, proofs, url)
         await _AsgiMiddleware._respond(answer, send)
 
 
