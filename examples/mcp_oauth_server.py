@@ -20,7 +20,7 @@ import html
 import os
 import secrets
 import sys
-from urllib.parse import parse_qs, urlencode
+from urllib.parse import parse_qs
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # this checkout's agentauth.py
 
