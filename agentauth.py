@@ -2692,13 +2692,16 @@ def _lookup(claims: AgentClaims) -> Tuple[Tuple[str, ...], List[Tuple[_CriteriaK
     # revocation is refused (fail closed). An ancestor's iat is never taken
     # as later than the token's own.
     iat = math.floor(claims.iat)
-    agents = claims.chain or (claims.agent,)
-    held = [min(iat, math.floor(t)) for t in claims.chain_iats] if len(claims.chain_iats) == len(agents) - 1 else []
+    chain = claims.chain
+    if len(chain) < 2:  # not delegated: the common case, its own iat for every key
+        agent = claims.agent
+        return (claims.jti,), [((None, None, subject), iat), ((None, agent, None), iat), ((None, agent, subject), iat)]
+    held = [min(iat, math.floor(t)) for t in claims.chain_iats] if len(claims.chain_iats) == len(chain) - 1 else []
     held.append(iat)
-    if len(held) != len(agents):  # ancestors' iats not recorded: the token's own decides for the chain
-        held = [iat] * len(agents)
+    if len(held) != len(chain):  # ancestors' iats not recorded: the token's own decides for the chain
+        held = [iat] * len(chain)
     keys: List[Tuple[_CriteriaKey, int]] = [((None, None, subject), min(held))]
-    for agent, agent_iat in zip(agents, held):
+    for agent, agent_iat in zip(chain, held):
         keys.append(((None, agent, None), agent_iat))
         keys.append(((None, agent, subject), agent_iat))
     return (claims.jti, *claims.chain_jtis), keys
@@ -3374,8 +3377,9 @@ class RedisStore:
             raise StoreUnavailableError("redis answered MGET with the wrong number of values")
         if any(value is not None for value in values[: len(jtis)]):
             return True
-        iats = [iat for _key, iat in criteria_keys]
-        return any(value is not None and int(value) >= iat for value, iat in zip(values[len(jtis) :], iats))
+        return any(
+            value is not None and int(value) >= iat for value, (_key, iat) in zip(values[len(jtis) :], criteria_keys)
+        )
 
     def entries(self, *, now: Optional[float] = None) -> List[RevocationEntry]:
         """List the entries under this prefix, newest first (Redis keeps only live ones).
@@ -6140,19 +6144,6 @@ def _check_grant(auth: "AgentAuth", claims: Optional[AgentClaims], required: Tup
         raise MissingScopeError(missing=missing, granted=claims.scopes)
 
 
-def _bearer_token(values: List[str]) -> str:
-    """Return the token of the request's Authorization headers (RFC 6750 §2.1).
-
-    Raises:
-        _NoBearerToken: no header, or another scheme.
-        _MalformedAuthorization: several headers, or not exactly one token.
-    """
-    dpop, token = _credentials(values)
-    if dpop:
-        raise _NoBearerToken("the Authorization scheme is not Bearer")
-    return token
-
-
 def _credentials(values: List[str]) -> Tuple[bool, str]:
     """Return (DPoP scheme?, token) of the request's Authorization headers.
 
@@ -8563,7 +8554,7 @@ def _revoke_endpoint(request: _PageRequest, state: _AuthorizationServer) -> _Ref
                 claims = state.auth._check(token, state.auth._clock())
                 if client_id in (None, claims.agent):
                     state.auth.revoke(token)
-            except (TokenInvalidError, TokenExpiredError):
+            except TokenInvalidError:
                 pass  # not ours, or refused anyway
     except _OAuthError as exc:
         return exc.json()

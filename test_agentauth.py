@@ -2104,7 +2104,7 @@ class JwksRulesTests(unittest.TestCase):
                     else:
                         # jws_keyset and HS256: the sets hold only oct keys, so a
                         # verifier gets no usable key from them and refuses to start.
-                        with self.assertRaises(InvalidConfigError):
+                        with raises_exactly(self, InvalidConfigError):
                             make_verifier(keys)
                     if group["comment"] == "HS256":
                         key = unb64url(keys["keys"][0]["k"])
@@ -2327,7 +2327,7 @@ class JwksUrlTests(unittest.TestCase):
         self.server.serve({"keys": [{"kty": "RSA", "n": b64url(b"\x01" * 256), "e": "AQAB", "kid": "rsa1"}]})
         verifier = self.url_verifier()
         with self.assertLogs("agentauth", "WARNING") as logs:
-            with self.assertRaises(StoreUnavailableError):
+            with raises_exactly(self, StoreUnavailableError):
                 verifier.verify(self.token1)
         self.assertIn("no usable EdDSA or ES256 key", logs.output[0])
         self.assertEqual(self.server.count, 1)
@@ -5095,7 +5095,7 @@ class ErrorMessageTests(unittest.TestCase):
                 with self.assertRaises(ValueError) as cm:
                     self.auth.revoke(text)
                 self.assertIs(type(cm.exception), ValueError)
-                with self.assertRaises(ValueError):
+                with raises_exactly(self, ValueError):
                     self.auth.revoke(jti=text)
         self.assertEqual(self.auth.store.entries(), [])
         self.assertEqual(self.auth.revoke("Qk44L-IXQwTL-p_TSkkeHw").jti, "Qk44L-IXQwTL-p_TSkkeHw")
@@ -5879,7 +5879,7 @@ class AuditLogTests(unittest.TestCase):
         with self.assertLogs("agentauth.audit", "INFO") as logs:
             issued = self.auth.issue(subject="user_123", agent="bot", scopes=["email:read"])
             self.auth.verify(issued.token)
-            with self.assertRaises(MissingScopeError):
+            with raises_exactly(self, MissingScopeError):
                 self.auth.verify(issued.token, required_scopes=["email:send"])
             self.auth.revoke(issued.token)
         self.assertTrue(all(record.name == "agentauth.audit" and record.levelname == "INFO" for record in logs.records))
@@ -5896,7 +5896,7 @@ class AuditLogTests(unittest.TestCase):
         with self.assertLogs("agentauth.audit", "INFO") as logs:
             auth.verify(token)
             auth.verify(token)
-            with self.assertRaises(TokenInvalidError):
+            with raises_exactly(self, TokenInvalidError):
                 auth.verify(tamper(token, "signature"))
         self.assertEqual([e["type"] for e in self.lines(logs)], ["denied"])
         with raises_exactly(self, InvalidConfigError):
@@ -5909,10 +5909,10 @@ class AuditLogTests(unittest.TestCase):
             child = auth.delegate(parent.token, agent="sub", scopes=["email:read"])
             auth.verify(child.token)
             for bad in (tamper(parent.token, "signature"), parent.token + "x", "Bearer " + parent.token):
-                with self.assertRaises(TokenInvalidError):
+                with raises_exactly(self, TokenInvalidError):
                     auth.verify(bad)
             auth.revoke(parent.token)
-            with self.assertRaises(RevokedError):
+            with raises_exactly(self, RevokedError):
                 auth.verify(child.token)
         text = "\n".join(record.getMessage() for record in logs.records)
         self.assertEqual(len(logs.records), 8)  # issued, delegated, verified, 3 denied, revoked, denied
@@ -7129,7 +7129,7 @@ class WsgiMiddlewareTests(unittest.TestCase):
                       f"Bearer {self.token}\u2028", f"Bearer\t{self.token}", f"Bearer {self.token} x"):
             with self.subTest(value=repr(value[:10] + value[-3:])):
                 with raises_exactly(self, agentauth._MalformedAuthorization):
-                    agentauth._bearer_token([value])
+                    agentauth._credentials([value])
                 status, headers, body = wsgi_call(self.app, headers={"HTTP_AUTHORIZATION": value})
                 self.assertEqual(status, "400 Bad Request")
                 self.assertIn('error="invalid_request"', headers["WWW-Authenticate"])
