@@ -8852,7 +8852,7 @@ def _fastmcp_verifier_class() -> Any:
 # Command line
 # ---------------------------------------------------------------------------
 
-#: Exit codes of ``python -m agentauth``; stable, documented in the README.
+#: Exit codes of ``python -m agentauth``; stable, documented in docs/cli.md.
 EXIT_OK = 0
 EXIT_REFUSED = 1  # the token was refused; its error code is on stderr
 EXIT_USAGE = 2  # usage or configuration error, or a refused grant
@@ -9148,10 +9148,18 @@ def _redis_store(url: str, prefix: str) -> RedisStore:
 
 
 def _cmd_revocations(args: Any, out: Any, err: Any) -> int:
-    if (args.db is None) == (args.redis_url is None):
+    from urllib.parse import urlsplit
+
+    if args.db is not None and args.redis_url is not None:
         raise _CliError("give one of --db PATH or --redis-url URL", EXIT_USAGE)
-    if args.redis_url is not None:
-        entries = _redis_store(args.redis_url, args.redis_prefix).entries(now=time.time())
+    if args.redis_url is not None and urlsplit(args.redis_url).password is not None:
+        # STYLE rule 7: a password on the command line lands in shell history and ps.
+        raise _CliError("--redis-url holds a password: put that URL in AGENTAUTH_REDIS_URL instead", EXIT_USAGE)
+    redis_url = args.redis_url or (os.environ.get("AGENTAUTH_REDIS_URL") if args.db is None else None)
+    if args.db is None and not redis_url:
+        raise _CliError("give one of --db PATH or --redis-url URL (or AGENTAUTH_REDIS_URL)", EXIT_USAGE)
+    if redis_url:
+        entries = _redis_store(redis_url, args.redis_prefix).entries(now=time.time())
     else:
         store = _open_store(args, create=False)
         entries = typing.cast(SqliteStore, store).entries(now=time.time())
@@ -9590,15 +9598,15 @@ def _parser() -> "argparse.ArgumentParser":
         group.add_argument("--max-ttl", type=int, default=_env_int("AGENTAUTH_MAX_TTL", DEFAULT_MAX_TTL_SECONDS),
                            metavar="SECONDS", help="the server's max_ttl_seconds (env AGENTAUTH_MAX_TTL, default %(default)s)")
     sub["issue"].add_argument("--key-file", metavar="PATH",
-                              help="Ed25519 private key file, PEM or JWK (or env AGENTAUTH_PRIVATE_KEY with the key's text);"
+                              help="Ed25519 or P-256 private key file, PEM or JWK (or env AGENTAUTH_PRIVATE_KEY with the key's text);"
                                    " default: AGENTAUTH_SECRET")
     for name in ("verify", "revoke"):
         sub[name].add_argument("--key-file", metavar="PATH",
-                               help="Ed25519 key file, private or public, PEM or JWK (or env AGENTAUTH_PRIVATE_KEY);"
+                               help="Ed25519 or P-256 key file, private or public, PEM or JWK (or env AGENTAUTH_PRIVATE_KEY);"
                                     " default: AGENTAUTH_SECRET")
     for name in ("verify", "revoke"):
-        sub[name].add_argument("--jwks-file", metavar="PATH", help="verify EdDSA tokens with this JWK set file (or env AGENTAUTH_JWKS with the set's JSON)")
-        sub[name].add_argument("--jwks-url", metavar="URL", help="verify EdDSA tokens with the JWK set at this https URL")
+        sub[name].add_argument("--jwks-file", metavar="PATH", help="verify EdDSA or ES256 tokens with this JWK set file (or env AGENTAUTH_JWKS with the set's JSON)")
+        sub[name].add_argument("--jwks-url", metavar="URL", help="verify EdDSA or ES256 tokens with the JWK set at this https URL")
     sub["keygen"].add_argument("--ed25519", action="store_true", help="an Ed25519 private key (PEM) instead of an HS256 secret")
     sub["keygen"].add_argument("--jwk", action="store_true", help="with --ed25519: print the private key as a JWK")
     sub["keygen"].add_argument("--kid", help="with --ed25519 --jwk: the key id (default: its RFC 7638 thumbprint)")
@@ -9619,7 +9627,9 @@ def _parser() -> "argparse.ArgumentParser":
     sub["revoke"].add_argument("--subject", help="revoke this subject's tokens issued up to now (ANDed with --agent)")
     sub["revoke"].add_argument("--db", required=True, help="SQLite revocation database (created if missing)")
     sub["revocations"].add_argument("--db", help="SQLite revocation database")
-    sub["revocations"].add_argument("--redis-url", metavar="URL", help="or a Redis one (redis://host:6379/0; needs redis-py)")
+    sub["revocations"].add_argument("--redis-url", metavar="URL",
+                                    help="or a Redis one (redis://host:6379/0; needs redis-py); a URL with a password:"
+                                         " env AGENTAUTH_REDIS_URL")
     sub["revocations"].add_argument("--redis-prefix", default="agentauth:", metavar="PREFIX",
                                     help="the RedisStore prefix (default %(default)s)")
     sub["revocations"].add_argument("--json", action="store_true", help="print the entries as JSON")

@@ -2683,7 +2683,7 @@ class EdDSACommandLineTests(unittest.TestCase):
             with contextlib.redirect_stdout(io.StringIO()) as out:
                 agentauth._parser().parse_args(["verify", "--help"])
         text = " ".join(out.getvalue().split())
-        self.assertIn("Ed25519 key file, private or public", text)
+        self.assertIn("Ed25519 or P-256 key file, private or public", text)
 
     def test_agentauth_jwks_holding_a_path_points_to_jwks_file(self):
         token = self.issue("--key-file", self.write("issuer.pem", self.key.private_pem()))
@@ -10472,6 +10472,15 @@ class CommandLineTests(unittest.TestCase):
         code, out, _ = run_main("disconnect", "--db", self.db, "--subject", "user_123", "--agent", "bot")
         self.assertEqual((code, out), (0, "bot was not connected to user_123; nothing changed\n"))
         self.assertEqual(run_main("grants", "--db", self.db, "--subject", "user_123")[1], "user_123 has no connected agents\n")
+
+    def test_revocations_never_takes_a_redis_password_on_the_command_line(self):
+        code, out, err = run_main("revocations", "--redis-url", "redis://:hunter2-secret@localhost:6379/0")
+        self.assertEqual((code, out), (2, ""))
+        self.assertIn("AGENTAUTH_REDIS_URL", err)
+        self.assertNotIn("hunter2", err)
+        code, _, err = run_main("revocations", env=dict(CLI_ENV))
+        self.assertEqual(code, 2)
+        self.assertIn("--db PATH or --redis-url URL", err)
 
     def test_grants_commands_refuse_a_missing_database_and_bad_names(self):
         missing = os.path.join(os.path.dirname(self.db), "typo.db")
