@@ -2471,7 +2471,7 @@ class JwksUrlTests(unittest.TestCase):
         verifier = self.url_verifier(f"http://127.0.0.1:{listener.getsockname()[1]}/jwks", jwks_timeout_seconds=0.3)
         started = time.monotonic()
         self.assertFetchFails(verifier, self.token1)
-        self.assertLess(time.monotonic() - started, 2.0)  # not the ~8 s the trickle lasts
+        self.assertLess(time.monotonic() - started, 5.0)  # not the ~8 s the trickle lasts (room for a loaded host)
         helper = verifier._jwks._fetcher._helper
         helper.join(2)
         self.assertFalse(helper.is_alive())  # the connection was shut down, not left to run
@@ -3390,7 +3390,7 @@ def grant_in_process(path: str, index: int, barrier, results) -> None:
     logging.getLogger("agentauth").addHandler(logging.NullHandler())
     logging.getLogger("agentauth").propagate = False
     try:
-        auth = make_auth(store=SqliteStore(path))
+        auth = make_auth(store=SqliteStore(path, timeout_seconds=60))  # lock waits never decide the outcome
         barrier.wait(timeout=60)
         for n in range(10):
             auth.grant(subject="user_shared", agent=f"bot-{n}", scopes=[f"scope:{index}"])
@@ -9585,7 +9585,7 @@ class ClientDocumentTests(AuthorizationServerFixture, unittest.TestCase):
             started = time.monotonic()
             with self.assertLogs("agentauth", "WARNING") as logs:
                 self.assertUnknown(self.server.url)
-        self.assertLess(time.monotonic() - started, 2.0)
+        self.assertLess(time.monotonic() - started, 5.0)  # not the 10 s the server stalls (room for a loaded host)
         self.assertIn("deadline", logs.output[0])
 
     def test_url_rules(self):
