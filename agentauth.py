@@ -6692,20 +6692,33 @@ async def _asgi_body(receive: Callable[..., Any]) -> bytes:
             return body
 
 
+def _fields(text: str, what: str) -> Dict[str, List[str]]:
+    """Parse ``name=value&...`` (a form body or a query string) strictly: every value of every name.
+
+    Raises:
+        _MalformedRequest: bad percent-encoding, not UTF-8, a pair without "=".
+    """
+    from urllib.parse import parse_qs
+
+    try:
+        return parse_qs(text, keep_blank_values=True, strict_parsing=bool(text), errors="strict")
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise _MalformedRequest(f"the {what} is malformed") from exc
+
+
 def _form_fields(content_type: str, body: bytes) -> Dict[str, List[str]]:
     """Parse an ``application/x-www-form-urlencoded`` body strictly: every value of every name.
 
     Raises:
         _MalformedRequest: another media type, bad percent-encoding, not UTF-8.
     """
-    from urllib.parse import parse_qs
-
     if content_type.split(";")[0].strip().lower() != "application/x-www-form-urlencoded":
         raise _MalformedRequest("the body must be application/x-www-form-urlencoded")
     try:
-        return parse_qs(body.decode("utf-8"), keep_blank_values=True, strict_parsing=bool(body), errors="strict")
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise _MalformedRequest("the body is not a valid form") from exc
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _MalformedRequest("the form is not UTF-8") from exc
+    return _fields(text, "form")
 
 
 # ---------------------------------------------------------------------------
@@ -6717,14 +6730,19 @@ TOKEN_TYPE_ACCESS_TOKEN = "urn:ietf:params:oauth:token-type:access_token"  # RFC
 _EXCHANGE_PARAMS = ("grant_type", "subject_token", "subject_token_type", "actor", "scope", "requested_token_type")
 
 
-class _ExchangeRefusal(Exception):
-    """An RFC 6749 §5.2 error answer of the token exchange endpoint."""
+class _OAuthError(Exception):
+    """One RFC 6749 §5.2 refusal of a token, registration or revocation endpoint.
 
-    def __init__(self, status: int, error: str, description: str, extra: Tuple[Tuple[str, str], ...] = ()) -> None:
+    ``error`` is the code, the message the description sent to the client,
+    ``status`` the HTTP status; ``extra`` adds headers (a DPoP nonce).
+    """
+
+    def __init__(self, error: str, description: str, status: int = 400, extra: Tuple[Tuple[str, str], ...] = ()) -> None:
         super().__init__(description)
-        self.status, self.error, self.extra = status, error, extra
+        self.error, self.status, self.extra = error, status, extra
 
-    def answer(self) -> _Refusal:
+    def json(self) -> _Refusal:
+        """The RFC 6749 §5.2 JSON answer."""
         extra = {405: (("Allow", "POST"),), 503: (("Retry-After", "1"),)}.get(self.status, self.extra)
         return _exchange_answer(self.status, {"error": self.error, "error_description": str(self)}, extra)
 
@@ -6735,24 +6753,34 @@ def _exchange_answer(status: int, document: Mapping[str, Any], extra: Tuple[Tupl
     return status, headers, _JSON_ENCODER.encode(dict(document)).encode("utf-8")
 
 
+def _single_params(
+    fields: Mapping[str, List[str]], names: Iterable[str], keep_empty: Iterable[str] = ()
+) -> Dict[str, str]:
+    """The named parameters, each at most once; an empty value counts as absent unless its name is in ``keep_empty``.
+
+    Raises:
+        _OAuthError: a parameter is repeated (RFC 6749 §3.1, §3.2).
+    """
+    params = {}
+    for name in names:
+        values = fields.get(name, [])
+        if len(values) > 1:
+            raise _OAuthError("invalid_request", f"{name} is repeated")
+        if values and (values[0] or name in keep_empty):
+            params[name] = values[0]
+    return params
+
+
 def _exchange_form(method: str, content_type: str, body: bytes) -> Dict[str, str]:
     """Parse the form of a token exchange request, refusing anything ambiguous."""
     if method != "POST":
-        raise _ExchangeRefusal(405, "invalid_request", "use POST")
+        raise _OAuthError("invalid_request", "use POST", 405)
     try:
         fields = _form_fields(content_type, body)
     except _MalformedRequest as exc:
-        raise _ExchangeRefusal(400, "invalid_request", str(exc)) from exc
-    form = {}
-    for name in _EXCHANGE_PARAMS:
-        values = fields.get(name, [])
-        if len(values) > 1:  # RFC 6749 §3.2: parameters must not repeat
-            raise _ExchangeRefusal(400, "invalid_request", f"{name} is repeated")
-        # An empty parameter counts as absent, except scope: an empty scope
-        # asks for nothing, which is no grant (RFC 6749 §3.3).
-        if values and (values[0] or name == "scope"):
-            form[name] = values[0]
-    return form
+        raise _OAuthError("invalid_request", str(exc)) from exc
+    # An empty scope asks for nothing, which is no grant (RFC 6749 §3.3): it is kept, and refused.
+    return _single_params(fields, _EXCHANGE_PARAMS, keep_empty=("scope",))
 
 
 def _token_request_proof(auth: "AgentAuth", proofs: Tuple[str, ...], url: str, bound_jkt: Optional[str] = None
@@ -6781,10 +6809,10 @@ def _token_request_proof(auth: "AgentAuth", proofs: Tuple[str, ...], url: str, b
     return jkt
 
 
-def _dpop_refusal(exc: DPoPProofError) -> _ExchangeRefusal:
+def _dpop_refusal(exc: DPoPProofError) -> _OAuthError:
     """RFC 9449 §5 and §8: a token endpoint refuses a proof with 400, the DPoP error code, and a fresh nonce if asked."""
     nonce = (("DPoP-Nonce", exc.nonce),) if isinstance(exc, DPoPNonceError) else ()
-    return _ExchangeRefusal(400, exc.code, _GENERIC_DESCRIPTIONS[exc.code], nonce)
+    return _OAuthError(exc.code, _GENERIC_DESCRIPTIONS[exc.code], extra=nonce)
 
 
 def _exchange(auth: "AgentAuth", form: Mapping[str, str], proofs: Tuple[str, ...] = (), url: str = "") -> _Refusal:
@@ -6796,15 +6824,15 @@ def _exchange(auth: "AgentAuth", form: Mapping[str, str], proofs: Tuple[str, ...
     """
     try:
         if "grant_type" not in form:
-            raise _ExchangeRefusal(400, "invalid_request", "grant_type is required")
+            raise _OAuthError("invalid_request", "grant_type is required")
         if form["grant_type"] != GRANT_TYPE_TOKEN_EXCHANGE:
-            raise _ExchangeRefusal(400, "unsupported_grant_type", "grant_type must be token-exchange")
+            raise _OAuthError("unsupported_grant_type", "grant_type must be token-exchange")
         for name in ("subject_token", "subject_token_type", "actor"):
             if name not in form:
-                raise _ExchangeRefusal(400, "invalid_request", f"{name} is required")
+                raise _OAuthError("invalid_request", f"{name} is required")
         for name in ("subject_token_type", "requested_token_type"):
             if form.get(name, TOKEN_TYPE_ACCESS_TOKEN) != TOKEN_TYPE_ACCESS_TOKEN:
-                raise _ExchangeRefusal(400, "invalid_request", f"{name} must be {TOKEN_TYPE_ACCESS_TOKEN}")
+                raise _OAuthError("invalid_request", f"{name} must be {TOKEN_TYPE_ACCESS_TOKEN}")
         try:
             if "scope" in form:
                 scopes: Iterable[str] = form["scope"].split(" ")
@@ -6817,14 +6845,14 @@ def _exchange(auth: "AgentAuth", form: Mapping[str, str], proofs: Tuple[str, ...
         except DPoPProofError as exc:
             raise _dpop_refusal(exc) from exc
         except StoreUnavailableError as exc:
-            raise _ExchangeRefusal(503, "temporarily_unavailable", "authorization is temporarily unavailable") from exc
+            raise _OAuthError("temporarily_unavailable", "authorization is temporarily unavailable", 503) from exc
         except TokenInvalidError as exc:
             # RFC 8693 §2.2.2: an invalid subject_token MUST get invalid_request.
-            raise _ExchangeRefusal(400, "invalid_request", "the subject token is invalid, expired or revoked") from exc
+            raise _OAuthError("invalid_request", "the subject token is invalid, expired or revoked") from exc
         except InvalidGrantError as exc:
-            raise _ExchangeRefusal(400, exc.oauth_error, str(exc)) from exc
-    except _ExchangeRefusal as refusal:
-        return refusal.answer()
+            raise _OAuthError(exc.oauth_error, str(exc)) from exc
+    except _OAuthError as refusal:
+        return refusal.json()
     return _exchange_answer(200, {
         "access_token": issued.token,
         "issued_token_type": TOKEN_TYPE_ACCESS_TOKEN,
@@ -6844,12 +6872,12 @@ class _ExchangeWsgi:
             try:
                 body = _wsgi_body(environ)
             except _MalformedRequest as exc:
-                raise _ExchangeRefusal(400, "invalid_request", str(exc)) from exc
+                raise _OAuthError("invalid_request", str(exc)) from exc
             form = _exchange_form(environ.get("REQUEST_METHOD", "GET"), environ.get("CONTENT_TYPE", ""), body)
             proofs = () if environ.get("HTTP_DPOP") is None else (environ["HTTP_DPOP"],)
             answer = _exchange(self._auth, form, proofs, _wsgi_url(environ, self._public_url))
-        except _ExchangeRefusal as refusal:
-            answer = refusal.answer()
+        except _OAuthError as refusal:
+            answer = refusal.json()
         return _WsgiMiddleware._respond(answer, start_response)
 
 
@@ -6866,10 +6894,10 @@ class _ExchangeAsgi:
             try:
                 body = await _asgi_body(receive)
             except _MalformedRequest as exc:
-                raise _ExchangeRefusal(400, "invalid_request", str(exc)) from exc
+                raise _OAuthError("invalid_request", str(exc)) from exc
             form = _exchange_form(scope["method"], content_type, body)
-        except _ExchangeRefusal as refusal:
-            answer = refusal.answer()
+        except _OAuthError as refusal:
+            answer = refusal.json()
         else:
             auth = self._auth
             proofs = tuple(v.decode("latin-1") for k, v in scope["headers"] if k.lower() == b"dpop")
@@ -7443,23 +7471,6 @@ _CONSENT_APP_WARNING = (
 )
 
 
-class _OAuthError(Exception):
-    """One RFC 6749 refusal: the error code, a description for the client, the HTTP status."""
-
-    def __init__(self, error: str, description: str, status: int = 400) -> None:
-        super().__init__(description)
-        self.error, self.status = error, status
-
-    def json(self) -> _Refusal:
-        """The RFC 6749 §5.2 JSON answer (token, registration and revocation endpoints)."""
-        extra: Tuple[Tuple[str, str], ...] = ()
-        if self.status == 405:
-            extra = (("Allow", "POST"),)
-        elif self.status == 503:
-            extra = (("Retry-After", "1"),)
-        return _exchange_answer(self.status, {"error": self.error, "error_description": str(self)}, extra)
-
-
 class _Client(NamedTuple):
     """An agent as the authorization server knows it: registered (RFC 7591) or by its metadata document."""
 
@@ -7490,29 +7501,11 @@ def _digest(secret: str) -> str:
     return hashlib.sha256(secret.encode("utf-8")).hexdigest()
 
 
-def _single_params(fields: Mapping[str, List[str]], names: Iterable[str]) -> Dict[str, str]:
-    """The named parameters, each at most once; an empty value counts as absent.
-
-    Raises:
-        _OAuthError: a parameter is repeated (RFC 6749 §3.1, §3.2).
-    """
-    params = {}
-    for name in names:
-        values = fields.get(name, [])
-        if len(values) > 1:
-            raise _OAuthError("invalid_request", f"{name} is repeated")
-        if values and values[0]:
-            params[name] = values[0]
-    return params
-
-
 def _query_fields(query: str) -> Dict[str, List[str]]:
-    from urllib.parse import parse_qs
-
     try:
-        return parse_qs(query, keep_blank_values=True, strict_parsing=bool(query), errors="strict")
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise _OAuthError("invalid_request", "the query string is malformed") from exc
+        return _fields(query, "query string")
+    except _MalformedRequest as exc:
+        raise _OAuthError("invalid_request", str(exc)) from exc
 
 
 def _with_params(uri: str, params: Mapping[str, str]) -> str:
@@ -8298,15 +8291,13 @@ def _token_endpoint(request: _PageRequest, state: _AuthorizationServer) -> _Refu
             fields = _form_fields(request.headers.get("content-type", ""), request.body)
         except _MalformedRequest as exc:
             raise _OAuthError("invalid_request", str(exc)) from exc
-        if any(len(values) > 1 for values in fields.values()):  # RFC 6749 §3.2: no repeats
+        if any(len(values) > 1 for values in fields.values()):  # RFC 6749 §3.2: no parameter repeats
             raise _OAuthError("invalid_request", "a parameter is repeated")
         grant_type = fields.get("grant_type", [""])[0]
         proof = request.headers.get("dpop")  # repeated headers arrive joined by ", ": refused as several
         proofs = () if proof is None else (proof,)
         if grant_type == GRANT_TYPE_TOKEN_EXCHANGE:
-            form = _single_params(fields, _EXCHANGE_PARAMS)
-            if "scope" in fields:  # as _exchange_form: an empty scope asks for nothing
-                form["scope"] = fields["scope"][0]
+            form = _single_params(fields, _EXCHANGE_PARAMS, keep_empty=("scope",))
             return _exchange(state.auth, form, proofs, state.token_endpoint)
         if grant_type not in (GRANT_TYPE_AUTHORIZATION_CODE, GRANT_TYPE_REFRESH_TOKEN):
             if not grant_type:
@@ -8316,13 +8307,11 @@ def _token_endpoint(request: _PageRequest, state: _AuthorizationServer) -> _Refu
         try:
             jkt = _token_request_proof(state.auth, proofs, state.token_endpoint)
         except DPoPProofError as exc:
-            return _dpop_refusal(exc).answer()
+            return _dpop_refusal(exc).json()
         if grant_type == GRANT_TYPE_AUTHORIZATION_CODE:
             return _code_grant(_single_params(fields, ("code", "redirect_uri", "client_id", "code_verifier",
                                                        "resource")), state, jkt)
-        params = _single_params(fields, ("refresh_token", "client_id", "resource"))
-        if "scope" in fields:
-            params["scope"] = fields["scope"][0]
+        params = _single_params(fields, ("refresh_token", "client_id", "resource", "scope"), keep_empty=("scope",))
         return _refresh_grant(params, state, jkt)
     except _OAuthError as exc:
         return exc.json()

@@ -6871,7 +6871,10 @@ class TokenExchangeContract:
         for what, token in tokens.items():
             for scope in ("email:read", DROP):
                 with self.subTest(what, scope=scope):
-                    self.assertRefusal(self.exchange(self.fields(subject_token=token, scope=scope)), 400, "invalid_request")
+                    answer = self.exchange(self.fields(subject_token=token, scope=scope))
+                    self.assertRefusal(answer, 400, "invalid_request")
+                    # One generic description, whichever check refused it.
+                    self.assertEqual(answer[2]["error_description"], "the subject token is invalid, expired or revoked")
         self.clock.advance(60 + TOLERANCE)
         for scope in ("email:read", DROP):
             with self.subTest("expired", scope=scope):
