@@ -877,6 +877,25 @@ def mcp_major():
     return int(version("mcp").split(".")[0])
 
 
+def sdk_server(auth, url):
+    """The official SDK's server for ``url``, verifying with auth.mcp(): MCPServer (mcp 2.x) or FastMCP (1.x)."""
+    from mcp.server.auth.settings import AuthSettings
+
+    settings = AuthSettings(issuer_url="https://auth.example.com", resource_server_url=url, validate_token_resource=True)
+    if mcp_major() >= 2:
+        from mcp.server.mcpserver import MCPServer
+
+        return MCPServer(name="mail", log_level="WARNING", token_verifier=auth.mcp(), auth=settings)
+    from mcp.server.fastmcp import FastMCP
+
+    return FastMCP("mail", log_level="WARNING", token_verifier=auth.mcp(), auth=settings, host="127.0.0.1")
+
+
+def sdk_http_app(server):
+    """The server's streamable HTTP ASGI app, on loopback (the two SDK majors spell it differently)."""
+    return server.streamable_http_app(host="127.0.0.1") if mcp_major() >= 2 else server.streamable_http_app()
+
+
 def mcp_rpc(url, token, body, session_id=None):
     """One JSON-RPC message over streamable HTTP, as raw as a client can send it."""
     headers = {"Authorization": f"Bearer {token}", "MCP-Protocol-Version": "2025-06-18"}
@@ -910,22 +929,10 @@ class McpDPoPTests(unittest.TestCase):
 
     @classmethod
     def setUpClass(cls):
-        from mcp.server.auth.settings import AuthSettings
-
         def make_app(base):
             cls.url = f"{base}/mcp"
             auth = cls.auth = agentauth.AgentAuth(secret=SECRET, issuer=ISSUER, audience=cls.url)
-            settings = AuthSettings(issuer_url="https://auth.example.com", resource_server_url=cls.url,
-                                    validate_token_resource=True)
-            if mcp_major() >= 2:
-                from mcp.server.mcpserver import MCPServer
-
-                server = MCPServer(name="mail", log_level="WARNING", token_verifier=auth.mcp(), auth=settings)
-            else:
-                from mcp.server.fastmcp import FastMCP
-
-                server = FastMCP("mail", log_level="WARNING", token_verifier=auth.mcp(), auth=settings,
-                                 host="127.0.0.1")
+            server = sdk_server(auth, cls.url)
 
             @server.tool()
             @auth.require("email:read")
@@ -933,7 +940,7 @@ class McpDPoPTests(unittest.TestCase):
                 claims = agentauth.current_claims()
                 return f"{limit} messages of {claims.sub} for {claims.agent}, key {claims.raw['cnf']['jkt'][:8]}"
 
-            inner = server.streamable_http_app(host="127.0.0.1") if mcp_major() >= 2 else server.streamable_http_app()
+            inner = sdk_http_app(server)
             return auth.asgi(inner)  # checks DPoP, then hands the SDK a Bearer header for the verified token
 
         cls.server = UvicornThread(make_app)
@@ -990,22 +997,10 @@ class McpSdkTests(unittest.TestCase):
 
     @classmethod
     def setUpClass(cls):
-        from mcp.server.auth.settings import AuthSettings
-
         def make_app(base):
             cls.url = f"{base}/mcp"
             auth = cls.auth = agentauth.AgentAuth(secret=SECRET, issuer=ISSUER, audience=cls.url)
-            settings = AuthSettings(issuer_url="https://auth.example.com", resource_server_url=cls.url,
-                                    validate_token_resource=True)
-            if mcp_major() >= 2:
-                from mcp.server.mcpserver import MCPServer
-
-                server = MCPServer(name="mail", log_level="WARNING", token_verifier=auth.mcp(), auth=settings)
-            else:
-                from mcp.server.fastmcp import FastMCP
-
-                server = FastMCP("mail", log_level="WARNING", token_verifier=auth.mcp(), auth=settings,
-                                 host="127.0.0.1")
+            server = sdk_server(auth, cls.url)
 
             @server.tool()
             @auth.require("email:read")
@@ -1018,9 +1013,7 @@ class McpSdkTests(unittest.TestCase):
             async def send_email(to: str) -> str:
                 return f"sent to {to}"
 
-            if mcp_major() >= 2:
-                return server.streamable_http_app(host="127.0.0.1")
-            return server.streamable_http_app()
+            return sdk_http_app(server)
 
         cls.server = UvicornThread(make_app)
 
